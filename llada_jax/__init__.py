@@ -1,0 +1,7 @@
+"""llada-jax: LLaDA, the large language diffusion model, in JAX / Flax NNX."""
+
+from llada_jax.config import LLaDAConfig
+from llada_jax.model import LLaDAForMaskedLM
+
+__version__ = "0.1.0"
+__all__ = ["LLaDAConfig", "LLaDAForMaskedLM", "__version__"]

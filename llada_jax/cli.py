@@ -1,0 +1,55 @@
+"""The `llada-jax` command.
+
+Each area of the package registers its own subcommands (`register(subparsers)` in its `cli` module);
+parsers import nothing heavy, so `llada-jax --help` is fast and JAX starts only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that define `register(subparsers)`, in the order their commands are listed.
+COMMAND_MODULES = (
+    "llada_jax.cli_model",
+)
+
+
+class UsageError(Exception):
+    """A bad flag or input detected before any work: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llada-jax",
+        description="LLaDA masked-diffusion language models in JAX: pretrain, fine-tune, sample, convert.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_config_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.extra = unknown
+    _mark_absl_flags_parsed()
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"llada-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _mark_absl_flags_parsed() -> None:
+    # Grain (and other Google libraries) read absl flags; in a non-absl program they must be marked parsed
+    # before worker processes start, or every worker fails with UnparsedFlagAccessError.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

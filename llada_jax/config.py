@@ -1,0 +1,373 @@
+"""Configuration: the LLaDA architecture (`LLaDAConfig`) and the training-run schema (`train_config`).
+
+`LLaDAConfig` is a frozen dataclass whose field names follow the official Hugging Face `config.json` of
+GSAI-ML/LLaDA-8B (OLMo-style names) where one exists, plus the JAX-side knobs (dtypes, scanned layers, remat).
+It is hashable, so it can be a static argument of jitted functions.
+
+`train_config()` returns the `ml_collections.ConfigDict` that every experiment file in `configs/` starts
+from. The seed project's flat field names (learning_rate, batch_size, ...) stay at the top level; the rest is
+grouped (model, optimizer, mesh, checkpoint, ...). The logical-axis sharding rules live here, in config,
+not in code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_out_proj")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaDAConfig:
+    """Architecture of a LLaDA model (a bidirectional LLaMA) plus compute settings."""
+
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: equal to n_heads (the official 8B uses full multi-head attention)
+    mlp_hidden_size: int = 12288
+    vocab_size: int = 126464
+    embedding_size: int | None = None  # rows of the embedding and output head; None: vocab_size
+    max_sequence_length: int = 4096
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    weight_tying: bool = False
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+    bos_token_id: int = 126080
+    # JAX-side settings (not part of the HF config).
+    dtype: str = "float32"  # compute dtype of matmuls and attention
+    param_dtype: str = "float32"  # storage dtype of the parameters (the fp32 master copy by default)
+    scan_layers: bool = True  # stack the blocks and run them with lax.scan (compile time flat in depth)
+    remat_policy: str = "none"  # one of REMAT_POLICIES
+    attention_impl: str = "auto"  # auto: cuDNN flash attention on GPU in 16-bit, XLA otherwise
+
+    def __post_init__(self):
+        def fail(field: str, msg: str):
+            raise ValueError(f"LLaDAConfig.{field}: {msg}")
+
+        for name in ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size", "max_sequence_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                fail(name, f"expected a positive integer, got {getattr(self, name)!r}")
+        if self.d_model % self.n_heads:
+            fail("n_heads", f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            fail("n_heads", f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            fail("n_kv_heads", f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.embedding_size is not None and self.embedding_size < self.vocab_size:
+            fail("embedding_size", f"{self.embedding_size} is smaller than vocab_size {self.vocab_size}")
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.padded_vocab_size:
+                fail(name, f"{value} is outside the vocabulary [0, {self.padded_vocab_size})")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                fail(name, f"expected one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            fail("remat_policy", f"expected one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            fail("attention_impl", f"expected one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+
+    # Derived sizes -------------------------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def effective_n_kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding matrix and of the output head (the logits' last dimension)."""
+        return self.embedding_size or self.vocab_size
+
+    # Presets -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def tiny(cls, **overrides) -> "LLaDAConfig":
+        """A few small layers over a 512-token vocabulary: runs in seconds on a CPU (tests, demos)."""
+        fields = dict(
+            d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=192, vocab_size=512,
+            max_sequence_length=512, rope_theta=10000.0,
+            mask_token_id=511, eos_token_id=510, pad_token_id=510, bos_token_id=509,
+        )
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def llada_8b(cls, **overrides) -> "LLaDAConfig":
+        """The exact shape of GSAI-ML/LLaDA-8B-Base / -Instruct (8,015,581,184 parameters)."""
+        fields = dict(
+            d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
+            vocab_size=126464, embedding_size=126464, max_sequence_length=4096, rope_theta=500000.0,
+            rms_norm_eps=1e-5, weight_tying=False,
+            mask_token_id=126336, eos_token_id=126081, pad_token_id=126081, bos_token_id=126080,
+        )
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LLaDAConfig":
+        presets = {"tiny": cls.tiny, "llada_8b": cls.llada_8b}
+        if name not in presets:
+            raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(presets)}")
+        return presets[name](**overrides)
+
+    # Serialisation -------------------------------------------------------------------------------------
+
+    def replace(self, **changes) -> "LLaDAConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "LLaDAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown LLaDAConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# The logical-axis rules: logical name -> mesh axis, tuple of mesh axes, or None (replicated).
+# Parameters and activations name their dimensions with these logical names (see model.py); the mesh has
+# axes (data, fsdp, tensor). A mesh axis is used at most once per array: a later dimension whose rule names
+# an axis that is already taken is left unsharded (e.g. activations [batch, length, embed] shard batch over
+# data and fsdp, so embed stays whole there, while the parameter [embed, mlp] shards embed over fsdp).
+DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") -> ml_collections.ConfigDict:
+    """The full schema of a training run, with the original LLaDA pretraining recipe as defaults.
+
+    Every field exists here with its type, so `--config.key=value` overrides are type-checked and a
+    misspelled key is an error rather than a silently ignored setting.
+    """
+    model = model or LLaDAConfig.tiny()
+    c = ml_collections.ConfigDict()
+    c.task = task  # "pretrain" | "sft"
+    c.model = ml_collections.ConfigDict(model.to_dict())
+    # The seed project's flat names.
+    c.model_name_or_path = ""  # initialise params only from an Orbax checkpoint or an HF directory
+    c.output_dir = ""
+    c.data_path = ""  # JSONL file(s), glob, directory, or tfds:NAME[/CONFIG]:SPLIT
+    c.learning_rate = 5e-4
+    c.batch_size = 8  # sequences per micro-batch, global over all devices and processes
+    c.gradient_accumulation_steps = 8  # micro-batches per optimizer step
+    c.max_steps = 100000
+    c.warmup_steps = 2000
+    c.max_length = 4096
+    c.eps = 1e-3  # p_mask = (1 - eps) t + eps
+    c.random_length_prob = 0.01  # pretraining: chance that a batch is cut to a random length
+    c.lr_scheduler_type = "cosine"  # cosine | linear | constant | wsd
+    c.save_steps = 1000
+    c.logging_steps = 10
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.tokenizer = ""  # HF tokenizer directory, needed for {"text"} / chat records
+    c.data.pretrain_mode = "concat"  # concat (documents joined with EOS, cut into max_length rows) | pad
+    c.data.too_long = "error"  # SFT examples longer than max_length: error | skip | truncate_prompt
+    c.data.skip_invalid = False  # skip (and count) malformed records instead of stopping
+    c.data.shuffle = True
+    c.data.num_workers = 0  # Grain worker processes (0: in the training process)
+    c.data.prefetch_buffer_size = 2
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.grad_clip = 1.0
+    c.optimizer.min_lr_ratio = 0.1  # final learning rate of cosine / linear / wsd as a fraction of the peak
+    c.optimizer.decay_fraction = 0.1  # wsd: fraction of max_steps spent in the final decay
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1: all remaining devices
+    c.mesh.tensor = 1
+    c.mesh.dcn_data = 1  # data-parallel replicas across slices / nodes (hybrid mesh)
+    c.mesh.logical_axis_rules = tuple((name, axes) for name, axes in DEFAULT_LOGICAL_AXIS_RULES)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 3  # the last K checkpoints are kept
+    c.checkpoint.async_save = True
+
+    c.max_consecutive_nonfinite = 10  # stop after this many skipped (non-finite) updates in a row
+    c.wandb = ml_collections.ConfigDict()
+    c.wandb.enabled = False
+    c.wandb.project = "llada-jax"
+    c.wandb.run_name = ""
+    return c
+
+
+def sft_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Apply the original LLaDA SFT recipe (lr 1e-5, batch 4 x 16 accumulation, 10k steps, warmup 500)."""
+    c.task = "sft"
+    c.learning_rate = 1e-5
+    c.batch_size = 4
+    c.gradient_accumulation_steps = 16
+    c.max_steps = 10000
+    c.warmup_steps = 500
+    c.random_length_prob = 0.0  # the SFT objective keeps whole examples
+    return c
+
+
+def model_config_from(c: ml_collections.ConfigDict) -> LLaDAConfig:
+    """The LLaDAConfig described by a training config's `model` group."""
+    return LLaDAConfig.from_dict(dict(c.model), source="config.model")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading experiment files and command-line overrides
+# ----------------------------------------------------------------------------------------------------
+
+# Seed-style JSON keys that live elsewhere in the schema.
+_JSON_ALIASES = {"mask_token_id": ("model", "mask_token_id")}
+_JSON_SECTIONS = {"pretraining": "pretrain", "sft": "sft"}
+
+
+def load_config(path: str, task: str | None = None) -> ml_collections.ConfigDict:
+    """Load an experiment: a `configs/*.py` file with `get_config()`, or a seed-style JSON file.
+
+    A JSON file holds {"pretraining": {...}} and/or {"sft": {...}} sections of flat seed keys
+    (learning_rate, batch_size, ...) and optional nested groups ("model", "optimizer", "mesh", ...); `task`
+    picks the section. Unknown keys are errors naming the key and the file.
+    """
+    import importlib.util
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(f"llada_jax_config_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"{path}: a config file must define get_config()")
+        config = module.get_config()
+        if task is not None and config.task != task:
+            raise ValueError(f"{path}: this is a {config.task!r} config, but the command is {task!r}")
+        return config
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        return _config_from_json(raw, path, task)
+    raise ValueError(f"{path}: expected a .py (get_config) or .json config file")
+
+
+def _config_from_json(raw: dict, path: str, task: str | None) -> ml_collections.ConfigDict:
+    sections = {k: v for k, v in raw.items() if k in _JSON_SECTIONS}
+    if sections:
+        wanted = {v: k for k, v in _JSON_SECTIONS.items()}.get(task) if task else None
+        if wanted is None:
+            if len(sections) > 1:
+                raise ValueError(f"{path}: holds sections {sorted(sections)}; say which task to run")
+            wanted = next(iter(sections))
+        if wanted not in sections:
+            raise ValueError(f"{path}: no {wanted!r} section for the {task!r} command (has {sorted(sections)})")
+        body, task = sections[wanted], _JSON_SECTIONS[wanted]
+    else:
+        body, task = raw, raw.get("task", task or "pretrain")
+    body = dict(body)
+    model_fields = body.pop("model", None)
+    model = LLaDAConfig.from_dict(model_fields, source=f"{path}: model") if model_fields else LLaDAConfig.llada_8b()
+    config = train_config(model, task=task)
+    if task == "sft":
+        sft_defaults(config)
+    body.pop("task", None)
+    _merge(config, body, path, prefix="")
+    return config
+
+
+def _merge(config: ml_collections.ConfigDict, values: dict, path: str, prefix: str) -> None:
+    for key, value in values.items():
+        target, name = config, key
+        if not prefix and key in _JSON_ALIASES:
+            group, name = _JSON_ALIASES[key]
+            target = config[group]
+        if name not in target:
+            raise ValueError(f"{path}: unknown config key {prefix + key!r}")
+        if isinstance(target[name], ml_collections.ConfigDict):
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: {prefix + key!r} must be an object")
+            _merge(target[name], value, path, prefix=f"{prefix}{key}.")
+        else:
+            _set(target, name, value, f"{path}: {prefix + key}")
+
+
+def _set(target: ml_collections.ConfigDict, name: str, value, where: str) -> None:
+    current = target[name]
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    try:
+        target[name] = value
+    except TypeError as e:
+        raise ValueError(f"{where}: expected {type(current).__name__}, got {value!r}") from e
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Apply `--config.a.b=value` strings (values parsed as the field's type) to `config` in place."""
+    import ast
+
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise ValueError(f"unrecognized argument {item!r} (overrides look like --config.key=value)")
+        dotted, text = item[len("--config."):].split("=", 1)
+        *groups, name = dotted.split(".")
+        target = config
+        for g in groups:
+            if g not in target or not isinstance(target[g], ml_collections.ConfigDict):
+                raise ValueError(f"{item}: no config group {g!r}")
+            target = target[g]
+        if name not in target:
+            raise ValueError(f"{item}: unknown config key {dotted!r}")
+        current = target[name]
+        if isinstance(current, str):
+            value = text
+        elif isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{item}: expected true or false")
+            value = text.lower() in ("true", "1")
+        elif current is None:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError) as e:
+                raise ValueError(f"{item}: cannot parse {text!r} as {type(current).__name__}") from e
+        _set(target, name, value, item)
+    return config

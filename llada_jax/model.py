@@ -1,0 +1,243 @@
+"""The LLaDA network: a LLaMA-style Transformer with bidirectional attention, in Flax NNX.
+
+One block (the official `LLaDALlamaBlock`):
+
+    h   = x + attn_out(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),   n = attn_norm(x)
+    out = h + ff_out(silu(ff_proj(m)) * up_proj(m)),                              m = ff_norm(h)
+
+with RMSNorm computed in float32, half-rotation ("rotate_half") rotary embeddings computed in float32,
+attention without a causal mask (optionally grouped-query), and no biases. The model is the embedding
+`wte`, the blocks, a final `ln_f`, and an untied output head `ff_out` (or the transposed embedding when
+`weight_tying`). Parameter names are the official module names, so the Hugging Face key table in
+`llada_jax.convert` is a short list.
+
+Parameters keep per-head shapes ([embed, heads, head_dim] for q/k/v, [heads, head_dim, embed] for the
+output projection) so that heads can be sharded directly, and every one carries `logical_axes` metadata
+for the sharding rules.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from llada_jax import sharding
+from llada_jax.config import LLaDAConfig
+
+Array = jax.Array
+
+# Activation layouts used for sharding constraints.
+BLD = ("batch", "length", "embed")
+BLNH = ("batch", "length", "heads", "head_dim")
+BLKH = ("batch", "length", "kv_heads", "head_dim")
+BLM = ("batch", "length", "mlp")
+BLV = ("batch", "length", "vocab")
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Functional pieces (also used by the tests against numpy formulas)
+# ----------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """Official RMSNorm: normalise in float32, cast back to x's dtype, then scale by the weight."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos/sin tables [B, L, 1, head_dim] (float32) for the half-rotation convention."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, head_dim / 2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x * cos + rotate_half(x) * sin, computed in float32 and cast back (official `rope_full_precision`)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def positions_from_mask(attention_mask: Array | None, batch: int, length: int) -> Array:
+    """Absolute positions counting real tokens only: a left-padded row starts at 0 at its first token."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _resolve_attention_impl(config: LLaDAConfig) -> str:
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
+
+
+def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str) -> Array:
+    """Bidirectional scaled dot-product attention, softmax in float32. key_mask: [B, S] (True = attend)."""
+    mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+    if impl == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        except Exception:  # shape / dtype / GPU generation cuDNN does not support: use the XLA kernel
+            pass
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def _remat(fn, policy: str, *, in_scan: bool):
+    if policy == "none":
+        return fn
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "save_dots": jax.checkpoint_policies.dots_saveable,
+        "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "save_out_proj": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
+    }
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=not in_scan)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------
+
+
+def _param(value: Array, logical_axes: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(value, logical_axes=logical_axes)
+
+
+def _trunc_normal(rngs: nnx.Rngs, shape, std, dtype) -> Array:
+    """Truncated normal cut at 3 standard deviations (the official "mitchell" init)."""
+    return (jax.random.truncated_normal(rngs.params(), -3.0, 3.0, shape, jnp.float32) * std).astype(dtype)
+
+
+class LLaDABlock(nnx.Module):
+    """One pre-norm bidirectional LLaMA block. `layer_id` may be traced (blocks created under nnx.vmap)."""
+
+    def __init__(self, config: LLaDAConfig, layer_id, *, rngs: nnx.Rngs):
+        self.config = config
+        d, n, k, hd, m = (config.d_model, config.n_heads, config.effective_n_kv_heads, config.head_dim,
+                          config.mlp_hidden_size)
+        pd = _dtype(config.param_dtype)
+        depth_scale = 1.0 / jnp.sqrt(2.0 * (jnp.asarray(layer_id, jnp.float32) + 1.0))
+        self.attn_norm = _param(jnp.ones((d,), pd), ("norm",))
+        self.q_proj = _param(_trunc_normal(rngs, (d, n, hd), d**-0.5, pd), ("embed", "heads", "head_dim"))
+        self.k_proj = _param(_trunc_normal(rngs, (d, k, hd), d**-0.5, pd), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = _param(_trunc_normal(rngs, (d, k, hd), d**-0.5, pd), ("embed", "kv_heads", "head_dim"))
+        self.attn_out = _param(
+            _trunc_normal(rngs, (n, hd, d), d**-0.5 * depth_scale, pd), ("heads", "head_dim", "embed"))
+        self.ff_norm = _param(jnp.ones((d,), pd), ("norm",))
+        self.ff_proj = _param(_trunc_normal(rngs, (d, m), d**-0.5, pd), ("embed", "mlp"))
+        self.up_proj = _param(_trunc_normal(rngs, (d, m), d**-0.5, pd), ("embed", "mlp"))
+        self.ff_out = _param(_trunc_normal(rngs, (m, d), m**-0.5 * depth_scale, pd), ("mlp", "embed"))
+
+    def __call__(self, x: Array, cos: Array, sin: Array, key_mask: Array | None) -> Array:
+        c = self.config
+        dt = _dtype(c.dtype)
+
+        def w(p):
+            return p[...].astype(dt)
+
+        h = rms_norm(x, self.attn_norm[...], c.rms_norm_eps).astype(dt)
+        q = sharding.constrain(jnp.einsum("bld,dnh->blnh", h, w(self.q_proj)), BLNH)
+        k = sharding.constrain(jnp.einsum("bld,dkh->blkh", h, w(self.k_proj)), BLKH)
+        v = sharding.constrain(jnp.einsum("bld,dkh->blkh", h, w(self.v_proj)), BLKH)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        att = attention(q, k, v, key_mask, _resolve_attention_impl(c))
+        att = jnp.einsum("blnh,nhd->bld", att, w(self.attn_out))
+        x = sharding.constrain(x + checkpoint_name(att, "attn_out"), BLD)
+
+        h = rms_norm(x, self.ff_norm[...], c.rms_norm_eps).astype(dt)
+        gate = sharding.constrain(jnp.einsum("bld,dm->blm", h, w(self.ff_proj)), BLM)
+        up = sharding.constrain(jnp.einsum("bld,dm->blm", h, w(self.up_proj)), BLM)
+        mlp = jnp.einsum("blm,md->bld", jax.nn.silu(gate) * up, w(self.ff_out))
+        return sharding.constrain(x + checkpoint_name(mlp, "mlp_out"), BLD)
+
+
+class LLaDAForMaskedLM(nnx.Module):
+    """LLaDA mask predictor: `model(input_ids, attention_mask=None) -> float32 logits [B, L, V]`.
+
+    `attention_mask` [B, L] marks real tokens with 1. Keys where it is 0 are ignored by every query, and
+    positions count real tokens only, so a left-padded row gives the same logits on its real tokens as the
+    same row without padding.
+    """
+
+    def __init__(self, config: LLaDAConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, v = config.d_model, config.padded_vocab_size
+        pd = _dtype(config.param_dtype)
+        self.wte = _param(_trunc_normal(rngs, (v, d), d**-0.5, pd), ("vocab", "embed"))
+        if config.scan_layers:
+            self.blocks = _stacked_blocks(config, rngs)
+        else:
+            self.blocks = nnx.List([LLaDABlock(config, i, rngs=rngs) for i in range(config.n_layers)])
+        self.ln_f = _param(jnp.ones((d,), pd), ("norm",))
+        if not config.weight_tying:
+            self.ff_out = _param(_trunc_normal(rngs, (d, v), d**-0.5, pd), ("embed", "vocab"))
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        x = self.hidden_states(input_ids, attention_mask)
+        return self.logits(x)
+
+    def embed(self, input_ids: Array) -> Array:
+        return sharding.constrain(jnp.take(self.wte[...], input_ids, axis=0), BLD)
+
+    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """Final residual stream (before ln_f) for `input_ids` [B, L]."""
+        c = self.config
+        b, length = input_ids.shape
+        positions = positions_from_mask(attention_mask, b, length)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        key_mask = None if attention_mask is None else attention_mask.astype(bool)
+        x = self.embed(input_ids)
+
+        def apply_block(graphdef, params, x):
+            return nnx.merge(graphdef, params)(x, cos, sin, key_mask)
+
+        if c.scan_layers:
+            graphdef, params = nnx.split(self.blocks)
+            step = _remat(lambda h, p: (apply_block(graphdef, p, h), None), c.remat_policy, in_scan=True)
+            x, _ = jax.lax.scan(step, x, params)
+        else:
+            for block in self.blocks:
+                graphdef, params = nnx.split(block)
+                x = _remat(lambda p, h: apply_block(graphdef, p, h), c.remat_policy, in_scan=False)(params, x)
+        return x
+
+    def logits(self, x: Array) -> Array:
+        """float32 logits from the final residual stream: ln_f then the output head."""
+        c = self.config
+        dt = _dtype(c.dtype)
+        h = rms_norm(x, self.ln_f[...], c.rms_norm_eps).astype(dt)
+        if c.weight_tying:
+            logits = jnp.einsum("bld,vd->blv", h, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bld,dv->blv", h, self.ff_out[...].astype(dt), preferred_element_type=jnp.float32)
+        return sharding.constrain(logits.astype(jnp.float32), BLV)
+
+
+def _stacked_blocks(config: LLaDAConfig, rngs: nnx.Rngs) -> LLaDABlock:
+    """n_layers blocks whose parameters are stacked on a leading "layers" axis (for lax.scan)."""
+
+    @nnx.split_rngs(splits=config.n_layers)
+    @nnx.vmap(in_axes=(0, 0), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+    def create(rngs: nnx.Rngs, layer_id):
+        return LLaDABlock(config, layer_id, rngs=rngs)
+
+    return create(rngs, jnp.arange(config.n_layers))
+
+
+def count_params(config: LLaDAConfig) -> int:
+    """Number of parameters of a model with this config, counted abstractly (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: LLaDAForMaskedLM(config, rngs=nnx.Rngs(0)))
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))

@@ -1,0 +1,132 @@
+"""Logical-axis sharding: names on arrays, a rules table from config, and the device mesh.
+
+Every parameter carries a `logical_axes` tuple in its metadata (e.g. ("embed", "mlp")) and large
+activations are constrained with logical names (`constrain(x, ("batch", "length", "embed"))`). A rules
+table (config.mesh.logical_axis_rules) maps each logical name to mesh axes; this module turns the two into
+`PartitionSpec`s. Without an active mesh the constraints are no-ops, so the model runs unchanged on one
+device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES
+
+Rules = Sequence[tuple[str, Any]]
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class _RulesContext(threading.local):
+    rules: Rules = DEFAULT_LOGICAL_AXIS_RULES
+
+
+_context = _RulesContext()
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Rules):
+    """Use `rules` for activation constraints traced inside this context."""
+    previous = _context.rules
+    _context.rules = tuple((name, _as_tuple(axes)) for name, axes in rules)
+    try:
+        yield
+    finally:
+        _context.rules = previous
+
+
+def current_rules() -> Rules:
+    return _context.rules
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    if isinstance(axes, str):
+        return (axes,)
+    return tuple(axes)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    rules: Rules | None = None,
+    mesh_shape: dict[str, int] | None = None,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """Map logical dimension names to a PartitionSpec.
+
+    A mesh axis is used at most once per array (first dimension wins). With `mesh_shape`, axes missing
+    from the mesh or of size 1 are dropped; with `shape` too, a dimension is sharded only over the mesh
+    axes whose product divides it (e.g. 8 kv heads over a tensor axis of 16 stay replicated).
+    """
+    table = {name: _as_tuple(axes) for name, axes in (rules if rules is not None else current_rules())}
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; rules cover {sorted(table)}")
+        axes = [a for a in table[name] if a not in used]
+        if mesh_shape is not None:
+            axes = [a for a in axes if mesh_shape.get(a, 1) > 1]
+            if shape is not None:
+                while axes and shape[dim] % math.prod(mesh_shape[a] for a in axes):
+                    axes.pop()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*spec)
+
+
+def _active_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical names under the active mesh (`jax.set_mesh`); else identity."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return x
+    spec = logical_to_spec(logical_axes, mesh_shape=dict(mesh.shape), shape=x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def param_logical_axes(variable) -> tuple[str | None, ...]:
+    """The `logical_axes` metadata of an nnx.Variable (replicated when it has none)."""
+    axes = variable.get_metadata().get("logical_axes")
+    return tuple(axes) if axes is not None else (None,) * len(variable.shape)
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
+    """NamedShardings for an nnx.State (abstract or concrete) from each variable's logical axes."""
+    from flax import nnx
+
+    mesh_shape = dict(mesh.shape)
+
+    def one(v):
+        if isinstance(v, nnx.Variable):
+            spec = logical_to_spec(param_logical_axes(v), rules, mesh_shape, v.shape)
+            return v.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def batch_spec(rules: Rules, mesh: jax.sharding.Mesh, ndim: int = 2) -> PartitionSpec:
+    """PartitionSpec of a [batch, ...] input array: the batch dimension over the data-parallel axes."""
+    return logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, dict(mesh.shape))
+
+
+def data_parallel_size(rules: Rules, mesh: jax.sharding.Mesh) -> int:
+    """Number of shards of the batch dimension (what the global batch must be divisible by)."""
+    spec = batch_spec(rules, mesh)[0]
+    return math.prod(mesh.shape[a] for a in _as_tuple(spec))
+

@@ -1,0 +1,39 @@
+"""llada-jax: LLaDA (masked-diffusion language model) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llada-jax",
+    version="0.1.0",
+    description="LLaDA, the large language diffusion model, in JAX/Flax: pretraining, SFT, sampling, HF conversion",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["llada_jax", "llada_jax.*"]),
+    package_data={"llada_jax.convert": ["hf_files/*.py"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "ml-collections>=1.0",
+        "transformers>=4.46",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "absl-py>=2.1",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # PyTorch interop: the exported modeling file, conversion checks, the PyTorch baselines in bench/.
+        "torch": ["torch>=2.4"],
+        "test": ["pytest>=8", "torch>=2.4"],
+    },
+    entry_points={"console_scripts": ["llada-jax=llada_jax.cli:main"]},
+)

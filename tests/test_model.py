@@ -1,0 +1,245 @@
+"""The LLaDA network against direct formulas and an independent PyTorch implementation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llada_jax import LLaDAConfig, LLaDAForMaskedLM, sharding
+from llada_jax.convert.keys import hf_state_dict
+from llada_jax.model import apply_rope, count_params, rms_norm, rope_tables
+from tests.torch_reference import llada_logits
+
+
+def make_model(**overrides):
+    config = LLaDAConfig.tiny(**overrides)
+    return LLaDAForMaskedLM(config, rngs=nnx.Rngs(0))
+
+
+def random_ids(seed, shape, vocab=500):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)
+
+
+def torch_logits(model, ids, mask=None):
+    cfg = dataclasses.asdict(model.config)
+    return llada_logits(hf_state_dict(model), cfg, np.asarray(ids), None if mask is None else np.asarray(mask))
+
+
+# --- building blocks against numpy formulas --------------------------------------------------------------
+
+
+def test_rms_norm_matches_numpy_formula():
+    x = np.random.RandomState(0).randn(3, 5, 16).astype(np.float32)
+    w = np.random.RandomState(1).randn(16).astype(np.float32)
+    expected = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_normalises_in_float32_for_bf16_input():
+    x = jnp.asarray([[300.0, -400.0, 0.5, 2.0]], jnp.bfloat16)  # squares overflow nothing in fp32
+    out = rms_norm(x, jnp.ones(4, jnp.bfloat16), 1e-5)
+    assert out.dtype == jnp.bfloat16
+    ref = np.array([[300.0, -400.0, 0.5, 2.0]]) / np.sqrt((300**2 + 400**2 + 0.25 + 4) / 4 + 1e-5)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=1e-2)
+
+
+def test_rope_rotates_each_half_pair_by_position_times_frequency():
+    hd, theta = 8, 10000.0
+    x = np.random.RandomState(0).randn(1, 4, 2, hd).astype(np.float32)
+    pos = np.array([[0, 1, 5, 17]])
+    cos, sin = rope_tables(jnp.asarray(pos), hd, theta)
+    out = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
+    half = hd // 2
+    expected = np.empty_like(x)
+    for i in range(half):
+        angle = pos[..., None] * theta ** (-2 * i / hd)  # [1, L, 1]
+        a, b = x[..., i], x[..., i + half]  # the pair (i, i + half) of the half-rotation convention
+        expected[..., i] = a * np.cos(angle) - b * np.sin(angle)
+        expected[..., i + half] = b * np.cos(angle) + a * np.sin(angle)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    # rotation preserves the norm and position 0 is the identity
+    np.testing.assert_allclose(np.linalg.norm(out, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(out[:, 0], x[:, 0], rtol=1e-6)
+
+
+# --- the whole model ---------------------------------------------------------------------------------------
+
+
+def test_logits_shape_and_dtype():
+    model = make_model()
+    logits = model(random_ids(0, (2, 7)))
+    assert logits.shape == (2, 7, 512) and logits.dtype == jnp.float32
+
+
+def test_matches_independent_pytorch_implementation_fp32():
+    model = make_model()
+    ids = random_ids(1, (2, 12))
+    np.testing.assert_allclose(np.asarray(model(ids)), torch_logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_matches_pytorch_with_attention_mask():
+    model = make_model()
+    ids = random_ids(2, (2, 10))
+    mask = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 10], jnp.int32)
+    ours = np.asarray(model(ids, mask))
+    ref = torch_logits(model, ids, mask)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_bidirectional():
+    model = make_model()
+    ids = random_ids(3, (1, 9))
+    changed = ids.at[0, -1].set((ids[0, -1] + 1) % 500)
+    first, second = model(ids), model(changed)
+    assert not np.allclose(first[0, 0], second[0, 0], atol=1e-6), "the last token must influence position 0"
+
+
+def test_left_padding_invariance():
+    model = make_model()
+    real = random_ids(4, (1, 6))
+    pad = 3
+    padded = jnp.concatenate([jnp.full((1, pad), 7, jnp.int32), real], axis=1)
+    mask = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), jnp.ones((1, 6), jnp.int32)], axis=1)
+    alone = model(real)
+    with_padding = model(padded, mask)
+    np.testing.assert_allclose(with_padding[:, pad:], alone, rtol=1e-5, atol=1e-5)
+    # the padding's content does not matter either
+    other = model(padded.at[:, :pad].set(123), mask)
+    np.testing.assert_allclose(other[:, pad:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_attention_equals_mha_with_repeated_kv():
+    gqa = make_model(n_kv_heads=2)
+    mha = make_model(n_kv_heads=4)
+    # copy every weight, with each kv head repeated for the 2 query heads of its group
+    for name in ("attn_norm", "q_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out"):
+        getattr(mha.blocks, name)[...] = getattr(gqa.blocks, name)[...]
+    for name in ("k_proj", "v_proj"):
+        getattr(mha.blocks, name)[...] = jnp.repeat(getattr(gqa.blocks, name)[...], 2, axis=2)
+    mha.wte[...], mha.ln_f[...], mha.ff_out[...] = gqa.wte[...], gqa.ln_f[...], gqa.ff_out[...]
+    ids = random_ids(5, (2, 8))
+    np.testing.assert_allclose(gqa(ids), mha(ids), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gqa(ids)), torch_logits(gqa, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_tying_uses_the_embedding_as_head():
+    model = make_model(weight_tying=True)
+    assert not hasattr(model, "ff_out")
+    ids = random_ids(6, (1, 5))
+    np.testing.assert_allclose(np.asarray(model(ids)), torch_logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_equals_unrolled():
+    scanned = make_model(scan_layers=True, n_layers=3)
+    unrolled = make_model(scan_layers=False, n_layers=3)
+    for i, block in enumerate(unrolled.blocks):
+        for name in ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj",
+                     "ff_out"):
+            getattr(block, name)[...] = getattr(scanned.blocks, name)[...][i]
+    unrolled.wte[...], unrolled.ln_f[...], unrolled.ff_out[...] = scanned.wte[...], scanned.ln_f[...], scanned.ff_out[...]
+    ids = random_ids(7, (2, 9))
+    np.testing.assert_allclose(scanned(ids), unrolled(ids), rtol=1e-5, atol=1e-5)  # float reassociation only
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_out_proj"])
+def test_remat_policies_give_the_same_gradients(policy):
+    ids = random_ids(8, (2, 6))
+
+    def grads(model):
+        def loss(m):
+            return jnp.mean(m(ids) ** 2)
+
+        return nnx.grad(loss)(model)
+
+    base = grads(make_model())
+    remat = grads(make_model(remat_policy=policy))
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_compute_stays_close_to_fp32():
+    fp32 = make_model()
+    bf16 = make_model(dtype="bfloat16")
+    ids = random_ids(9, (2, 16))
+    a, b = np.asarray(fp32(ids)), np.asarray(bf16(ids))
+    assert bf16(ids).dtype == jnp.float32  # logits stay float32
+    # stated tolerance: bf16 matmuls (8-bit mantissa) over 2 layers: max abs error < 0.05 on logits of
+    # scale ~1, and the argmax agrees almost everywhere
+    assert np.max(np.abs(a - b)) < 0.05, np.max(np.abs(a - b))
+    assert np.mean(a.argmax(-1) == b.argmax(-1)) > 0.9
+
+
+def test_bf16_params_store_bf16():
+    model = make_model(param_dtype="bfloat16", dtype="bfloat16")
+    assert model.blocks.q_proj[...].dtype == jnp.bfloat16
+    assert model(random_ids(0, (1, 4))).dtype == jnp.float32
+
+
+# --- initialisation, sizes, metadata -----------------------------------------------------------------------
+
+
+def test_official_initialisation_statistics():
+    config = LLaDAConfig.tiny(d_model=256, n_heads=4, n_kv_heads=4, mlp_hidden_size=512, n_layers=3)
+    model = LLaDAForMaskedLM(config, rngs=nnx.Rngs(0))
+    trunc = 0.9866  # std of a standard normal truncated at +-3 sigma
+    d, m = 256, 512
+    for i in range(3):
+        depth = 1 / np.sqrt(2 * (i + 1))
+        for name, std in [("q_proj", d**-0.5), ("k_proj", d**-0.5), ("v_proj", d**-0.5), ("ff_proj", d**-0.5),
+                          ("up_proj", d**-0.5), ("attn_out", d**-0.5 * depth), ("ff_out", m**-0.5 * depth)]:
+            w = np.asarray(getattr(model.blocks, name)[...][i])
+            assert abs(w.std() / (std * trunc) - 1) < 0.03, (name, i, w.std(), std)
+            assert np.abs(w).max() <= 3 * std * 1.0001, (name, i)
+        np.testing.assert_array_equal(model.blocks.attn_norm[...][i], 1.0)
+    assert abs(np.asarray(model.wte[...]).std() / (d**-0.5 * trunc) - 1) < 0.03
+    assert abs(np.asarray(model.ff_out[...]).std() / (d**-0.5 * trunc) - 1) < 0.03
+
+
+def test_llada_8b_parameter_count_without_allocation():
+    assert count_params(LLaDAConfig.llada_8b()) == 8_015_581_184
+    assert count_params(LLaDAConfig.llada_8b(scan_layers=False)) == 8_015_581_184
+
+
+def test_every_parameter_has_logical_axes_of_its_rank():
+    for scan in (True, False):
+        model = make_model(scan_layers=scan, n_kv_heads=2)
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            axes = var.get_metadata()["logical_axes"]
+            assert len(axes) == var[...].ndim, (path, axes)
+            if scan and path[0] == "blocks":
+                assert axes[0] == "layers"
+
+
+def test_sharded_forward_equals_single_device():
+    assert jax.device_count() == 8
+    model = make_model(n_kv_heads=2)
+    ids = random_ids(10, (4, 8))
+    expected = model(ids)
+    mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    graphdef, state = nnx.split(model)
+    shardings = sharding.state_shardings(state, mesh, sharding.current_rules())
+    state = jax.device_put(state, shardings)
+    assert state["blocks"]["ff_proj"][...].sharding.spec == jax.P(None, "fsdp", "tensor")
+
+    @jax.jit
+    def forward(state, ids):
+        return nnx.merge(graphdef, state)(ids)
+
+    with jax.set_mesh(mesh):
+        out = forward(state, jax.device_put(ids, jax.NamedSharding(mesh, jax.P(("data", "fsdp")))))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        LLaDAConfig.tiny(n_kv_heads=3)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        LLaDAConfig.tiny(mask_token_id=4096)
+    with pytest.raises(ValueError, match="remat_policy"):
+        LLaDAConfig.tiny(remat_policy="sometimes")
+    with pytest.raises(ValueError, match="unknown LLaDAConfig field"):
+        LLaDAConfig.from_dict({"d_model": 8, "n_layer": 2})

@@ -1,0 +1,69 @@
+"""An independent PyTorch implementation of the LLaDA forward pass, written from the architecture facts.
+
+It shares no code with llada_jax: weights come in as plain numpy arrays in the official PyTorch layout
+(Linear weights [out, in]), attention is computed with explicit matrices, and GQA repeats kv heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def llada_logits(weights: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarray,
+                 attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """Logits [B, L, V] for HF-named `weights` (e.g. "model.transformer.blocks.0.q_proj.weight")."""
+    W = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in weights.items()}
+    ids = torch.from_numpy(np.asarray(input_ids, np.int64))
+    b, length = ids.shape
+    d, n_heads = cfg["d_model"], cfg["n_heads"]
+    n_kv = cfg.get("n_kv_heads") or n_heads
+    hd = d // n_heads
+    eps = cfg["rms_norm_eps"]
+    if attention_mask is None:
+        attention_mask = np.ones((b, length), np.int64)
+    mask = torch.from_numpy(np.asarray(attention_mask, np.int64))
+    positions = (torch.cumsum(mask, -1) - 1).clamp(min=0).double()
+
+    inv_freq = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    angles = positions[..., None] * inv_freq  # [B, L, hd/2]
+    emb = torch.cat([angles, angles], -1)
+    cos, sin = emb.cos().float()[:, None], emb.sin().float()[:, None]  # [B, 1, L, hd]
+
+    p = "model.transformer."
+    x = W[p + "wte.weight"][ids]
+    key_bias = torch.where(mask.bool(), 0.0, float("-inf"))[:, None, None, :]
+    for i in range(cfg["n_layers"]):
+        q_ = f"{p}blocks.{i}."
+        h = rms_norm(x, W[q_ + "attn_norm.weight"], eps)
+        q = (h @ W[q_ + "q_proj.weight"].T).view(b, length, n_heads, hd).transpose(1, 2)
+        k = (h @ W[q_ + "k_proj.weight"].T).view(b, length, n_kv, hd).transpose(1, 2)
+        v = (h @ W[q_ + "v_proj.weight"].T).view(b, length, n_kv, hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k = k.repeat_interleave(n_heads // n_kv, dim=1)
+        v = v.repeat_interleave(n_heads // n_kv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd) + key_bias  # no causal mask
+        att = torch.softmax(scores, dim=-1) @ v
+        att = att.transpose(1, 2).reshape(b, length, d)
+        x = x + att @ W[q_ + "attn_out.weight"].T
+        h = rms_norm(x, W[q_ + "ff_norm.weight"], eps)
+        act = torch.nn.functional.silu(h @ W[q_ + "ff_proj.weight"].T) * (h @ W[q_ + "up_proj.weight"].T)
+        x = x + act @ W[q_ + "ff_out.weight"].T
+    x = rms_norm(x, W[p + "ln_f.weight"], eps)
+    head = W[p + "wte.weight"] if cfg.get("weight_tying") else W[p + "ff_out.weight"]
+    return (x @ head.T).numpy()
