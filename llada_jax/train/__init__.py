@@ -1,0 +1,1 @@
+"""Training: train state, the jitted train step, optimizer, Orbax checkpoints, and the training loop."""
