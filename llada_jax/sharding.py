@@ -130,3 +130,49 @@ def data_parallel_size(rules: Rules, mesh: jax.sharding.Mesh) -> int:
     spec = batch_spec(rules, mesh)[0]
     return math.prod(mesh.shape[a] for a in _as_tuple(spec))
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# The device mesh
+# ----------------------------------------------------------------------------------------------------
+
+
+class MeshError(ValueError):
+    pass
+
+
+def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+    """Resolve (data, fsdp, tensor, dcn_data) sizes from config; one of them may be -1 (the rest)."""
+    sizes = {name: int(mesh_config[name]) for name in ("dcn_data",) + MESH_AXES}
+    free = [n for n, s in sizes.items() if s == -1]
+    if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+        raise MeshError(f"mesh sizes {sizes}: each must be a positive integer, and at most one may be -1")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % known:
+            raise MeshError(f"mesh sizes {sizes}: the fixed axes ({known} devices) do not divide the "
+                            f"{num_devices} devices")
+        sizes[free[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise MeshError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but {num_devices} are available")
+    return sizes
+
+
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh with Auto axis types. `dcn_data` > 1 builds a hybrid mesh whose data
+    axis spans slices (TPU multi-slice) or processes (multi-node GPU), with ICI/NVLink axes inside each."""
+    from jax.experimental import mesh_utils
+
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(mesh_config, len(devices))
+    ici = (sizes["data"], sizes["fsdp"], sizes["tensor"])
+    by_slice = getattr(devices[0], "slice_index", None) is not None
+    granules = {d.slice_index if by_slice else d.process_index for d in devices}
+    if sizes["dcn_data"] > 1 and len(granules) > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, (sizes["dcn_data"], 1, 1), devices, process_is_granule=not by_slice)
+    else:
+        # One slice / process (or dcn_data == 1): the data axis is just dcn_data x data devices.
+        shape = (sizes["dcn_data"] * sizes["data"], sizes["fsdp"], sizes["tensor"])
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))

@@ -1,0 +1,98 @@
+"""`llada-jax create-configs`, `llada-jax pretrain` and `llada-jax sft`."""
+
+from __future__ import annotations
+
+import os
+
+# The seed project's flags, written into the config after the config file and --config.* overrides.
+SEED_FLAGS = (
+    ("model_name_or_path", str), ("data_path", str), ("output_dir", str), ("batch_size", int),
+    ("learning_rate", float), ("max_steps", int), ("gradient_accumulation_steps", int), ("warmup_steps", int),
+    ("max_length", int), ("lr_scheduler_type", str), ("save_steps", int), ("logging_steps", int), ("seed", int),
+)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("create-configs", help="write pretraining_config.json and sft_config.json with the defaults")
+    p.add_argument("--output_dir", default=".", help="where to write the two files (default: .)")
+    p.set_defaults(func=run_create_configs)
+    for task, help_text in (("pretrain", "pretrain a LLaDA model with the masked-diffusion objective"),
+                            ("sft", "supervised fine-tuning (prompts never masked)")):
+        p = sub.add_parser(task, help=help_text,
+                           description=f"{help_text}. Settings come from --config (a configs/*.py file or a "
+                                       "seed-style JSON), then --config.key=value overrides, then the flags below.")
+        p.add_argument("--config", help="configs/*.py with get_config(), or a JSON from create-configs")
+        for name, kind in SEED_FLAGS:
+            p.add_argument(f"--{name}", type=kind, default=None)
+        p.set_defaults(func=run_train, task=task, accepts_config_overrides=True)
+
+
+def build_config(args):
+    from llada_jax.config import LLaDAConfig, apply_overrides, load_config, sft_defaults, train_config
+
+    if args.config:
+        config = load_config(args.config, task=args.task)
+    else:
+        config = train_config(LLaDAConfig.llada_8b(), task=args.task)
+        if args.task == "sft":
+            sft_defaults(config)
+    apply_overrides(config, args.extra)
+    for name, _ in SEED_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            config[name] = value
+    return config
+
+
+def run_train(args) -> int:
+    import logging
+    import sys
+
+    from llada_jax.cli import UsageError
+    from llada_jax.train.loop import ConfigError, TrainingStopped, train
+
+    try:
+        config = build_config(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    _setup_logging()
+    try:
+        train(config)
+    except (ConfigError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    except TrainingStopped as e:
+        logging.getLogger("llada_jax").error("%s", e)
+        print(f"llada-jax {args.task}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _setup_logging() -> None:
+    import logging
+
+    import jax
+    from absl import logging as absl_logging
+
+    level = logging.INFO if jax.process_index() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llada_jax").setLevel(level)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def run_create_configs(args) -> int:
+    from llada_jax.config import LLaDAConfig, sft_defaults, train_config
+    from llada_jax.train.checkpoint import write_json_atomic
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    pretrain = train_config(LLaDAConfig.llada_8b(), task="pretrain")
+    pretrain.output_dir, pretrain.data_path = "./llada_pretrained", "./pretraining_data"
+    sft = sft_defaults(train_config(LLaDAConfig.llada_8b(), task="sft"))
+    sft.model_name_or_path, sft.output_dir, sft.data_path = "./llada_pretrained", "./llada_sft", "./sft_data"
+    for name, section, config in (("pretraining_config.json", "pretraining", pretrain),
+                                  ("sft_config.json", "sft", sft)):
+        body = config.to_dict()
+        body.pop("task")
+        path = os.path.join(args.output_dir, name)
+        write_json_atomic(path, {section: body})
+        print(f"wrote {path}")
+    return 0

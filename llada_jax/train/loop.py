@@ -1,0 +1,279 @@
+"""The training loop behind `llada-jax pretrain` and `llada-jax sft`.
+
+Start-up checks everything that can be wrong before any work (config, data path, mesh, batch
+divisibility). The run then resumes from the latest checkpoint in `output_dir` when there is one
+(parameters, optimizer state, step and every process's data-iterator position), else starts from
+`model_name_or_path` (parameters only) or from a fresh initialisation. Each step consumes
+`gradient_accumulation_steps` global micro-batches. Checkpoints are written every `save_steps` and at the
+end (asynchronously; a SIGTERM finishes the current step, saves and exits).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from llada_jax import sharding
+from llada_jax.config import LLaDAConfig, model_config_from
+from llada_jax.train import checkpoint as ckpt
+from llada_jax.train.metrics import MetricsLogger
+from llada_jax.train.step import Trainer, flops_per_token, params_all_finite, peak_flops_per_device
+
+log = logging.getLogger("llada_jax")
+
+# Fault injection for the resume tests: the process kills itself (SIGKILL) right after this step.
+FAULT_ENV = "LLADA_JAX_FAULT_AFTER_STEP"
+# Architecture fields taken from a checkpoint given as model_name_or_path (compute settings stay as configured).
+ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
+                       "embedding_size", "max_sequence_length", "rope_theta", "rms_norm_eps", "weight_tying",
+                       "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
+
+
+class ConfigError(ValueError):
+    """A problem with the run's configuration, found before any work."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped itself (e.g. too many non-finite steps in a row)."""
+
+
+def validate(config) -> None:
+    def fail(msg):
+        raise ConfigError(msg)
+
+    if config.task not in ("pretrain", "sft"):
+        fail(f"task: expected 'pretrain' or 'sft', got {config.task!r}")
+    if not config.output_dir:
+        fail("output_dir is required (--output_dir DIR)")
+    if not config.data_path:
+        fail("data_path is required (--data_path FILE|GLOB|DIR|tfds:NAME:SPLIT)")
+    if not config.data_path.startswith("tfds:") and not glob.glob(config.data_path):
+        fail(f"data_path {config.data_path!r}: no such file, directory or glob match")
+    for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_length", "save_steps",
+                 "logging_steps"):
+        if int(config[name]) <= 0:
+            fail(f"{name} must be a positive integer, got {config[name]}")
+    if int(config.warmup_steps) < 0:
+        fail(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    if not 0 < config.eps < 1 or not 0 <= config.random_length_prob <= 1:
+        fail("eps must be in (0, 1) and random_length_prob in [0, 1]")
+    if config.max_length > config.model.max_sequence_length:
+        fail(f"max_length {config.max_length} exceeds the model's max_sequence_length "
+             f"{config.model.max_sequence_length}")
+
+
+def resolve_model_config(config) -> LLaDAConfig:
+    """The model config of the run: config.model, with the architecture of `model_name_or_path` if given."""
+    model_config = model_config_from(config)
+    if config.model_name_or_path:
+        from llada_jax.convert import read_model_config
+
+        pretrained = read_model_config(config.model_name_or_path)
+        model_config = model_config.replace(**{f: getattr(pretrained, f) for f in ARCHITECTURE_FIELDS})
+    return model_config
+
+
+def make_run_mesh(config):
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+    except sharding.MeshError as e:
+        raise ConfigError(str(e)) from e
+    rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
+    dp = sharding.data_parallel_size(rules, mesh)
+    if config.batch_size % dp:
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel shards of "
+                          f"mesh {dict(mesh.shape)}")
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
+    return mesh
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves after the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            pass
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+def train(config) -> dict:
+    """Run (or resume) training as configured; returns the last logged metrics."""
+    from llada_jax.data.pipeline import global_batch, make_train_iterator
+
+    validate(config)
+    model_config = resolve_model_config(config)
+    config.model.update(model_config.to_dict())
+    mesh = make_run_mesh(config)
+    is_main = jax.process_index() == 0
+    os.makedirs(config.output_dir, exist_ok=True)
+
+    trainer = Trainer(config, model_config, mesh)
+    data = make_train_iterator(config, model_config, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+    manager = ckpt.checkpoint_manager(config.output_dir, keep=config.checkpoint.keep,
+                                      async_save=config.checkpoint.async_save)
+    start = manager.latest_step()
+    if start is not None:
+        state = _restore(manager, start, trainer, data)
+        log.info("resumed from %s step %d", config.output_dir, start)
+    elif config.model_name_or_path:
+        from llada_jax.convert import load_pretrained
+
+        start = 0
+        model = load_pretrained(config.model_name_or_path, mesh=mesh, rules=trainer.rules,
+                                param_dtype=model_config.param_dtype, scan_layers=model_config.scan_layers)
+        from flax import nnx
+
+        state = trainer.state_from_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        log.info("initialised parameters from %s", config.model_name_or_path)
+    else:
+        start = 0
+        state = trainer.init_state(int(config.seed))
+    if is_main:
+        ckpt.write_json_atomic(os.path.join(config.output_dir, "config.json"), config.to_dict())
+        tokenizer = config.data.tokenizer or (
+            ckpt.tokenizer_path(config.model_name_or_path) if config.model_name_or_path else None)
+        if tokenizer:
+            ckpt.copy_tokenizer(tokenizer, config.output_dir)
+
+    logger = MetricsLogger(config.output_dir, enabled=is_main, wandb_config=config.wandb,
+                           run_config=config.to_dict())
+    logger.truncate_after(start)
+    max_steps = int(config.max_steps)
+    if start >= max_steps:
+        log.info("%s is already at step %d >= max_steps %d: nothing to do", config.output_dir, start, max_steps)
+        manager.close()
+        logger.close()
+        return {}
+
+    tokens_per_step = config.gradient_accumulation_steps * config.batch_size * config.max_length
+    flops_per_step = flops_per_token(model_config, config.max_length) * tokens_per_step
+    peak = peak_flops_per_device()
+    fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+    preemption = _Preemption()
+    progress = _progress_bar(is_main, start, max_steps)
+    last = {}
+    pending = None  # (step, metrics) of the step before the one in flight: read once the next is dispatched
+    window_start, window_steps = time.perf_counter(), 0
+
+    def finish(step_done, metrics, step_seconds):
+        nonlocal last
+        m = {k: np.asarray(v).item() for k, v in metrics.items()}
+        if m["nonfinite_streak"] >= config.max_consecutive_nonfinite:
+            raise TrainingStopped(
+                f"stopping at step {step_done}: {m['nonfinite_streak']} consecutive steps had a non-finite loss or "
+                f"gradient (max_consecutive_nonfinite={config.max_consecutive_nonfinite}); the last checkpoint "
+                f"holds the last finite parameters")
+        if m["update_skipped"]:
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step_done,
+                        m["nonfinite_streak"])
+        if step_done % config.logging_steps == 0 or step_done == max_steps:
+            row = {"loss": m["loss"], "learning_rate": m["learning_rate"], "grad_norm": m["grad_norm"],
+                   "tokens_per_sec": tokens_per_step / step_seconds, "step_time": step_seconds,
+                   "tflops_per_sec": flops_per_step / step_seconds / 1e12,
+                   "masked_tokens": m["masked_tokens"], "skipped_updates": m["nonfinite_total"]}
+            if peak:
+                row["mfu"] = flops_per_step / step_seconds / (peak * jax.device_count())
+            logger.log(step_done, row)
+            last = {"step": step_done, **row}
+            progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}")
+
+    try:
+        for step in range(start + 1, max_steps + 1):
+            micro = [next(data) for _ in range(config.gradient_accumulation_steps)]
+            local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+            batch = global_batch(local, mesh, trainer.batch_sharding.spec)
+            state, metrics = trainer.step(state, batch)
+            window_steps += 1
+            if pending is not None:
+                finish(*pending)
+            now = time.perf_counter()
+            if step % config.logging_steps == 0 or step == max_steps:
+                jax.block_until_ready(metrics)  # time whole steps: the window ends when this one is done
+                now = time.perf_counter()
+            pending = (step, metrics, (now - window_start) / window_steps)
+            if step % config.logging_steps == 0 or step == max_steps:
+                finish(*pending)
+                pending = None
+                window_start, window_steps = time.perf_counter(), 0
+            progress.update(1)
+            if step % config.save_steps == 0 or step == max_steps or preemption.requested:
+                _save(manager, step, state, trainer, data, config)
+            if step == fault_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if preemption.requested:
+                log.warning("SIGTERM: saved step %d and stopping", step)
+                break
+        if pending is not None:
+            finish(*pending)
+    finally:
+        progress.close()
+        manager.wait_until_finished()
+        manager.close()
+        logger.close()
+    return last
+
+
+def _state_json(state) -> dict:
+    return {"step": int(state.step), "nonfinite_streak": int(state.nonfinite_streak),
+            "nonfinite_total": int(state.nonfinite_total)}
+
+
+def _save(manager, step, state, trainer, data, config) -> None:
+    import grain
+
+    if not params_all_finite(state.params):
+        log.error("step %d: parameters are not finite; checkpoint NOT written", step)
+        return
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        train_state=ocp.args.JsonSave({**_state_json(state), "seed": int(config.seed)}),
+        model_config=ocp.args.JsonSave(trainer.model_config.to_dict()),
+        config=ocp.args.JsonSave(config.to_dict()),
+        data=grain.checkpoint.CheckpointSave(data),
+    ), force=True)
+
+
+def _restore(manager, step, trainer, data):
+    import grain
+    import jax.numpy as jnp
+
+    from llada_jax.train.step import TrainState
+
+    abstract = trainer.abstract_state()
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract.params),
+        opt_state=ocp.args.StandardRestore(abstract.opt_state),
+        train_state=ocp.args.JsonRestore(),
+        data=grain.checkpoint.CheckpointRestore(data),
+    ))
+    meta = restored.train_state
+    if meta["step"] != step:
+        raise RuntimeError(f"checkpoint {step} holds train_state.step {meta['step']}")
+
+    def scalar(v):
+        return jax.device_put(jnp.asarray(v, jnp.int32), trainer.state_shardings.step)
+
+    return TrainState(step=scalar(meta["step"]), params=restored.params, opt_state=restored.opt_state,
+                      nonfinite_streak=scalar(meta["nonfinite_streak"]),
+                      nonfinite_total=scalar(meta["nonfinite_total"]))
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)

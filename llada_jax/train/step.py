@@ -1,0 +1,251 @@
+"""The train state, its sharded initialisation, and the jitted train step.
+
+The state is a plain pytree: parameters as a nested dict (the model's nnx state as a pure dict), the optax
+state, the step, and the non-finite counters. Shardings come from each parameter's logical axes and the
+rules table; the optimizer state is sharded like the parameters (optax.tree_utils.tree_map_params).
+
+The step is `jax.jit` with in/out shardings and the state donated. Inside it, for each of the
+`gradient_accumulation_steps` micro-batches (a `lax.scan`): the forward process with keys folded from
+(seed, step, row), the model, the pretraining or SFT loss and its gradient. The noise of a row depends only
+on (seed, step, its index in the global batch), so a step gives the same result whatever the
+micro-batching, device count or process count. A non-finite loss or gradient norm skips the update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llada_jax import sharding
+from llada_jax.config import LLaDAConfig
+from llada_jax.diffusion import forward_process, pretraining_loss, random_length_valid, sft_loss
+from llada_jax.model import LLaDAForMaskedLM
+from llada_jax.train.optimizer import learning_rate_schedule, make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: number of train steps taken (skipped updates included)
+    params: Any  # nested dict of arrays (nnx.to_pure_dict of the model's Params)
+    opt_state: Any
+    nonfinite_streak: jax.Array  # int32: consecutive skipped updates
+    nonfinite_total: jax.Array  # int32: all skipped updates
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The static settings of a train step."""
+
+    task: str  # "pretrain" | "sft"
+    seed: int
+    mask_id: int
+    eps: float
+    random_length_prob: float
+    accumulation: int
+    micro_batch: int  # global rows per micro-batch
+    length: int
+
+    @classmethod
+    def from_config(cls, config, model_config: LLaDAConfig) -> "StepConfig":
+        return cls(task=config.task, seed=int(config.seed), mask_id=model_config.mask_token_id,
+                   eps=float(config.eps), random_length_prob=float(config.random_length_prob),
+                   accumulation=int(config.gradient_accumulation_steps), micro_batch=int(config.batch_size),
+                   length=int(config.max_length))
+
+
+class Trainer:
+    """Builds the sharded state and the jitted train step for one model config, mesh and training config."""
+
+    def __init__(self, config, model_config: LLaDAConfig, mesh: jax.sharding.Mesh):
+        self.config = config
+        self.model_config = model_config
+        self.mesh = mesh
+        self.rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
+        self.step_config = StepConfig.from_config(config, model_config)
+        abstract = nnx.eval_shape(lambda: LLaDAForMaskedLM(model_config, rngs=nnx.Rngs(0)))
+        self.graphdef, abstract_state = nnx.split(abstract)
+        self.param_axes = nnx.to_pure_dict(jax.tree.map(
+            sharding.param_logical_axes, abstract_state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+        self.param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh, self.rules))
+        self.tx = make_optimizer(config, self.param_axes)
+        self.schedule = learning_rate_schedule(config)
+        self.abstract_params = nnx.to_pure_dict(abstract_state)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+        opt_shardings = optax.tree_utils.tree_map_params(
+            self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+            transform_non_params=lambda _: replicated)
+        self.state_shardings = TrainState(step=replicated, params=self.param_shardings, opt_state=opt_shardings,
+                                          nonfinite_streak=replicated, nonfinite_total=replicated)
+        batch_axes = sharding.batch_spec(self.rules, mesh)[0]
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes))  # [accum, batch, ...]
+        self._step_fn = None
+
+    # --- state ------------------------------------------------------------------------------------------
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
+        shapes = jax.eval_shape(lambda: self._fresh_state(self.abstract_params_zeros()))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+    def abstract_params_zeros(self):
+        return jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), self.abstract_params)
+
+    def _fresh_state(self, params) -> TrainState:
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=self.tx.init(params), nonfinite_streak=zero,
+                          nonfinite_total=zero)
+
+    def init_state(self, seed: int) -> TrainState:
+        """A freshly initialised state, created directly in its shardings (never whole on one device)."""
+
+        def init():
+            model = LLaDAForMaskedLM(self.model_config, rngs=nnx.Rngs(seed))
+            return self._fresh_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+        with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
+            return jax.jit(init, out_shardings=self.state_shardings)()
+
+    def state_from_params(self, params) -> TrainState:
+        """A fresh optimizer around given (sharded) parameters: fine-tuning from a checkpoint."""
+        with jax.set_mesh(self.mesh):
+            return jax.jit(self._fresh_state, in_shardings=(self.param_shardings,),
+                           out_shardings=self.state_shardings)(params)
+
+    # --- the step ---------------------------------------------------------------------------------------
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if self._step_fn is None:
+            self._step_fn = jax.jit(
+                self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
+            return self._step_fn(state, batch)
+
+    def lower(self, state, batch):
+        """The lowered (not yet compiled) step, for ahead-of-time compilation and memory/FLOPs analysis."""
+        fn = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                     out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
+            return fn.lower(state, batch)
+
+    def _loss(self, params, micro: dict, row_keys, valid):
+        c = self.step_config
+        model = nnx.merge(self.graphdef, params)
+        ids = micro["input_ids"]
+        prompt_lengths = micro.get("prompt_lengths") if c.task == "sft" else None
+
+        def noise(key, row, prompt_length, row_valid):
+            noisy, masked, p_mask = forward_process(
+                key, row[None], mask_id=c.mask_id, eps=c.eps,
+                prompt_lengths=None if prompt_length is None else prompt_length[None],
+                valid=None if row_valid is None else row_valid[None])
+            return noisy[0], masked[0], p_mask[0]
+
+        noisy, masked, p_mask = jax.vmap(noise)(row_keys, ids, prompt_lengths, valid)
+        if c.task == "sft":
+            logits = model(noisy)
+            loss = sft_loss(logits, ids, masked, p_mask, micro["answer_lengths"])
+        else:
+            logits = model(noisy, None if valid is None else valid.astype(jnp.int32))
+            loss = pretraining_loss(logits, ids, masked, p_mask, valid)
+        return loss, jnp.sum(masked)
+
+    def _train_step(self, state: TrainState, batch: dict):
+        c = self.step_config
+        step_key = jax.random.fold_in(jax.random.key(c.seed), state.step)
+        noise_key, cut_key = jax.random.split(step_key)
+        valid = None
+        if c.task == "pretrain" and c.random_length_prob > 0:
+            valid = random_length_valid(cut_key, c.micro_batch, c.length, c.random_length_prob)
+
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+
+        def micro_step(carry, xs):
+            grads_sum, loss_sum, masked_sum = carry
+            micro, index = xs
+            rows = index * c.micro_batch + jnp.arange(c.micro_batch)
+            row_keys = jax.vmap(lambda r: jax.random.fold_in(noise_key, r))(rows)
+            (loss, n_masked), grads = grad_fn(state.params, micro, row_keys, valid)
+            grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+            return (grads_sum, loss_sum + loss, masked_sum + n_masked), None
+
+        (grads, loss, n_masked), _ = jax.lax.scan(
+            micro_step, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
+            (batch, jnp.arange(c.accumulation)))
+        grads = jax.tree.map(lambda g: g / c.accumulation, grads)
+        loss = loss / c.accumulation
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt_state = self.tx.update(grads, state.opt_state, state.params)
+        new_params = jax.tree.map(lambda p, u: (p + u.astype(p.dtype)), state.params, updates)
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        applied_updates = state.step - state.nonfinite_total  # the schedule advances with applied updates
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": self.schedule(applied_updates),
+            "masked_tokens": n_masked,
+            "update_skipped": ~finite,
+            "nonfinite_streak": new_state.nonfinite_streak,
+            "nonfinite_total": new_state.nonfinite_total,
+        }
+        return new_state, metrics
+
+
+def params_all_finite(params) -> bool:
+    return bool(jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))(params))
+
+
+def flops_per_token(model_config: LLaDAConfig, length: int) -> float:
+    """Training FLOPs per token: 6 x (matmul parameters) + 12 x layers x length x d_model (attention).
+
+    The matmul parameters are those of every projection and the output head (the embedding lookup is not a
+    matmul); attention scores and the weighted sum cost 2 x 2 x L x d per token and layer forward, and
+    training is three times the forward (forward + two backward matmuls).
+    """
+    c = model_config
+    hd, n, k = c.head_dim, c.n_heads, c.effective_n_kv_heads
+    per_layer = c.d_model * (n + 2 * k) * hd + n * hd * c.d_model + 3 * c.d_model * c.mlp_hidden_size
+    matmul_params = c.n_layers * per_layer + c.d_model * c.padded_vocab_size
+    return 6.0 * matmul_params + 12.0 * c.n_layers * length * c.d_model
+
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (None: unknown, e.g. CPUs).
+PEAK_FLOPS = (
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
+    ("TPU v4", 275e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+)
+
+
+def peak_flops_per_device(device=None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind
+    for name, flops in PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def numpy_metrics(metrics: dict) -> dict:
+    return {k: np.asarray(v).item() for k, v in metrics.items()}

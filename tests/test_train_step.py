@@ -1,0 +1,149 @@
+"""The jitted train step: accumulation, sharding, the non-finite guard, the optimizer and schedules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from llada_jax import sharding
+from llada_jax.config import LLaDAConfig, train_config
+from llada_jax.train.optimizer import decay_mask, learning_rate_schedule
+from llada_jax.train.step import Trainer, flops_per_token
+
+LENGTH = 32
+MODEL = LLaDAConfig.tiny()
+
+
+def make_trainer(batch_size=8, accumulation=1, mesh=(1, 1, 1), task="pretrain", **overrides):
+    c = train_config(MODEL, task=task)
+    c.batch_size, c.gradient_accumulation_steps, c.max_length = batch_size, accumulation, LENGTH
+    c.learning_rate, c.warmup_steps, c.max_steps = 3e-3, 2, 100
+    c.random_length_prob = 0.0
+    for k, v in overrides.items():
+        c[k] = v
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    devices = jax.devices()[: int(np.prod(mesh))]
+    return Trainer(c, MODEL, sharding.make_mesh(c.mesh, devices))
+
+
+def batches(steps, rows=8, seed=0, task="pretrain"):
+    rs = np.random.RandomState(seed)
+    out = []
+    for _ in range(steps):
+        b = {"input_ids": rs.randint(0, 500, (rows, LENGTH)).astype(np.int32)}
+        if task == "sft":
+            prompt = rs.randint(1, LENGTH // 2, rows).astype(np.int32)
+            b["prompt_lengths"], b["answer_lengths"] = prompt, (LENGTH - prompt).astype(np.int32)
+        out.append(b)
+    return out
+
+
+def run(trainer, data, accumulation=1):
+    state = trainer.init_state(0)
+    losses = []
+    for b in data:
+        shaped = {k: v.reshape((accumulation, -1) + v.shape[1:]) for k, v in b.items()}
+        state, metrics = trainer.step(state, jax.device_put(shaped, trainer.batch_sharding))
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+@pytest.mark.parametrize("task", ["pretrain", "sft"])
+def test_gradient_accumulation_equals_the_full_batch(task):
+    data = batches(3, task=task)
+    full, s1 = run(make_trainer(8, 1, task=task), data)
+    accumulated, s4 = run(make_trainer(2, 4, task=task), data, accumulation=4)
+    np.testing.assert_allclose(accumulated, full, rtol=1e-5)
+    # Adam normalises each coordinate, so float-rounding differences of near-zero gradients can move a
+    # parameter by a fraction of one step (lr 3e-3): compare parameters to 1e-4 absolute
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_eight_device_mesh_equals_one_device():
+    data = batches(3)
+    single, s1 = run(make_trainer(mesh=(1, 1, 1)), data)
+    sharded_trainer = make_trainer(mesh=(2, 2, 2))
+    sharded, s8 = run(sharded_trainer, data)
+    # tolerance: float32 reductions are split differently across 8 devices; 1e-5 relative on the loss
+    np.testing.assert_allclose(sharded, single, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # parameters and optimizer moments really are sharded
+    ff = s8.params["blocks"]["ff_proj"]
+    assert ff.sharding.spec == jax.P(None, "fsdp", "tensor")
+    mu = s8.opt_state[1][0].mu["blocks"]["ff_proj"]
+    assert mu.sharding.spec == ff.sharding.spec
+
+
+def test_loss_falls_on_a_repeated_batch():
+    trainer = make_trainer()
+    data = batches(1) * 30
+    losses, _ = run(trainer, data)
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_nonfinite_loss_skips_the_update_and_counts():
+    trainer = make_trainer()
+    state = trainer.init_state(0)
+    good = jax.device_put({"input_ids": batches(1)[0]["input_ids"][None]}, trainer.batch_sharding)
+    state, m = trainer.step(state, good)
+    assert not bool(m["update_skipped"])
+    # poison one embedding row: any batch containing that token gives a NaN loss
+    params = state.params
+    params["wte"] = params["wte"].at[7].set(jnp.nan)
+    state = state.replace(params=params)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    poisoned = jax.device_put({"input_ids": np.full((1, 8, LENGTH), 7, np.int32)}, trainer.batch_sharding)
+    for streak in (1, 2):
+        state, m = trainer.step(state, poisoned)
+        assert bool(m["update_skipped"]) and int(m["nonfinite_streak"]) == streak
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)  # nothing moved
+    assert int(state.step) == 3 and int(state.nonfinite_total) == 2
+    # the learning-rate schedule advances with applied updates only
+    state, m = trainer.step(state, good)
+    assert int(m["nonfinite_streak"]) == 0
+    assert float(m["learning_rate"]) == pytest.approx(float(trainer.schedule(1)))
+
+
+def test_weight_decay_skips_norm_gains():
+    trainer = make_trainer()
+    state = trainer.init_state(0)
+    # with zero gradients only the decoupled weight decay moves parameters
+    grads = jax.tree.map(jnp.zeros_like, state.params)
+    tx = optax.adamw(1.0, weight_decay=0.5, mask=decay_mask(trainer.param_axes))
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    assert float(jnp.abs(updates["blocks"]["attn_norm"]).max()) == 0.0
+    assert float(jnp.abs(updates["ln_f"]).max()) == 0.0
+    assert float(jnp.abs(updates["blocks"]["q_proj"]).max()) > 0.0
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "wsd"])
+def test_learning_rate_schedules(kind):
+    c = train_config(MODEL)
+    c.learning_rate, c.warmup_steps, c.max_steps, c.lr_scheduler_type = 1.0, 10, 110, kind
+    c.optimizer.min_lr_ratio, c.optimizer.decay_fraction = 0.1, 0.2
+    lr = learning_rate_schedule(c)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == pytest.approx(1.0)
+    end = float(lr(110))
+    if kind == "constant":
+        assert end == pytest.approx(1.0)
+    else:
+        assert end == pytest.approx(0.1, abs=1e-6)
+    if kind == "cosine":
+        assert float(lr(60)) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)  # half-way down the cosine
+    if kind == "linear":
+        assert float(lr(60)) == pytest.approx(0.55, abs=1e-6)
+    if kind == "wsd":
+        assert float(lr(88)) == pytest.approx(1.0) and float(lr(99)) == pytest.approx(0.55, abs=1e-6)
+
+
+def test_flops_per_token_counts_the_8b_model():
+    c = LLaDAConfig.llada_8b()
+    # matmul params = all params minus the embedding table: 8,015,581,184 - 126464 * 4096 - norms
+    norms = (2 * 32 + 1) * 4096
+    matmul = 8_015_581_184 - 126464 * 4096 - norms
+    assert flops_per_token(c, 4096) == 6 * matmul + 12 * 32 * 4096 * 4096
