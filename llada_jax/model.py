@@ -94,6 +94,18 @@ def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str) -
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
+def dense(x: Array, w: Array, n_in: int = 1, out_dtype=None) -> Array:
+    """Contract the last `n_in` dims of x with the first `n_in` dims of w, as one 2-D matmul over all tokens.
+
+    Numerically an einsum such as "bld,dnh->blnh"; flattening the token dims first matters on CPU, where
+    XLA's backward pass of a multi-dimensional contraction is several times slower than of a 2-D matmul.
+    """
+    lead, inner, out = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:], w.shape[n_in:]
+    y = jax.lax.dot_general(x.reshape(-1, int(np.prod(inner))), w.reshape(int(np.prod(inner)), -1),
+                            (((1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+    return y.reshape(*lead, *out)
+
+
 def _remat(fn, policy: str, *, in_scan: bool):
     if policy == "none":
         return fn
@@ -148,18 +160,18 @@ class LLaDABlock(nnx.Module):
             return p[...].astype(dt)
 
         h = rms_norm(x, self.attn_norm[...], c.rms_norm_eps).astype(dt)
-        q = sharding.constrain(jnp.einsum("bld,dnh->blnh", h, w(self.q_proj)), BLNH)
-        k = sharding.constrain(jnp.einsum("bld,dkh->blkh", h, w(self.k_proj)), BLKH)
-        v = sharding.constrain(jnp.einsum("bld,dkh->blkh", h, w(self.v_proj)), BLKH)
+        q = sharding.constrain(dense(h, w(self.q_proj)), BLNH)
+        k = sharding.constrain(dense(h, w(self.k_proj)), BLKH)
+        v = sharding.constrain(dense(h, w(self.v_proj)), BLKH)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         att = attention(q, k, v, key_mask, _resolve_attention_impl(c))
-        att = jnp.einsum("blnh,nhd->bld", att, w(self.attn_out))
+        att = dense(att, w(self.attn_out), n_in=2)
         x = sharding.constrain(x + checkpoint_name(att, "attn_out"), BLD)
 
         h = rms_norm(x, self.ff_norm[...], c.rms_norm_eps).astype(dt)
-        gate = sharding.constrain(jnp.einsum("bld,dm->blm", h, w(self.ff_proj)), BLM)
-        up = sharding.constrain(jnp.einsum("bld,dm->blm", h, w(self.up_proj)), BLM)
-        mlp = jnp.einsum("blm,md->bld", jax.nn.silu(gate) * up, w(self.ff_out))
+        gate = sharding.constrain(dense(h, w(self.ff_proj)), BLM)
+        up = sharding.constrain(dense(h, w(self.up_proj)), BLM)
+        mlp = dense(jax.nn.silu(gate) * up, w(self.ff_out))
         return sharding.constrain(x + checkpoint_name(mlp, "mlp_out"), BLD)
 
 
@@ -218,10 +230,8 @@ class LLaDAForMaskedLM(nnx.Module):
         c = self.config
         dt = _dtype(c.dtype)
         h = rms_norm(x, self.ln_f[...], c.rms_norm_eps).astype(dt)
-        if c.weight_tying:
-            logits = jnp.einsum("bld,vd->blv", h, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("bld,dv->blv", h, self.ff_out[...].astype(dt), preferred_element_type=jnp.float32)
+        head = self.wte[...].T if c.weight_tying else self.ff_out[...]
+        logits = dense(h, head.astype(dt), out_dtype=jnp.float32)
         return sharding.constrain(logits.astype(jnp.float32), BLV)
 
 

@@ -25,6 +25,55 @@ def register(sub) -> None:
         for name, kind in SEED_FLAGS:
             p.add_argument(f"--{name}", type=kind, default=None)
         p.set_defaults(func=run_train, task=task, accepts_config_overrides=True)
+    register_compile_check(sub)
+
+
+def register_compile_check(sub) -> None:
+    p = sub.add_parser(
+        "compile-check", help="compile the train step ahead of time for N devices and print memory and FLOPs",
+        description="Lower and compile a config's train step for N (fake CPU) devices without allocating "
+                    "parameters; prints per-device memory and FLOPs per step. Mesh overrides: "
+                    "--config.mesh.fsdp=8 etc.")
+    p.add_argument("--config", required=True, help="configs/*.py or a JSON config")
+    p.add_argument("--num_devices", type=int, required=True)
+    p.add_argument("--task", choices=("pretrain", "sft"), default=None, help="default: the config's task")
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.set_defaults(func=run_compile_check, accepts_config_overrides=True)
+
+
+def run_compile_check(args) -> int:
+    import json
+
+    from llada_jax.cli import UsageError
+
+    if args.num_devices <= 0:
+        raise UsageError("--num_devices must be positive")
+    # Fake devices must be requested before JAX starts its backends.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.num_devices}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    from llada_jax.config import apply_overrides, load_config, model_config_from
+    from llada_jax.train.aot import compile_train_step, format_report
+    from llada_jax.train.loop import ConfigError, make_run_mesh
+
+    try:
+        config = load_config(args.config, task=args.task)
+        apply_overrides(config, args.extra)
+        devices = jax.devices()
+        if len(devices) < args.num_devices:
+            raise UsageError(f"only {len(devices)} devices available (JAX was started before the flag could apply)")
+        mesh = make_run_mesh(config, devices[: args.num_devices])
+        report = compile_train_step(config, model_config_from(config), mesh)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    print(format_report(report))
+    if args.json:
+        from llada_jax.train.checkpoint import write_json_atomic
+
+        write_json_atomic(args.json, report)
+    return 0
 
 
 def build_config(args):

@@ -80,9 +80,9 @@ def resolve_model_config(config) -> LLaDAConfig:
     return model_config
 
 
-def make_run_mesh(config):
+def make_run_mesh(config, devices=None):
     try:
-        mesh = sharding.make_mesh(config.mesh)
+        mesh = sharding.make_mesh(config.mesh, devices)
     except sharding.MeshError as e:
         raise ConfigError(str(e)) from e
     rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
