@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from llada_jax import distributed
+
 # The seed project's flags, written into the config after the config file and --config.* overrides.
 SEED_FLAGS = (
     ("model_name_or_path", str), ("data_path", str), ("output_dir", str), ("batch_size", int),
@@ -24,6 +26,7 @@ def register(sub) -> None:
         p.add_argument("--config", help="configs/*.py with get_config(), or a JSON from create-configs")
         for name, kind in SEED_FLAGS:
             p.add_argument(f"--{name}", type=kind, default=None)
+        distributed.add_flags(p)
         p.set_defaults(func=run_train, task=task, accepts_config_overrides=True)
     register_compile_check(sub)
 
@@ -104,7 +107,10 @@ def run_train(args) -> int:
         config = build_config(args)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
-    _setup_logging()
+    try:
+        distributed.start(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     try:
         train(config)
     except (ConfigError, FileNotFoundError) as e:
@@ -114,18 +120,6 @@ def run_train(args) -> int:
         print(f"llada-jax {args.task}: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def _setup_logging() -> None:
-    import logging
-
-    import jax
-    from absl import logging as absl_logging
-
-    level = logging.INFO if jax.process_index() == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("llada_jax").setLevel(level)
-    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def run_create_configs(args) -> int:

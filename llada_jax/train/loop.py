@@ -111,9 +111,9 @@ class _Preemption:
 
 def train(config) -> dict:
     """Run (or resume) training as configured; returns the last logged metrics."""
+    validate(config)
     from llada_jax.data.pipeline import global_batch, make_train_iterator
 
-    validate(config)
     model_config = resolve_model_config(config)
     config.model.update(model_config.to_dict())
     mesh = make_run_mesh(config)
