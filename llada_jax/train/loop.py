@@ -184,7 +184,8 @@ def train(config) -> dict:
             row = {"loss": m["loss"], "learning_rate": m["learning_rate"], "grad_norm": m["grad_norm"],
                    "tokens_per_sec": tokens_per_step / step_seconds, "step_time": step_seconds,
                    "tflops_per_sec": flops_per_step / step_seconds / 1e12,
-                   "masked_tokens": m["masked_tokens"], "skipped_updates": m["nonfinite_total"]}
+                   "masked_tokens": m["masked_tokens"], "skipped_updates": m["nonfinite_total"],
+                   "batch_checksum": m["batch_checksum"]}
             if peak:
                 row["mfu"] = flops_per_step / step_seconds / (peak * jax.device_count())
             logger.log(step_done, row)
