@@ -113,8 +113,9 @@ def make_train_iterator(config: ml_collections.ConfigDict, model_config: LLaDACo
     return iterator
 
 
-# Iterators still open at exit are closed while the interpreter is intact: Grain's prefetch threads and
-# worker processes otherwise complain from __del__ during shutdown.
+# Iterators still open at exit are closed while the interpreter is intact. Grain's ThreadPrefetchDatasetIterator
+# (ours, and the ones its interleave makes per worker) closes again from __del__ during interpreter shutdown,
+# when its module globals are gone, and prints an AttributeError; a closed one is made to return at once.
 _LIVE_ITERATORS: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
 
 
@@ -125,6 +126,24 @@ def _close_live_iterators() -> None:
             iterator.close()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
+
+
+def _make_close_idempotent(cls) -> None:
+    close = cls.close
+    if getattr(close, "_idempotent", False):
+        return
+
+    def idempotent_close(self):
+        if getattr(self, "_llada_closed", False):
+            return
+        self._llada_closed = True
+        close(self)
+
+    idempotent_close._idempotent = True
+    cls.close = idempotent_close
+
+
+_make_close_idempotent(grain.experimental.ThreadPrefetchDatasetIterator)
 
 
 def global_batch(local_batch: dict, mesh, spec) -> dict:

@@ -274,18 +274,32 @@ def parse_tfds_path(data_path: str) -> tuple[str, str]:
 
 
 class TfdsSource:
-    """Random access to a prepared TFDS dataset in array_record format (`tfds.data_source`); nothing downloads."""
+    """Random access to a prepared TFDS dataset in array_record format (`tfds.data_source`); nothing downloads.
+
+    Pickles as (name, split, data_dir) and reopens the dataset in the receiving process, which needs no
+    builder class: TFDS reads a prepared dataset from its files.
+    """
 
     def __init__(self, name: str, split: str, *, data_dir: str | None = None):
+        self.name, self.split, self.data_dir = name, split, data_dir or None
+        self.label = f"tfds:{name}:{split}"
+        self._open()
+
+    def _open(self) -> None:
         import tensorflow_datasets as tfds
 
-        self.name, self.split, self.data_dir = name, split, data_dir or None
         try:
-            self._source = tfds.data_source(name, split=split, data_dir=self.data_dir, download=False)
+            self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
         except Exception as e:  # noqa: BLE001 - tfds raises many types for a missing or unprepared dataset
             raise FileNotFoundError(
-                f"tfds:{name}:{split}: cannot open the prepared dataset (data_dir={self.data_dir!r}): {e}") from e
-        self.label = f"tfds:{name}:{split}"
+                f"{self.label}: cannot open the prepared dataset (data_dir={self.data_dir!r}): {e}") from e
+
+    def __getstate__(self):
+        return {"name": self.name, "split": self.split, "data_dir": self.data_dir, "label": self.label}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
 
     def __len__(self) -> int:
         return len(self._source)
