@@ -90,7 +90,10 @@ class RowBatcherIterator(grain.DatasetIterator):
             if ds.mode == "sft":
                 raise TypeError("the sft batcher got a pretraining Document")
             if ds.mode == "concat":
-                entry = _Entry(state, unit.tokens, None, len(unit.tokens), unit.events)
+                # A plain copy: from a worker process the tokens arrive in shared memory, released as soon as
+                # nothing refers to them (a reference kept past interpreter shutdown would leak the segment).
+                tokens = np.array(unit.tokens)
+                entry = _Entry(state, tokens, None, len(tokens), unit.events)
             else:
                 rows = _pad_rows(unit.tokens, ds.max_length, ds.pad_id)
                 entry = _Entry(state, rows, None, len(rows), unit.events)

@@ -97,7 +97,7 @@ def test_not_utf8_is_reported():
 def test_pretokenized_sft_example():
     ex = sft()(rec({"input_ids": [509, 5, 6, 7, 8], "prompt_length": 3}))
     assert isinstance(ex, Examples)
-    assert [x.tolist() for x in ex.ids] == [[509, 5, 6, 7, 8]] and ex.prompt_lengths == [3] and ex.events == ()
+    assert [x.tolist() for x in ex.ids] == [[509, 5, 6, 7, 8]] and ex.prompt_lengths == (3,) and ex.events == ()
 
 
 def expected_chat_pair(helper, prior, answer):
@@ -125,7 +125,7 @@ def test_chat_yields_one_example_per_assistant_turn(helper, layout):
     p1, a1 = expected_chat_pair(helper, DIALOGUE[:2], DIALOGUE[2][1])
     p2, a2 = expected_chat_pair(helper, DIALOGUE[:4], DIALOGUE[4][1])
     assert [x.tolist() for x in ex.ids] == [p1 + a1, p2 + a2]
-    assert ex.prompt_lengths == [len(p1), len(p2)]
+    assert ex.prompt_lengths == (len(p1), len(p2))
     assert helper.decode(a2) == "Rome.<|eot_id|>"
     # The second prompt holds the first answer exactly as the template writes it.
     assert helper.decode(p2).endswith("Paris.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnd of Italy?"
@@ -135,7 +135,7 @@ def test_chat_yields_one_example_per_assistant_turn(helper, layout):
 def test_alpaca_and_openai_text_parts(helper):
     ex = sft(helper)(rec({"instruction": "Name a city.", "input": "In France.", "output": "Paris"}))
     p, a = expected_chat_pair(helper, [("user", "Name a city.\n\nIn France.")], "Paris")
-    assert ex.ids[0].tolist() == p + a and ex.prompt_lengths == [len(p)]
+    assert ex.ids[0].tolist() == p + a and ex.prompt_lengths == (len(p),)
     ex = sft(helper)(rec({"instruction": "Name a city.", "input": "", "output": "Paris"}))
     p, a = expected_chat_pair(helper, [("user", "Name a city.")], "Paris")
     assert ex.ids[0].tolist() == p + a
@@ -225,7 +225,7 @@ def test_too_long_skip_counts_the_example(helper):
 def test_truncate_prompt_keeps_bos_and_the_whole_answer():
     ex = sft(max_length=8, too_long="truncate_prompt")(rec(LONG))
     # The prompt [509, 1..9] keeps BOS and its last 4 tokens; the answer [100, 101, 102] is intact.
-    assert ex.ids[0].tolist() == [509, 6, 7, 8, 9, 100, 101, 102] and ex.prompt_lengths == [5]
+    assert ex.ids[0].tolist() == [509, 6, 7, 8, 9, 100, 101, 102] and ex.prompt_lengths == (5,)
     assert [(e.kind, e.message) for e in ex.events] == [(TRUNCATED, "prompt cut from 10 to 5 tokens (max_length 8)")]
     no_bos = {"input_ids": list(range(1, 11)) + [100, 101, 102], "prompt_length": 10}
     assert sft(max_length=8, too_long="truncate_prompt")(rec(no_bos)).ids[0].tolist() == [6, 7, 8, 9, 10, 100, 101, 102]
@@ -234,3 +234,13 @@ def test_truncate_prompt_keeps_bos_and_the_whole_answer():
         sft(max_length=4, too_long="truncate_prompt")(rec(LONG))
     with pytest.raises(ValueError, match="too_long must be one of"):
         sft(too_long="cut")
+
+
+def test_units_are_pytrees_so_worker_processes_ship_tokens_in_shared_memory():
+    import jax
+
+    doc = pretrain()(rec({"input_ids": [5, 6]}))
+    assert [x.tolist() for x in jax.tree_util.tree_leaves(doc)] == [[5, 6, 510]]
+    ex = sft()(rec({"input_ids": [1, 2, 3], "prompt_length": 1}))
+    assert [x.tolist() for x in jax.tree_util.tree_leaves(ex)] == [[1, 2, 3]]
+    assert jax.tree_util.tree_leaves(pretrain(skip_invalid=True)(rec("{"))) == []

@@ -302,3 +302,15 @@ def test_global_batch_on_a_device_mesh(tmp_path):
     assert batch["answer_lengths"].sharding.spec == P(("data", "fsdp"))
     assert len({s.device for s in batch["input_ids"].addressable_shards}) == 8
     assert all(s.data.shape == (1, 8) for s in batch["input_ids"].addressable_shards)
+
+
+def test_bad_record_in_a_worker_process_is_reported_the_same(tmp_path):
+    lines = [json.dumps({"input_ids": [1, 2, 3]})] * 6 + ['{"input_ids": [1, -4]}']
+    path = write_jsonl(tmp_path / "bad.jsonl", lines)
+    it = make_train_iterator(tiny_train_config(path, tmp_path, shuffle=False, batch_size=1, num_workers=2), TINY)
+    try:
+        with pytest.raises(DataError, match=r"bad.jsonl, line 7: field 'input_ids': position 1: negative token id -4"):
+            for _ in range(10):
+                next(it)
+    finally:
+        it.close()
