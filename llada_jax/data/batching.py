@@ -41,7 +41,7 @@ class RowBatcher(grain.IterDataset):
     """
 
     def __init__(self, parent: grain.IterDataset, *, mode: str, max_length: int, batch_size: int, pad_id: int,
-                 records_per_epoch: int, report_keep: int = 20):
+                 records_per_epoch: int, report_keep: int = 20, empty_files: tuple = ()):
         super().__init__(parent)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -49,6 +49,7 @@ class RowBatcher(grain.IterDataset):
             raise ValueError(f"max_length and batch_size must be positive, got {max_length}, {batch_size}")
         self.mode, self.max_length, self.batch_size, self.pad_id = mode, max_length, batch_size, pad_id
         self.records_per_epoch, self.report_keep = records_per_epoch, report_keep
+        self.empty_files = tuple(empty_files)  # files left out for holding no records (reported in stats)
 
     def __iter__(self) -> "RowBatcherIterator":
         return RowBatcherIterator(self._parent.__iter__(), self)
@@ -182,10 +183,12 @@ class RowBatcherIterator(grain.DatasetIterator):
 
     @property
     def stats(self) -> dict:
-        """Records read, batches produced and skip events (counts and the first locations) so far."""
-        report = self._report.merged(e for entry in self._pending for e in entry.events)
-        return {"records": self._records + len(self._pending), "batches": self._batches,
-                "skipped": dict(report.counts), "skip_examples": list(report.examples)}
+        """Records read, batches produced, skip events (counts and the first locations) and empty files so far."""
+        pending = list(self._pending)  # one atomic copy: a prefetch thread may be appending
+        report = self._report.merged(e for entry in pending for e in entry.events)
+        return {"records": self._records + len(pending), "batches": self._batches,
+                "skipped": dict(report.counts), "skip_examples": list(report.examples),
+                "empty_files": list(self._ds.empty_files)}
 
     def __str__(self) -> str:
         return f"RowBatcherIterator({self._ds})"

@@ -93,7 +93,8 @@ def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers,
                                                          per_worker_buffer_size=data.worker_buffer_size))
     ds = RowBatcher(ds, mode=mode, max_length=config.max_length, batch_size=config.batch_size // process_count,
-                    pad_id=model_config.eos_token_id, records_per_epoch=records)
+                    pad_id=model_config.eos_token_id, records_per_epoch=records,
+                    empty_files=getattr(source, "empty_files", ()))
     if data.prefetch_buffer_size > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data.prefetch_buffer_size)
     return ds

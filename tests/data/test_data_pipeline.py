@@ -78,6 +78,18 @@ def test_pad_mode_one_document_per_row(tmp_path):
     assert rows[:8].tolist() == expected and rows[8].tolist() == expected[0]
 
 
+def test_text_documents_are_tokenized(tmp_path, helper, tokenizer_dir):
+    texts = ["The capital of France is Paris.", "Hello world!", "A quick brown fox."]
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in texts])
+    c = tiny_train_config(path, tmp_path, shuffle=False, batch_size=2, tokenizer=tokenizer_dir,
+                          prefetch_buffer_size=2)
+    it = make_train_iterator(c, TINY)
+    epoch = [tok for t in texts for tok in helper.encode(t) + [EOS]]
+    got = stream(it, 2).tolist()
+    assert got == (epoch * 10)[:len(got)]
+    assert pipeline_stats(it)["records"] >= 3  # the stats are found behind the prefetch thread too
+
+
 def chat_records():
     return [
         {"conversations": [{"from": "human", "value": "What is the capital of France?"},
@@ -231,6 +243,7 @@ def test_skip_invalid_skips_counts_and_reports(tmp_path, caplog):
         "from the noising process, never from the data)",
         f"[invalid] {path}, line 6: field 'input_ids': missing (a pretraining record needs 'input_ids' or 'text')"]
     assert f"{path}, line 2" in caplog.text and f"skipped {empty} (no records)" in caplog.text
+    assert stats["empty_files"] == [str(empty)]
     # The counts are part of the state: a restored iterator continues them.
     state = it.get_state()
     fresh = make_train_iterator(c, TINY)
