@@ -9,8 +9,8 @@ SFT records are `{"input_ids": [...], "prompt_length": N}`, Alpaca `{"instructio
 `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}`. A chat yields one example per
 assistant turn: the prompt is the chat template applied to all earlier turns with the generation prompt
 (`...<|start_header_id|>assistant<|end_header_id|>\\n\\n`), the answer is the turn's content (stripped, as the
-template strips it) followed by `<|eot_id|>`, tokenized on its own, exactly the tokens a sampler would
-produce after that prompt. `SftFormat` returns `Examples` (unpadded; the batcher pads with EOS).
+template strips it) followed by `<|eot_id|>` (when the tokenizer has it), tokenized on its own: the tokens a
+sampler should produce after that prompt. `SftFormat` returns `Examples` (unpadded; the batcher pads with EOS).
 
 Every check names the record (file and line) and the field: malformed JSON, a record that is not an object,
 missing or mistyped fields, ids that are not integers, negative or outside the vocabulary, the mask token

@@ -163,3 +163,11 @@ def test_check_sft_with_tokenizer_and_max_length(tmp_path, tokenizer_dir, helper
 def test_data_commands_are_listed():
     r = run_cli("--help")
     assert r.returncode == 0 and "data" in r.stdout and "model-info" in r.stdout
+
+
+def test_building_the_parser_loads_no_data_libraries():
+    code = ("import sys; from llada_jax.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('grain', 'transformers', 'tensorflow_datasets', 'tokenizers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
