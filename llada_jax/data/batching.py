@@ -41,7 +41,7 @@ class RowBatcher(grain.IterDataset):
     """
 
     def __init__(self, parent: grain.IterDataset, *, mode: str, max_length: int, batch_size: int, pad_id: int,
-                 records_per_epoch: int, report_keep: int = 20, empty_files: tuple = ()):
+                 records_per_epoch: int, report_keep: int = 20, empty_files: tuple = (), signature: dict | None = None):
         super().__init__(parent)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -50,6 +50,8 @@ class RowBatcher(grain.IterDataset):
         self.mode, self.max_length, self.batch_size, self.pad_id = mode, max_length, batch_size, pad_id
         self.records_per_epoch, self.report_keep = records_per_epoch, report_keep
         self.empty_files = tuple(empty_files)  # files left out for holding no records (reported in stats)
+        # What the saved state depends on (see RowBatcherIterator.set_state); JSON-serialisable.
+        self.signature = dict(signature or {})
 
     def __iter__(self) -> "RowBatcherIterator":
         return RowBatcherIterator(self._parent.__iter__(), self)
@@ -170,9 +172,10 @@ class RowBatcherIterator(grain.DatasetIterator):
     def get_state(self) -> dict:
         parent = self._pending[0].state if self._pending else self._parent.get_state()
         return {"parent": copy.deepcopy(parent), "offset": self._offset, "records": self._records,
-                "batches": self._batches, "report": self._report.to_state()}
+                "batches": self._batches, "report": self._report.to_state(), "signature": dict(self._ds.signature)}
 
     def set_state(self, state: dict) -> None:
+        _check_signature(state.get("signature", {}), self._ds.signature)
         self._parent.set_state(state["parent"])
         self._pending.clear()
         self._offset = int(state["offset"])
@@ -192,6 +195,23 @@ class RowBatcherIterator(grain.DatasetIterator):
 
     def __str__(self) -> str:
         return f"RowBatcherIterator({self._ds})"
+
+
+# A state from a pipeline that differs in these cannot be restored (its parent state has another shape or
+# refers to other records); differences in the others are legal but change the stream, so they are logged.
+STRUCTURAL = ("mode", "num_workers", "process_index", "process_count")
+
+
+def _check_signature(saved: dict, current: dict) -> None:
+    diffs = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+             if k in saved and k in current and saved[k] != current[k]}
+    hard = {k: v for k, v in diffs.items() if k in STRUCTURAL}
+    if hard:
+        raise ValueError("cannot restore the data iterator: it was saved by a pipeline with "
+                         + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in hard.items()))
+    if diffs:
+        log.warning("data: restoring an iterator saved with %s; the stream will not continue the saved one exactly",
+                    ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diffs.items()))
 
 
 def _pad_rows(tokens: np.ndarray, length: int, pad_id: int) -> list[np.ndarray]:

@@ -94,7 +94,10 @@ def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *
                                                          per_worker_buffer_size=data.worker_buffer_size))
     ds = RowBatcher(ds, mode=mode, max_length=config.max_length, batch_size=config.batch_size // process_count,
                     pad_id=model_config.eos_token_id, records_per_epoch=records,
-                    empty_files=getattr(source, "empty_files", ()))
+                    empty_files=getattr(source, "empty_files", ()),
+                    signature={"mode": mode, "num_workers": data.num_workers, "process_index": process_index,
+                               "process_count": process_count, "data_path": config.data_path, "records": len(source),
+                               "seed": int(config.seed), "shuffle": bool(data.shuffle)})
     if data.prefetch_buffer_size > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data.prefetch_buffer_size)
     return ds

@@ -180,6 +180,22 @@ def test_orbax_composite_checkpoint_restores_the_stream(tmp_path):
     mngr.close()
 
 
+def test_restoring_into_a_different_pipeline(tmp_path, caplog):
+    path, _ = docs_file(tmp_path, [3, 4, 5, 6])
+    it = make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2), TINY)
+    next(it)
+    state = it.get_state()
+    other = make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2, num_workers=1), TINY)
+    with pytest.raises(ValueError, match=r"saved by a pipeline with num_workers=0 \(now 1\)"):
+        other.set_state(state)
+    other.close()
+    with pytest.raises(ValueError, match=r"process_count=1 \(now 2\)"):
+        make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2), TINY, process_count=2).set_state(state)
+    with caplog.at_level(logging.WARNING):
+        make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2, seed=9), TINY).set_state(state)
+    assert "saved with seed=0 (now 9)" in caplog.text
+
+
 def test_process_slices_partition_the_data(tmp_path):
     n = 10
     path, _ = docs_file(tmp_path, [2 + i % 5 for i in range(n)])  # each document fits one row
