@@ -7,7 +7,7 @@
   -> `JsonlSource`.
 
 `JsonlSource` finds every non-blank line of every file in one streaming pass (newline positions found with
-numpy, 16 MiB at a time), keeps the byte ranges and physical line numbers in an index, and reads record `i`
+numpy, 4 MiB at a time), keeps the byte ranges and physical line numbers in an index, and reads record `i`
 with one positioned read (`os.pread`). The index is cached under `index_cache_dir` keyed by the file's
 absolute path, size and modification time (an edited file is indexed again) and memory-mapped from there, so
 many worker processes share one copy. The source pickles without open files or (when cached) the index
@@ -32,7 +32,7 @@ from llada_jax.data.errors import DataError
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
-_CHUNK = 16 << 20
+_CHUNK = 4 << 20
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
 TFDS_PREFIX = "tfds:"
@@ -109,7 +109,7 @@ def build_line_index(path: str) -> np.ndarray:
                 break
             arr = np.frombuffer(chunk, dtype=np.uint8)
             newlines = np.flatnonzero(arr == 10)
-            content = np.concatenate([[0], np.cumsum(~_WHITESPACE[arr], dtype=np.int64)])
+            content = np.concatenate([[0], np.cumsum(~_WHITESPACE[arr], dtype=np.int32)])
             seg_starts = np.concatenate([[0], newlines + 1])
             seg_ends = np.concatenate([newlines, [len(arr)]])
             has = content[seg_ends] > content[seg_starts]
