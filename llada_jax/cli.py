@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = (
     "llada_jax.cli_model",
     "llada_jax.train.cli",
+    "llada_jax.data.cli",
 )
 
 

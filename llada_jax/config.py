@@ -194,7 +194,11 @@ def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") ->
     c.data.skip_invalid = False  # skip (and count) malformed records instead of stopping
     c.data.shuffle = True
     c.data.num_workers = 0  # Grain worker processes (0: in the training process)
-    c.data.prefetch_buffer_size = 2
+    c.data.prefetch_buffer_size = 2  # batches assembled ahead by a background thread (0: none)
+    c.data.read_threads = 1  # threads parsing records in each reading process (Grain ReadOptions.num_threads)
+    c.data.worker_buffer_size = 64  # parsed records buffered ahead per reading thread pool / worker process
+    c.data.tfds_data_dir = ""  # data_dir of a tfds:NAME[/CONFIG]:SPLIT data path ("": the TFDS default)
+    c.data.index_cache_dir = ""  # JSONL line-index cache ("": ~/.cache/llada_jax/jsonl_index; "off": none)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.b1 = 0.9

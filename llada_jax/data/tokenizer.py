@@ -1,0 +1,239 @@
+"""Tokenizers: `TokenizerHelper` around any local Hugging Face tokenizer, and an offline BPE builder.
+
+`TokenizerHelper(path)` loads a tokenizer directory with `AutoTokenizer` (`local_files_only`: nothing is
+downloaded) and exposes encode/decode, the special ids LLaDA needs (mask, EOS, BOS, `<|start_header_id|>`,
+`<|end_header_id|>`, `<|eot_id|>`) and the chat template. A tokenizer without a chat template gets LLaDA's
+(`LLADA_CHAT_TEMPLATE`): BOS once, then per message
+`<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` (content stripped of surrounding
+whitespace, as in the official GSAI-ML/LLaDA-8B-Instruct template), then
+`<|start_header_id|>assistant<|end_header_id|>\\n\\n` as the generation prompt.
+
+`build_bpe_tokenizer(texts, out_dir, vocab_size=512)` trains a byte-level BPE tokenizer on a corpus and saves
+a normal HF tokenizer directory. The LLaDA special tokens take the top ids, in this order:
+`<|start_header_id|>` V-6, `<|end_header_id|>` V-5, `<|eot_id|>` V-4, `<|startoftext|>` (BOS) V-3,
+`<|endoftext|>` (EOS and pad) V-2, `<|mdm_mask|>` (mask) V-1. With the default V = 512 these are exactly the ids
+of `LLaDAConfig.tiny()` (bos 509, eos/pad 510, mask 511), so the tiny model fits the tiny tokenizer as it is.
+For any other tokenizer, `config_overrides(helper)` gives the LLaDAConfig fields that fit it and
+`check_compatible(helper, model_config)` says what does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+
+MASK_TOKEN = "<|mdm_mask|>"
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+EOT = "<|eot_id|>"
+# Added at the top of the vocabulary, in this order (the last one gets id vocab_size - 1).
+LLADA_SPECIAL_TOKENS = (START_HEADER, END_HEADER, EOT, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN)
+
+LLADA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+class TokenizerHelper:
+    """A local HF tokenizer plus the LLaDA special ids and chat template.
+
+    `mask_token_id` (and the other ids) are looked up by token text when the tokenizer does not declare
+    them (the official LLaDA tokenizer names no mask token; its mask is the added token `<|mdm_mask|>`);
+    pass an id to override. A missing id is None. The helper pickles as its path (worker processes
+    reload it).
+    """
+
+    def __init__(self, name_or_path: str, *, mask_token_id: int | None = None):
+        from transformers import AutoTokenizer
+
+        self.path = name_or_path
+        self._mask_override = mask_token_id
+        if not os.path.isdir(name_or_path):
+            raise FileNotFoundError(
+                f"tokenizer {name_or_path!r}: not a local directory (tokenizers are loaded offline; download "
+                f"it first, e.g. with `huggingface-cli download`, and pass the directory)")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken directory
+            raise ValueError(f"tokenizer {name_or_path!r}: cannot be loaded: {e}") from e
+        tok = self.tokenizer
+        self.mask_token_id = mask_token_id if mask_token_id is not None else (
+            tok.mask_token_id if tok.mask_token_id is not None else self.token_id(MASK_TOKEN))
+        self.eos_token_id = tok.eos_token_id if tok.eos_token_id is not None else self.token_id(EOS_TOKEN)
+        self.bos_token_id = tok.bos_token_id if tok.bos_token_id is not None else self.token_id(BOS_TOKEN)
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_token_id
+        self.start_header_id = self.token_id(START_HEADER)
+        self.end_header_id = self.token_id(END_HEADER)
+        self.eot_id = self.token_id(EOT)
+        self.chat_template = tok.chat_template or LLADA_CHAT_TEMPLATE
+
+    def __getstate__(self):
+        return {"path": self.path, "mask_token_id": self._mask_override}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], mask_token_id=state["mask_token_id"])
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (base vocabulary plus added tokens)."""
+        return len(self.tokenizer)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token given by its text (e.g. '<|eot_id|>'), or None if the vocabulary lacks it."""
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        unk = self.tokenizer.unk_token_id
+        return None if tid is None or (unk is not None and tid == unk and token != self.tokenizer.unk_token) else tid
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. By default no BOS/EOS is added (the chat template and the pipeline add them)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """The chat template applied to `messages` ([{'role', 'content'}, ...]) as text."""
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered chat (the template writes BOS itself; nothing else is added)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+
+    def special_ids(self) -> dict[str, int | None]:
+        return {"mask": self.mask_token_id, "eos": self.eos_token_id, "bos": self.bos_token_id,
+                "pad": self.pad_token_id, "start_header": self.start_header_id,
+                "end_header": self.end_header_id, "eot": self.eot_id}
+
+    def __repr__(self) -> str:
+        return f"TokenizerHelper({self.path!r}, vocab {len(self)}, mask {self.mask_token_id}, eos {self.eos_token_id})"
+
+
+def load_tokenizer(tokenizer: "str | TokenizerHelper | None") -> "TokenizerHelper | None":
+    if tokenizer is None or tokenizer == "":
+        return None
+    return tokenizer if isinstance(tokenizer, TokenizerHelper) else TokenizerHelper(tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model config <-> tokenizer
+# ----------------------------------------------------------------------------------------------------
+
+def config_overrides(helper: TokenizerHelper, *, pad_to_multiple_of: int = 1) -> dict[str, int]:
+    """LLaDAConfig fields that fit `helper`: vocab_size (len(tokenizer) rounded up) and the special ids.
+
+    `LLaDAConfig.tiny(**config_overrides(helper))` builds a model for the tokenizer. The official LLaDA-8B
+    tokenizer has 126,349 ids; with pad_to_multiple_of=128 this gives the model's 126,464.
+    """
+    if helper.mask_token_id is None:
+        raise ValueError(f"{helper.path}: the tokenizer has no mask token ({MASK_TOKEN}); pass mask_token_id")
+    if helper.eos_token_id is None:
+        raise ValueError(f"{helper.path}: the tokenizer has no EOS token")
+    n = len(helper)
+    vocab = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+    out = {"vocab_size": vocab, "mask_token_id": helper.mask_token_id, "eos_token_id": helper.eos_token_id,
+           "pad_token_id": helper.pad_token_id}
+    if helper.bos_token_id is not None:
+        out["bos_token_id"] = helper.bos_token_id
+    return out
+
+
+def check_compatible(helper: TokenizerHelper, model_config) -> None:
+    """Raise ValueError listing every way the tokenizer does not fit the model config (ids, vocabulary)."""
+    problems = []
+    if len(helper) > model_config.padded_vocab_size:
+        problems.append(f"the tokenizer has {len(helper)} ids but the model's vocabulary is "
+                        f"{model_config.padded_vocab_size}")
+    for name in ("mask_token_id", "eos_token_id"):
+        ours, theirs = getattr(helper, name), getattr(model_config, name)
+        if ours != theirs:
+            problems.append(f"{name}: tokenizer {ours}, model {theirs}")
+    if helper.bos_token_id is not None and helper.bos_token_id != model_config.bos_token_id:
+        problems.append(f"bos_token_id: tokenizer {helper.bos_token_id}, model {model_config.bos_token_id}")
+    if problems:
+        raise ValueError(f"tokenizer {helper.path} does not fit the model config: " + "; ".join(problems)
+                         + " (llada_jax.data.tokenizer.config_overrides gives fitting fields)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a small tokenizer offline
+# ----------------------------------------------------------------------------------------------------
+
+def build_bpe_tokenizer(texts: Iterable[str] | None, out_dir: str, *, files: list[str] | None = None,
+                        vocab_size: int = 512, min_frequency: int = 2) -> TokenizerHelper:
+    """Train a byte-level BPE tokenizer on `texts` (and/or text `files`) and save it as an HF directory.
+
+    The vocabulary has exactly `vocab_size` ids: the 256 bytes, learned merges, `<|reserved_token_N|>`
+    fillers when the corpus supports fewer merges, and the LLaDA special tokens at the top (see the module
+    docstring). The chat template is LLaDA's. Written to a temporary directory and renamed into place.
+    Returns the loaded `TokenizerHelper`.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    n_special = len(LLADA_SPECIAL_TOKENS)
+    if vocab_size < 256 + n_special:
+        raise ValueError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least {256 + n_special}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_special, min_frequency=min_frequency,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+                                  show_progress=False)
+    corpus = list(texts or [])
+    for path in files or []:
+        with open(path, encoding="utf-8") as f:
+            corpus.extend(f.read().splitlines())
+    if not corpus:
+        raise ValueError("build_bpe_tokenizer: the corpus is empty")
+    tok.train_from_iterator(corpus, trainer=trainer)
+    filler = vocab_size - n_special - tok.get_vocab_size()
+    if filler:
+        tok.add_special_tokens([AddedToken(f"<|reserved_token_{i}|>", special=True, normalized=False)
+                                for i in range(filler)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLADA_SPECIAL_TOKENS])
+    assert tok.get_vocab_size() == vocab_size and tok.token_to_id(MASK_TOKEN) == vocab_size - 1
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
+                                 pad_token=EOS_TOKEN, mask_token=MASK_TOKEN)
+    hf.chat_template = LLADA_CHAT_TEMPLATE
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-tokenizer-")
+    try:
+        hf.save_pretrained(tmp)
+        _portable_tokenizer_class(tmp)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TokenizerHelper(out_dir)
+
+
+def _portable_tokenizer_class(directory: str) -> None:
+    # transformers 5 writes its internal class name and puts the chat template in chat_template.jinja; older
+    # releases (the package supports >= 4.46) know the class as PreTrainedTokenizerFast (which transformers 5
+    # also loads) and read the template from tokenizer_config.json.
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = LLADA_CHAT_TEMPLATE  # older releases read it here, not from chat_template.jinja
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)

@@ -1,0 +1,28 @@
+"""Shared fixtures of the data tests: a tiny tokenizer built offline (helpers live in datahelpers.py)."""
+
+import pytest
+
+CORPUS = [
+    "The capital of France is Paris.",
+    "What is the capital of France?",
+    "Diffusion language models predict masked tokens in parallel.",
+    "A quick brown fox jumps over the lazy dog.",
+    "Hello world! Hello again, world.",
+    "Large language diffusion models are trained from scratch.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from llada_jax.data.tokenizer import build_bpe_tokenizer
+
+    out = str(tmp_path_factory.mktemp("tok") / "tiny_tokenizer")
+    build_bpe_tokenizer(CORPUS, out, vocab_size=512)
+    return out
+
+
+@pytest.fixture(scope="session")
+def helper(tokenizer_dir):
+    from llada_jax.data.tokenizer import TokenizerHelper
+
+    return TokenizerHelper(tokenizer_dir)
