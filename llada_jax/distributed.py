@@ -102,8 +102,13 @@ def start(args) -> None:
     query), then INFO logs on process 0 only."""
     from absl import logging as absl_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)
+    if not log.handlers:  # the project's own handler: absl owns the root logger's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO)
     initialize_from_args(args)
     import jax
 

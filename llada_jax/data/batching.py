@@ -199,7 +199,7 @@ class RowBatcherIterator(grain.DatasetIterator):
 
 # A state from a pipeline that differs in these cannot be restored (its parent state has another shape or
 # refers to other records); differences in the others are legal but change the stream, so they are logged.
-STRUCTURAL = ("mode", "num_workers", "process_index", "process_count")
+STRUCTURAL = ("mode", "num_workers", "shard", "num_shards")
 
 
 def _check_signature(saved: dict, current: dict) -> None:

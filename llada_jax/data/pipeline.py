@@ -1,13 +1,14 @@
 """The training input pipeline: records -> shuffled, sharded, tokenized, batched numpy, on Grain.
 
     source (JSONL / TFDS)                 random access, every record once per epoch
-      [process_index::process_count]      this process's slice: it reads nothing else
+      [shard::num_shards]                 one shard's records; a process reads only its shards
       .shuffle(seed).repeat()             a new order each epoch (Grain folds the epoch into the seed)
       .map(PretrainFormat | SftFormat)    parse, validate, tokenize (in worker processes when num_workers > 0)
       .to_iter_dataset(read_threads)
       .mp_prefetch(num_workers)           optional worker processes
       RowBatcher                          concat / pad / sft rows, local batches, exact state
       ThreadPrefetch(prefetch_buffer_size)   batches assembled ahead in a background thread
+    ShardedIterator                       this process's shards' rows, concatenated in shard order
 
 `make_train_iterator(config, model_config, process_index=, process_count=)` returns the iterator: each
 `next()` is this process's slice of one global micro-batch as numpy int32 arrays. Its `get_state()` /
@@ -37,20 +38,30 @@ log = logging.getLogger(__name__)
 TASKS = ("pretrain", "sft")
 
 
-def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-    """The Grain dataset behind `make_train_iterator` (see the module docstring)."""
+def num_shards(config: ml_collections.ConfigDict, process_count: int) -> int:
+    """The number of independent row streams: `data.num_shards`, or one per process when it is 0."""
+    shards = int(config.data.num_shards) or process_count
+    if shards <= 0 or shards % process_count:
+        raise ValueError(f"data.num_shards {shards} must be a positive multiple of the process count {process_count}")
+    if config.batch_size <= 0 or config.batch_size % shards:
+        raise ValueError(f"batch_size {config.batch_size} (global) must be a positive multiple of the "
+                         f"{shards} data shards (data.num_shards, or the process count)")
+    return shards
+
+
+def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *, shard: int = 0,
+                 shards: int = 1, source=None) -> grain.IterDataset:
+    """One shard's Grain dataset: records [shard::shards], batches of batch_size / shards rows (see the
+    module docstring). `source` reuses an opened source (every shard of a process reads the same one)."""
     data = config.data
     task = config.task
     if task not in TASKS:
         raise ValueError(f"config.task must be one of {TASKS}, got {task!r}")
-    if not config.data_path:
-        raise ValueError("config.data_path is empty: give JSONL file(s), a glob, a directory or tfds:NAME:SPLIT")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
-    if config.batch_size <= 0 or config.batch_size % process_count:
-        raise ValueError(f"batch_size {config.batch_size} (global) must be a positive multiple of the process "
-                         f"count {process_count}")
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not in [0, {shards})")
+    if config.batch_size <= 0 or config.batch_size % shards:
+        raise ValueError(f"batch_size {config.batch_size} (global) must be a positive multiple of the "
+                         f"{shards} data shards (data.num_shards, or the process count)")
     if data.pretrain_mode not in PRETRAIN_MODES:
         raise ValueError(f"data.pretrain_mode must be one of {PRETRAIN_MODES}, got {data.pretrain_mode!r}")
     if data.too_long not in TOO_LONG_POLICIES:
@@ -62,17 +73,13 @@ def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *
     helper = load_tokenizer(data.tokenizer)
     if helper is not None:
         check_compatible(helper, model_config)
-    cache = {"": "default", "off": None}.get(data.index_cache_dir, data.index_cache_dir)
-    source = open_source(config.data_path, tfds_data_dir=data.tfds_data_dir or None, index_cache_dir=cache,
-                         skip_empty_files=data.skip_invalid)
-    if len(source) < process_count:
-        raise ValueError(f"{config.data_path}: {len(source)} records cannot be split over {process_count} processes")
-    for path in getattr(source, "empty_files", []):
-        log.warning("data: skipped %s (no records)", path)
+    source = source if source is not None else open_data_source(config)
+    if len(source) < shards:
+        raise ValueError(f"{config.data_path}: {len(source)} records cannot be split into {shards} data shards")
 
     ds = grain.MapDataset.source(source)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
+    if shards > 1:
+        ds = ds[shard::shards]
     records = len(ds)
     if data.shuffle:
         ds = ds.shuffle(seed=int(config.seed) % 2**32)
@@ -92,29 +99,89 @@ def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *
         mark_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers,
                                                          per_worker_buffer_size=data.worker_buffer_size))
-    ds = RowBatcher(ds, mode=mode, max_length=config.max_length, batch_size=config.batch_size // process_count,
+    ds = RowBatcher(ds, mode=mode, max_length=config.max_length, batch_size=config.batch_size // shards,
                     pad_id=model_config.eos_token_id, records_per_epoch=records,
                     empty_files=getattr(source, "empty_files", ()),
-                    signature={"mode": mode, "num_workers": data.num_workers, "process_index": process_index,
-                               "process_count": process_count, "data_path": config.data_path, "records": len(source),
+                    signature={"mode": mode, "num_workers": data.num_workers, "shard": shard, "num_shards": shards,
+                               "data_path": config.data_path, "records": len(source),
                                "seed": int(config.seed), "shuffle": bool(data.shuffle)})
     if data.prefetch_buffer_size > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data.prefetch_buffer_size)
     return ds
 
 
+def open_data_source(config: ml_collections.ConfigDict):
+    if not config.data_path:
+        raise ValueError("config.data_path is empty: give JSONL file(s), a glob, a directory or tfds:NAME:SPLIT")
+    data = config.data
+    cache = {"": "default", "off": None}.get(data.index_cache_dir, data.index_cache_dir)
+    source = open_source(config.data_path, tfds_data_dir=data.tfds_data_dir or None, index_cache_dir=cache,
+                         skip_empty_files=data.skip_invalid)
+    for path in getattr(source, "empty_files", []):
+        log.warning("data: skipped %s (no records)", path)
+    return source
+
+
 def make_train_iterator(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+                        process_count: int = 1) -> "ShardedIterator":
     """This process's iterator over local micro-batches: {"input_ids": int32 [B / P, max_length]} and, for
     SFT, "prompt_lengths" and "answer_lengths" int32 [B / P] (B = config.batch_size, P = process_count).
 
-    Save and restore it with `get_state()` / `set_state()` or, inside an Orbax composite,
-    `grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)`. Close it (`it.close()`)
-    when done if it has worker processes.
+    The global micro-batch is the concatenation of `num_shards` independent row streams (shard s reads
+    records s::num_shards and contributes rows [s B/S, (s+1) B/S)); process p runs shards
+    [p S/P, (p+1) S/P), so its rows are rows [p B/P, (p+1) B/P) of the global batch. With a fixed
+    `data.num_shards` the global batches do not depend on how many processes read them.
+
+    Save and restore it with `get_state()` / `set_state()` (a dict of per-shard states, which another
+    process layout over the same shards can restore), or inside an Orbax composite with
+    `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` (per-process files). Close it
+    (`it.close()`) when done if it has worker processes.
     """
-    iterator = iter(make_dataset(config, model_config, process_index=process_index, process_count=process_count))
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+    shards = num_shards(config, process_count)
+    per_process = shards // process_count
+    source = open_data_source(config)
+    mine = range(process_index * per_process, (process_index + 1) * per_process)
+    iterators = {s: iter(make_dataset(config, model_config, shard=s, shards=shards, source=source)) for s in mine}
+    iterator = ShardedIterator(iterators)
     _LIVE_ITERATORS.add(iterator)
     return iterator
+
+
+class ShardedIterator(grain.DatasetIterator):
+    """Concatenates one micro-batch from each of this process's shard iterators, in shard order."""
+
+    def __init__(self, shard_iterators: dict):
+        super().__init__(list(shard_iterators.values()))
+        self._shards = dict(shard_iterators)
+
+    def __next__(self) -> dict:
+        self._assert_not_closed()
+        parts = [next(it) for it in self._shards.values()]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict:
+        return {"shards": {str(s): it.get_state() for s, it in self._shards.items()}}
+
+    def set_state(self, state: dict) -> None:
+        saved = state.get("shards", {})
+        missing = [s for s in self._shards if str(s) not in saved]
+        if missing:
+            raise ValueError(f"cannot restore the data iterator: the saved state has shards {sorted(saved)}, "
+                             f"not this process's shards {missing} (a different data.num_shards?)")
+        for s, it in self._shards.items():
+            it.set_state(saved[str(s)])
+
+    def close(self) -> None:
+        for it in self._shards.values():
+            it.close()
+
+    @property
+    def shard_iterators(self) -> dict:
+        return self._shards
 
 
 # Iterators still open at exit are closed while the interpreter is intact. Grain's ThreadPrefetchDatasetIterator
@@ -170,14 +237,24 @@ def global_batch(local_batch: dict, mesh, spec) -> dict:
 
 def pipeline_stats(iterator: grain.DatasetIterator) -> dict:
     """Records read, batches made and skip events so far (counts and the first locations) of an iterator
-    from `make_train_iterator` (read-ahead by prefetching included)."""
-    todo = [iterator]
+    from `make_train_iterator` (read-ahead by prefetching included), summed over its shards."""
+    found, todo = [], [iterator]
     while todo:
         it = todo.pop()
         if isinstance(it, RowBatcherIterator):
-            return it.stats
-        todo.extend(getattr(it, "_parents", ()))
-    raise ValueError(f"{iterator} is not a make_train_iterator iterator")
+            found.append(it.stats)
+        else:
+            todo.extend(getattr(it, "_parents", ()))
+    if not found:
+        raise ValueError(f"{iterator} is not a make_train_iterator iterator")
+    if len(found) == 1:
+        return found[0]
+    total = {"records": sum(f["records"] for f in found), "batches": found[0]["batches"], "skipped": {},
+             "skip_examples": [e for f in found for e in f["skip_examples"]], "empty_files": found[0]["empty_files"]}
+    for f in found:
+        for reason, n in f["skipped"].items():
+            total["skipped"][reason] = total["skipped"].get(reason, 0) + n
+    return total
 
 
 def mark_absl_flags_parsed() -> None:

@@ -11,6 +11,7 @@ end (asynchronously; a SIGTERM finishes the current step, saves and exits).
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import signal
@@ -172,11 +173,6 @@ def train(config) -> dict:
     def finish(step_done, metrics, step_seconds):
         nonlocal last
         m = {k: np.asarray(v).item() for k, v in metrics.items()}
-        if m["nonfinite_streak"] >= config.max_consecutive_nonfinite:
-            raise TrainingStopped(
-                f"stopping at step {step_done}: {m['nonfinite_streak']} consecutive steps had a non-finite loss or "
-                f"gradient (max_consecutive_nonfinite={config.max_consecutive_nonfinite}); the last checkpoint "
-                f"holds the last finite parameters")
         if m["update_skipped"]:
             log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step_done,
                         m["nonfinite_streak"])
@@ -191,6 +187,11 @@ def train(config) -> dict:
             logger.log(step_done, row)
             last = {"step": step_done, **row}
             progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}")
+        if m["nonfinite_streak"] >= config.max_consecutive_nonfinite:
+            raise TrainingStopped(
+                f"stopping at step {step_done}: {m['nonfinite_streak']} consecutive steps had a non-finite loss or "
+                f"gradient (max_consecutive_nonfinite={config.max_consecutive_nonfinite}); the last checkpoint "
+                f"holds the last finite parameters")
 
     try:
         for step in range(start + 1, max_steps + 1):
@@ -233,9 +234,24 @@ def _state_json(state) -> dict:
             "nonfinite_total": int(state.nonfinite_total)}
 
 
-def _save(manager, step, state, trainer, data, config) -> None:
-    import grain
+def _data_state(data) -> dict:
+    """Every process's data-iterator state merged into one dict of per-shard states (process-count free)."""
+    local = data.get_state()
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
 
+    blob = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.array([blob.size]))))
+    padded = np.zeros(longest, np.uint8)
+    padded[: blob.size] = blob
+    merged = {"shards": {}}
+    for row in np.asarray(multihost_utils.process_allgather(padded)):
+        merged["shards"].update(json.loads(bytes(row).rstrip(b"\0").decode())["shards"])
+    return merged
+
+
+def _save(manager, step, state, trainer, data, config) -> None:
     if not params_all_finite(state.params):
         log.error("step %d: parameters are not finite; checkpoint NOT written", step)
         return
@@ -245,12 +261,11 @@ def _save(manager, step, state, trainer, data, config) -> None:
         train_state=ocp.args.JsonSave({**_state_json(state), "seed": int(config.seed)}),
         model_config=ocp.args.JsonSave(trainer.model_config.to_dict()),
         config=ocp.args.JsonSave(config.to_dict()),
-        data=grain.checkpoint.CheckpointSave(data),
+        data=ocp.args.JsonSave(_data_state(data)),
     ), force=True)
 
 
 def _restore(manager, step, trainer, data):
-    import grain
     import jax.numpy as jnp
 
     from llada_jax.train.step import TrainState
@@ -260,8 +275,9 @@ def _restore(manager, step, trainer, data):
         params=ocp.args.StandardRestore(abstract.params),
         opt_state=ocp.args.StandardRestore(abstract.opt_state),
         train_state=ocp.args.JsonRestore(),
-        data=grain.checkpoint.CheckpointRestore(data),
+        data=ocp.args.JsonRestore(),
     ))
+    data.set_state(restored.data)
     meta = restored.train_state
     if meta["step"] != step:
         raise RuntimeError(f"checkpoint {step} holds train_state.step {meta['step']}")

@@ -143,10 +143,11 @@ def test_exact_resume_mid_epoch_and_mid_record(tmp_path, tokenizer_dir, task, pr
     it = make_train_iterator(c, TINY)
     for _ in range(3):
         next(it)
-    while it.get_state()["offset"] == 0:  # stop inside a record (a document, or a dialogue's examples)
+    while it.get_state()["shards"]["0"]["offset"] == 0:  # stop inside a record (a document, or a dialogue's examples)
         next(it)
     state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-    assert state["offset"] > 0 and state["records"] < 30  # mid-record, mid-epoch
+    shard = state["shards"]["0"]
+    assert shard["offset"] > 0 and shard["records"] < 30  # mid-record, mid-epoch
     rest = [next(it) for _ in range(12)]
     fresh = make_train_iterator(c, TINY)
     fresh.set_state(state)
@@ -189,7 +190,7 @@ def test_restoring_into_a_different_pipeline(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"saved by a pipeline with num_workers=0 \(now 1\)"):
         other.set_state(state)
     other.close()
-    with pytest.raises(ValueError, match=r"process_count=1 \(now 2\)"):
+    with pytest.raises(ValueError, match=r"num_shards=1 \(now 2\)"):
         make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2), TINY, process_count=2).set_state(state)
     with caplog.at_level(logging.WARNING):
         make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2, seed=9), TINY).set_state(state)
@@ -209,8 +210,33 @@ def test_process_slices_partition_the_data(tmp_path):
         assert int(rows[5][0]) in seen[-1]  # the next epoch stays inside the process's slice
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(1, n + 1))
-    with pytest.raises(ValueError, match="batch_size 5 .* multiple of the process count 2"):
+    with pytest.raises(ValueError, match="batch_size 5 .* multiple of the 2 data shards"):
         make_train_iterator(tiny_train_config(path, tmp_path, batch_size=5), TINY, process_count=2)
+
+
+@pytest.mark.parametrize("mode", ["concat", "pad"])
+def test_fixed_shards_make_global_batches_independent_of_the_process_count(tmp_path, mode):
+    path, _ = docs_file(tmp_path, [3 + (5 * i) % 29 for i in range(40)])
+    c = tiny_train_config(path, tmp_path, pretrain_mode=mode, batch_size=4, seed=4, num_shards=2)
+    one = make_train_iterator(c, TINY)
+    two = [make_train_iterator(c, TINY, process_index=i, process_count=2) for i in range(2)]
+    for _ in range(12):
+        expected = next(one)["input_ids"]
+        local = [next(it)["input_ids"] for it in two]
+        assert local[0].shape == (2, 16)
+        np.testing.assert_array_equal(np.concatenate(local), expected)
+    # the states of two processes together restore one process reading both shards, and vice versa
+    merged = {"shards": {**two[0].get_state()["shards"], **two[1].get_state()["shards"]}}
+    again = make_train_iterator(c, TINY)
+    again.set_state(json.loads(json.dumps(merged)))
+    split = make_train_iterator(c, TINY, process_index=1, process_count=2)
+    split.set_state(one.get_state())
+    for _ in range(5):
+        expected = next(one)["input_ids"]
+        np.testing.assert_array_equal(next(again)["input_ids"], expected)
+        np.testing.assert_array_equal(next(split)["input_ids"], expected[2:])
+    with pytest.raises(ValueError, match="data.num_shards 3 must be a positive multiple of the process count 2"):
+        make_train_iterator(tiny_train_config(path, tmp_path, num_shards=3), TINY, process_count=2)
 
 
 def test_worker_processes_give_the_same_stream_and_resume(tmp_path):
@@ -264,7 +290,7 @@ def test_skip_invalid_skips_counts_and_reports(tmp_path, caplog):
     state = it.get_state()
     fresh = make_train_iterator(c, TINY)
     fresh.set_state(state)
-    assert pipeline_stats(fresh)["skipped"]["invalid"] == state["report"]["counts"]["invalid"]
+    assert pipeline_stats(fresh)["skipped"]["invalid"] == state["shards"]["0"]["report"]["counts"]["invalid"]
 
 
 def test_sft_too_long_policies_are_counted(tmp_path):
@@ -308,7 +334,7 @@ def test_configuration_errors(tmp_path, tokenizer_dir):
     c = tiny_train_config(path, tmp_path, tokenizer=tokenizer_dir)
     with pytest.raises(ValueError, match="does not fit the model config: mask_token_id: tokenizer 511, model 126336"):
         make_train_iterator(c, LLaDAConfig.llada_8b(max_sequence_length=512))
-    with pytest.raises(ValueError, match="2 records cannot be split over 3 processes"):
+    with pytest.raises(ValueError, match="2 records cannot be split into 3 data shards"):
         make_train_iterator(tiny_train_config(write_jsonl(tmp_path / "two.jsonl", [{"input_ids": [1]}] * 2), tmp_path,
                                               batch_size=3), TINY, process_index=0, process_count=3)
 
