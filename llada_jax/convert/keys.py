@@ -110,3 +110,18 @@ def hf_state_dict(model) -> dict[str, np.ndarray]:
         hf_key(name, layer): np.asarray(to_hf_layout(name, np.asarray(value), layer is not None))
         for name, layer, value in iter_jax_params(model)
     }
+
+
+def leaf_tensors(path: tuple, n_layers: int) -> list[tuple[str, str, int | None, int | None]]:
+    """The HF tensors held by one leaf of a parameter tree (pure dict, scanned or unrolled layout).
+
+    Returns (hf key, parameter name, layer or None, index into the leaf's leading "layers" axis or None).
+    """
+    if len(path) == 1 and path[0] in TOP_PARAMS:
+        return [(hf_key(path[0]), path[0], None, None)]
+    if len(path) == 2 and path[0] == "blocks" and path[1] in BLOCK_PARAMS:
+        return [(hf_key(path[1], i), path[1], i, i) for i in range(n_layers)]
+    if len(path) == 3 and path[0] == "blocks" and str(path[1]).isdigit() and path[2] in BLOCK_PARAMS:
+        layer = int(path[1])
+        return [(hf_key(path[2], layer), path[2], layer, None)]
+    raise KeyError(f"parameter {'.'.join(map(str, path))} has no Hugging Face counterpart")
