@@ -48,8 +48,13 @@ def load_pretrained(path: str, dtype: str | None = None, **overrides):
         from llada_jax.convert.hf_import import load_hf_model
 
         return load_hf_model(path, dtype, **overrides)
-    from llada_jax.train.checkpoint import load_model
+    from llada_jax.train.checkpoint import CHECKPOINTS, CheckpointNotFoundError, load_model
 
+    if not (os.path.isdir(os.path.join(path, CHECKPOINTS)) or os.path.basename(os.path.abspath(path)) == CHECKPOINTS
+            or os.path.isdir(os.path.join(path, "params"))):
+        raise CheckpointNotFoundError(
+            f"{path}: neither a Hugging Face model directory (no config.json) nor an Orbax checkpoint "
+            f"(no '{CHECKPOINTS}' directory)")
     return load_model(path, dtype=dtype, **overrides)
 
 
