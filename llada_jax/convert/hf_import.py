@@ -113,7 +113,8 @@ def iter_param_leaves(ck: HFCheckpoint, *, scan_layers: bool | None = None) -> I
         return keys.from_hf_layout(name, t, config, layer is not None)
 
     def top(name):
-        return np.ascontiguousarray(tensor(name, None), dtype=np_dtype)
+        # The output head stays a transposed view of the tensor read (no copy when the dtype is kept).
+        return np.asarray(tensor(name, None), dtype=np_dtype)
 
     yield ("wte",), top("wte")
     if scan:

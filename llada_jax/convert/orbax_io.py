@@ -8,8 +8,6 @@ imported from, so that exporting it again writes the same file. Reads restore on
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 from typing import Any, Iterator
 
@@ -23,41 +21,33 @@ from llada_jax.train import checkpoint as ckpt
 HF_CONFIG_ITEM = "hf_config"
 
 
-@contextlib.contextmanager
-def numpy_saves_without_copies():
-    """Let Orbax write host numpy arrays in place instead of deep-copying each one first.
+def save_params(run_dir: str, params: dict, config: LLaDAConfig, *, step: int = 0,
+                hf_config: dict | None = None) -> None:
+    """Write a pure-dict pytree of host numpy parameters (in `config`'s layout) as a model checkpoint.
 
-    The default numpy handler copies every array before its asynchronous write (a guard against the caller
-    mutating it), which doubles peak memory for a model held as numpy arrays. Conversion saves synchronously
-    and never touches the arrays while they are written.
+    Two Orbax defaults would double peak memory, so the `params` item is written by a PyTree handler that
+    (1) writes the numpy arrays in place (the default numpy handler deep-copies every array before its
+    asynchronous write, a guard against the caller mutating it; this save is synchronous), and (2) stores
+    the arrays uncompressed (with compression, the OCDBT writer holds the compressed chunks of every array
+    until the save completes). `load_model` restores the item like any other checkpoint.
     """
     from orbax.checkpoint import type_handlers
 
-    previous = type_handlers.get_type_handler(np.ndarray)
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # silence "overriding np.ndarray" warnings
-    try:
-        type_handlers.register_type_handler(
-            np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False), override=True)
-        yield
-    finally:
-        type_handlers.register_type_handler(np.ndarray, previous, override=True)
-        absl_logger.setLevel(level)
-
-
-def save_params(run_dir: str, params: dict, config: LLaDAConfig, *, step: int = 0,
-                hf_config: dict | None = None) -> None:
-    """Write a pure-dict pytree of numpy parameters (in `config`'s layout) as a model checkpoint."""
-    items: dict[str, Any] = dict(
-        params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(config.to_dict()))
+    registry = type_handlers.create_type_handler_registry(
+        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    handlers = {"params": ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry),
+                "model_config": ocp.JsonCheckpointHandler()}
+    items: dict[str, Any] = dict(params=ocp.args.PyTreeSave(params),
+                                 model_config=ocp.args.JsonSave(config.to_dict()))
     if hf_config is not None:
+        handlers[HF_CONFIG_ITEM] = ocp.JsonCheckpointHandler()
         items[HF_CONFIG_ITEM] = ocp.args.JsonSave(hf_config)
-    with numpy_saves_without_copies():
-        manager = ckpt.checkpoint_manager(run_dir)
-        manager.save(step, args=ocp.args.Composite(**items), force=True)
-        manager.wait_until_finished()
-        manager.close()
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, ckpt.CHECKPOINTS)), options=options,
+                                    item_handlers=handlers)
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    manager.wait_until_finished()
+    manager.close()
 
 
 class ParamReader:
