@@ -49,6 +49,24 @@ OFFICIAL_MODEL_CONFIG_FIELDS = (
     "pad_token_id", "mask_token_id", "init_device", "init_fn", "init_std", "init_cutoff_factor", "precision",
 )
 
+# config.json of GSAI-ML/LLaDA-8B-Base as published.
+LLADA_8B_CONFIG = {
+    "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
+    "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
+                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": 4096,
+    "embedding_dropout": 0.0, "embedding_size": 126464, "eos_token_id": 126081, "flash_attention": False,
+    "include_bias": False, "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta",
+    "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
+    "layer_norm_with_affine": True, "mask_token_id": 126336, "max_sequence_length": 4096, "mlp_hidden_size": 12288,
+    "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None, "n_heads": 32, "n_kv_heads": 32,
+    "n_layers": 32, "pad_token_id": 126081, "precision": "amp_bf16", "residual_dropout": 0.0, "rms_norm_eps": 1e-05,
+    "rope": True, "rope_full_precision": True, "rope_theta": 500000.0, "scale_logits": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.46.3", "use_cache": False, "vocab_size": 126464,
+    "weight_tying": False,
+}
+
 KINDS = {
     # grouped-query attention, untied output head, sharded files
     "gqa": dict(config=dict(n_kv_heads=2), shard="100KB"),
@@ -228,6 +246,27 @@ def test_fresh_pytorch_model_uses_the_official_initialisation(exports):
     assert torch.all(fresh.model.transformer.ln_f.weight == 1)
 
 
+def test_the_official_8b_config_maps_both_ways():
+    from llada_jax.convert.hf_config import from_hf_config
+    from llada_jax.model import count_params
+
+    config = from_hf_config(LLADA_8B_CONFIG)
+    assert config == LLaDAConfig.llada_8b()
+    assert count_params(config) == 8_015_581_184
+    exported = to_hf_config(config, "bfloat16")
+    assert {k: exported[k] for k in LLADA_8B_CONFIG if k != "transformers_version"} == {
+        k: v for k, v in LLADA_8B_CONFIG.items() if k != "transformers_version"}
+    assert exported["bos_token_id"] == 126080 and exported["tie_word_embeddings"] is False
+    assert to_hf_config(config, "bfloat16", base=LLADA_8B_CONFIG) == LLADA_8B_CONFIG
+    assert to_hf_config(config, "float32", base=LLADA_8B_CONFIG)["torch_dtype"] == "float32"
+    # absent fields mean what they mean to the official code
+    sparse = {k: LLADA_8B_CONFIG[k] for k in ("model_type", "d_model", "n_layers", "n_heads", "vocab_size")}
+    with pytest.raises(HFConfigError, match="embedding_size: 50304 is smaller than vocab_size 126464"):
+        from_hf_config(sparse)
+    with pytest.raises(HFConfigError, match=r"rope=False is not supported"):
+        from_hf_config(dict(LLADA_8B_CONFIG, rope=False))
+
+
 # --- import, round trips, load_pretrained -------------------------------------------------------------------
 
 
@@ -274,7 +313,7 @@ def test_load_pretrained_accepts_both_kinds(exports, tmp_path):
         "model.transformer.blocks.1.k_proj.weight"], hf_state_dict(model)["model.transformer.blocks.1.k_proj.weight"])
 
 
-def test_load_pretrained_shards_over_a_mesh(exports):
+def test_load_pretrained_shards_over_a_mesh(exports, tmp_path):
     model, path = exports["gqa"]
     mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     loaded = load_pretrained(path, mesh=mesh)
@@ -282,6 +321,11 @@ def test_load_pretrained_shards_over_a_mesh(exports):
     assert any(axis is not None for axis in spec), spec
     np.testing.assert_allclose(np.asarray(loaded(jnp.asarray(IDS))), np.asarray(model(jnp.asarray(IDS))),
                                rtol=1e-5, atol=1e-5)
+    # a sharded model exports the same tensors
+    back = str(tmp_path / "back")
+    loaded.save_pretrained(back)
+    for k, v in read_all(path).items():
+        np.testing.assert_array_equal(TensorReader(back).read(k), v)
 
 
 def test_tokenizer_files_travel_both_ways(tmp_path):

@@ -2,8 +2,10 @@
 
 The official configuration class fills every field missing from config.json with OLMo/GPT-2 defaults
 (rope off, tied weights, a sequential block, 50304 embeddings, dropouts 0.1), so an export writes every field
-the official code reads, with the values of GSAI-ML/LLaDA-8B-Base. An import checks the fields that select
-a different architecture than the one implemented here and refuses them by name.
+the official code reads, with the values of GSAI-ML/LLaDA-8B-Base (dropouts 0.0). An import checks the fields
+that select a different architecture than the one implemented here and refuses them by name; fields that do
+not change the network (dropouts, init_*, precision, flash_attention, ...) are ignored, and the whole
+config.json is kept with the Orbax checkpoint so that an export writes it back unchanged.
 """
 
 from __future__ import annotations
@@ -103,10 +105,14 @@ def to_hf_config(config: LLaDAConfig, torch_dtype: str, base: dict | None = None
             out["transformers_version"] = version
     else:
         out = dict(base)
+        # The export ships this project's modeling code, and the JAX model has no dropout.
+        out.update({k: FIXED_FIELDS[k] for k in ("model_type", "architectures", "auto_map")})
+        out.update({k: 0.0 for k in ("attention_dropout", "residual_dropout", "embedding_dropout")})
+    implied = from_hf_config(base) if base is not None else None
     for name in SHAPE_FIELDS:
         value = getattr(config, name)
-        if name == "bos_token_id" and value is None and name not in out:
-            continue
+        if name not in out and (value is None if implied is None else getattr(implied, name) == value):
+            continue  # absent from the base and still meaning the same (e.g. no bos_token_id)
         if not (name in out and _same(out[name], value)):  # keep the base's spelling (500000 vs 500000.0)
             out[name] = value
     if "tie_word_embeddings" in out:
@@ -135,19 +141,19 @@ def from_hf_config(d: dict[str, Any], *, source: str = CONFIG_FILE, **overrides)
     mlp_hidden_size = d.get("mlp_hidden_size")
     if mlp_hidden_size is None:
         mlp_hidden_size = int(d.get("mlp_ratio", 4)) * d["d_model"]
-    padded = d.get("embedding_size") or d["vocab_size"]
+    # Absent fields mean what they mean to the official code (its defaults), except the token ids below.
+    embedding_size = d.get("embedding_size", 50304)
+    padded = embedding_size or d["vocab_size"]
     defaults = LLaDAConfig()
     fields: dict[str, Any] = dict(
         d_model=d["d_model"], n_layers=d["n_layers"], n_heads=d["n_heads"], n_kv_heads=n_kv_heads,
-        mlp_hidden_size=mlp_hidden_size, vocab_size=d["vocab_size"], embedding_size=d.get("embedding_size"),
-        max_sequence_length=d.get("max_sequence_length", defaults.max_sequence_length),
-        rope_theta=float(d.get("rope_theta", 10000.0)),  # the official default when the field is absent
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-        weight_tying=bool(d.get("weight_tying", True)),  # the official default
+        mlp_hidden_size=mlp_hidden_size, vocab_size=d["vocab_size"], embedding_size=embedding_size,
+        max_sequence_length=d.get("max_sequence_length", 1024), rope_theta=float(d.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)), weight_tying=bool(d.get("weight_tying", True)),
     )
     for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
-        # Absent ids take this project's LLaDA defaults when they fit the vocabulary (the official config
-        # has no bos_token_id); explicit nulls stay null.
+        # Absent ids take this project's LLaDA defaults when they fit the vocabulary, not the official GPT-2
+        # ones (50256); the official config has no bos_token_id. Explicit nulls stay null.
         if name in d:
             fields[name] = d[name]
         else:
