@@ -111,7 +111,9 @@ def to_hf_config(config: LLaDAConfig, torch_dtype: str, base: dict | None = None
     implied = from_hf_config(base) if base is not None else None
     for name in SHAPE_FIELDS:
         value = getattr(config, name)
-        if name not in out and (value is None if implied is None else getattr(implied, name) == value):
+        if implied is None and name == "bos_token_id" and value is None:
+            continue  # not an official field
+        if implied is not None and name not in out and getattr(implied, name) == value:
             continue  # absent from the base and still meaning the same (e.g. no bos_token_id)
         if not (name in out and _same(out[name], value)):  # keep the base's spelling (500000 vs 500000.0)
             out[name] = value
