@@ -65,23 +65,23 @@ SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size
                 "max_sequence_length", "rope_theta", "rms_norm_eps", "weight_tying",
                 "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
 
-# Official fields whose value changes the network; anything but these values is refused on import.
-# (field, accepted values, what the value would select)
+# Official fields whose value changes the network: (field, the official default when absent, accepted
+# values, what this project implements). Anything else is refused on import.
 _REQUIRED_VALUES = (
-    ("block_type", ("llama",), "the LLaMA block with separate q/k/v and a SwiGLU MLP"),
-    ("activation_type", ("silu",), "SiLU gating in the MLP"),
-    ("layer_norm_type", ("rms",), "RMSNorm"),
-    ("rope", (True,), "rotary position embeddings"),
-    ("alibi", (False, None), "no ALiBi"),
-    ("include_bias", (False, None), "no biases"),
-    ("include_qkv_bias", (False, None), "no q/k/v biases"),
-    ("bias_for_layer_norm", (False, None), "no norm biases"),
-    ("layer_norm_with_affine", (True, None), "norms with a weight"),
-    ("attention_layer_norm", (False, None), "no q/k norms"),
-    ("input_emb_norm", (False, None), "no embedding scaling"),
-    ("scale_logits", (False, None), "unscaled logits"),
-    ("block_group_size", (1, None), "blocks stored as transformer.blocks.{i}"),
-    ("clip_qkv", (None,), "no q/k/v clipping"),
+    ("block_type", "sequential", ("llama",), "the LLaMA block with separate q/k/v and a SwiGLU MLP"),
+    ("activation_type", "swiglu", ("silu",), "SiLU gating in the MLP"),
+    ("layer_norm_type", "default", ("rms",), "RMSNorm"),
+    ("rope", False, (True,), "rotary position embeddings"),
+    ("alibi", False, (False,), "no ALiBi"),
+    ("include_bias", False, (False,), "no biases"),
+    ("include_qkv_bias", False, (False, None), "no q/k/v biases"),
+    ("bias_for_layer_norm", None, (False, None), "no norm biases"),
+    ("layer_norm_with_affine", True, (True,), "norms with a weight"),
+    ("attention_layer_norm", False, (False,), "no q/k norms"),
+    ("input_emb_norm", False, (False,), "no embedding scaling"),
+    ("scale_logits", False, (False,), "unscaled logits"),
+    ("block_group_size", 1, (1,), "blocks stored as transformer.blocks.{i}"),
+    ("clip_qkv", None, (None,), "no q/k/v clipping"),
 )
 
 
@@ -130,10 +130,13 @@ def from_hf_config(d: dict[str, Any], *, source: str = CONFIG_FILE, **overrides)
     model_type = d.get("model_type")
     if model_type != MODEL_TYPE:
         raise HFConfigError(f"{source}: model_type is {model_type!r}; only {MODEL_TYPE!r} (LLaDA) is supported")
-    for field, accepted, meaning in _REQUIRED_VALUES:
-        if field in d and d[field] not in accepted:
-            raise HFConfigError(f"{source}: {field}={d[field]!r} is not supported (this project implements "
-                                f"{meaning}: {field} must be {' or '.join(json.dumps(a) for a in accepted)})")
+    for field, default, accepted, meaning in _REQUIRED_VALUES:
+        value = d.get(field, default)
+        if not any(value is a or (type(value) is type(a) and value == a) for a in accepted):
+            given = (f"{field}={value!r}" if field in d
+                     else f"{field} is absent, which the official code reads as {default!r}, and")
+            raise HFConfigError(f"{source}: {given} is not supported (this project implements {meaning}: "
+                                f"{field} must be {' or '.join(json.dumps(a) for a in accepted)})")
     for field in ("d_model", "n_layers", "n_heads", "vocab_size"):
         if not isinstance(d.get(field), int) or isinstance(d.get(field), bool):
             raise HFConfigError(f"{source}: needs an integer {field!r}, got {d.get(field)!r}")

@@ -1,12 +1,12 @@
 """LLaDA configuration for transformers (`trust_remote_code=True`), written for llada-jax exports.
 
 Reads the official LLaDA config.json (OLMo-style field names: d_model, n_layers, n_heads, n_kv_heads,
-mlp_hidden_size, ...). Defaults are the values of GSAI-ML/LLaDA-8B-Base, not the OLMo/GPT-2 defaults of the
-official configuration class, so a config.json that omits a field still describes a LLaDA model. The usual
-transformers names (hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
-intermediate_size, max_position_embeddings) are aliases of the official ones. Fields this implementation
-does not use (dropouts, init_*, precision, flash_attention, ...) are kept as given, so a config.json
-read and saved again keeps them.
+mlp_hidden_size, ...) and gives every field the meaning the official configuration gives it, including the
+official defaults for absent fields (an OLMo/GPT-2 model: sequential block, no rope, 50304 embeddings), so a
+config.json describes the same network to the official code, to this code and to llada-jax. Exports write
+every field. The usual transformers names (hidden_size, num_hidden_layers, num_attention_heads,
+num_key_value_heads, intermediate_size, max_position_embeddings) are aliases of the official ones. Fields
+this implementation does not use (dropouts, init_*, precision, flash_attention, ...) are kept as given.
 """
 
 from transformers import PretrainedConfig
@@ -26,25 +26,25 @@ class LLaDAConfig(PretrainedConfig):
 
     def __init__(
         self,
-        d_model=4096,
-        n_layers=32,
-        n_heads=32,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
         n_kv_heads=None,
-        mlp_hidden_size=12288,
+        mlp_hidden_size=None,
         mlp_ratio=4,
-        vocab_size=126464,
-        embedding_size=126464,
-        max_sequence_length=4096,
-        rope_theta=500000.0,
+        vocab_size=50257,
+        embedding_size=50304,
+        max_sequence_length=1024,
+        rope_theta=10000.0,
         rms_norm_eps=1e-5,
-        weight_tying=False,
-        mask_token_id=126336,
-        eos_token_id=126081,
-        pad_token_id=126081,
-        block_type="llama",
-        activation_type="silu",
-        layer_norm_type="rms",
-        rope=True,
+        weight_tying=True,
+        mask_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=50256,
+        block_type="sequential",
+        activation_type="swiglu",
+        layer_norm_type="default",
+        rope=False,
         alibi=False,
         include_bias=False,
         include_qkv_bias=False,
