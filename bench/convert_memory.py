@@ -72,12 +72,12 @@ def write_random_hf(path: str, config, dtype: str) -> None:
 
     from llada_jax.convert import keys
     from llada_jax.convert.hf_config import to_hf_config
-    from llada_jax.convert.hf_import import _hf_entries
     from llada_jax.convert.layout import copy_modeling_files
     from llada_jax.convert.safetensors_io import ShardedWriter, dtype_name
 
     np_dtype = np.dtype(jnp.dtype(dtype))
-    entries = [(key, name, keys.hf_shape(name, config, layer is not None)) for key, name, layer in _hf_entries(config)]
+    entries = [(key, name, keys.hf_shape(name, config, layer is not None))
+               for key, name, layer in keys.hf_entries(config)]
     os.makedirs(path)
     writer = ShardedWriter(path, [(k, dtype_name(np_dtype), s) for k, _, s in entries], max_shard_size="1GB")
     rng = np.random.default_rng(0)

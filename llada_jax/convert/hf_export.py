@@ -19,7 +19,6 @@ import numpy as np
 from llada_jax.config import LLaDAConfig
 from llada_jax.convert import keys
 from llada_jax.convert.hf_config import CONFIG_FILE, TORCH_DTYPES, to_hf_config
-from llada_jax.convert.hf_import import _hf_entries
 from llada_jax.convert.layout import atomic_output_dir, copy_modeling_files, copy_tokenizer_files
 from llada_jax.convert.safetensors_io import ShardedWriter, dtype_name, parse_size
 
@@ -45,7 +44,7 @@ def write_weights(directory: str | None, config: LLaDAConfig, leaves: Iterable[t
     writer = None
     if directory is not None:
         entries = [(key, dtype_name(np_dtype), keys.hf_shape(name, config, layer is not None))
-                   for key, name, layer in _hf_entries(config)]
+                   for key, name, layer in keys.hf_entries(config)]
         writer = ShardedWriter(directory, entries, max_shard_size=max_shard_size)
     try:
         for path, load in leaves:

@@ -60,7 +60,7 @@ def open_hf_dir(path: str, *, dtype: str | None = None, param_dtype: str | None 
 
 def check_weights(reader: TensorReader, config: LLaDAConfig, directory: str) -> None:
     expected = {}
-    for key, name, layer in _hf_entries(config):
+    for key, name, layer in keys.hf_entries(config):
         expected[key] = keys.hf_shape(name, config, layer is not None)
     missing = [k for k in expected if k not in reader]
     unexpected = sorted(k for k in reader.tensors if k not in expected)
@@ -81,16 +81,6 @@ def check_weights(reader: TensorReader, config: LLaDAConfig, directory: str) -> 
         if info.dtype not in FLOAT_DTYPES:
             raise WeightsError(f"{info.path}: {key} has dtype {info.dtype}; expected one of "
                                f"{sorted(FLOAT_DTYPES)}")
-
-
-def _hf_entries(config: LLaDAConfig) -> list[tuple[str, str, int | None]]:
-    """(HF key, parameter name, layer or None) in the official key order."""
-    out = [(keys.hf_key("wte"), "wte", None)]
-    out += [(keys.hf_key(name, i), name, i) for i in range(config.n_layers) for name in keys.BLOCK_PARAMS]
-    out.append((keys.hf_key("ln_f"), "ln_f", None))
-    if not config.weight_tying:
-        out.append((keys.hf_key("ff_out"), "ff_out", None))
-    return out
 
 
 def _short(items, n: int = 5) -> str:

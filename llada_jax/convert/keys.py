@@ -34,14 +34,18 @@ def hf_key(name: str, layer: int | None = None) -> str:
     return f"{HF_PREFIX}blocks.{layer}.{name}.weight"
 
 
-def expected_hf_keys(config: LLaDAConfig) -> list[str]:
-    keys = [hf_key("wte")]
-    for i in range(config.n_layers):
-        keys += [hf_key(name, i) for name in BLOCK_PARAMS]
-    keys.append(hf_key("ln_f"))
+def hf_entries(config: LLaDAConfig) -> list[tuple[str, str, int | None]]:
+    """(HF key, parameter name, layer or None) of every tensor, in the official key order."""
+    out = [(hf_key("wte"), "wte", None)]
+    out += [(hf_key(name, i), name, i) for i in range(config.n_layers) for name in BLOCK_PARAMS]
+    out.append((hf_key("ln_f"), "ln_f", None))
     if not config.weight_tying:
-        keys.append(hf_key("ff_out"))
-    return keys
+        out.append((hf_key("ff_out"), "ff_out", None))
+    return out
+
+
+def expected_hf_keys(config: LLaDAConfig) -> list[str]:
+    return [key for key, _, _ in hf_entries(config)]
 
 
 def jax_shape(name: str, config: LLaDAConfig, in_block: bool) -> tuple[int, ...]:

@@ -1,9 +1,9 @@
 """Orbax checkpoints read and written one parameter at a time (host numpy arrays, no device copies).
 
-Writes produce exactly the layout of `llada_jax.train.checkpoint.save_model` (`<run>/checkpoints/<step>/`
-with the items `params` and `model_config`), plus an optional `hf_config` item: the config.json a model was
-imported from, so that exporting it again writes the same file. Reads restore one parameter (a stacked
-[layers, ...] array in the scanned layout) at a time with Orbax's partial restore.
+Writes produce the layout of `llada_jax.train.checkpoint.save_model` (`<run>/checkpoints/<step>/` with the
+items `params` and `model_config`, read back by `load_model`), plus an optional `hf_config` item: the
+config.json a model was imported from, so that exporting it again writes the same file. Reads restore one
+parameter (a stacked [layers, ...] array in the scanned layout) at a time with Orbax's partial restore.
 """
 
 from __future__ import annotations
