@@ -33,7 +33,9 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from .configuration_llada import LLaDAConfig
 
+
 def _sdpa_supports_gqa() -> bool:
+    """Whether scaled_dot_product_attention takes `enable_gqa` (torch >= 2.5); else kv heads are repeated."""
     try:
         q = torch.zeros(1, 2, 1, 2)
         k = torch.zeros(1, 1, 1, 2)
