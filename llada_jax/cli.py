@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "llada_jax.cli_model",
     "llada_jax.train.cli",
     "llada_jax.data.cli",
+    "llada_jax.convert.cli",
 )
 
 

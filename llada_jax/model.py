@@ -200,6 +200,23 @@ class LLaDAForMaskedLM(nnx.Module):
         x = self.hidden_states(input_ids, attention_mask)
         return self.logits(x)
 
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str | None = None, **overrides) -> "LLaDAForMaskedLM":
+        """Load an Orbax checkpoint or a Hugging Face directory (auto-detected); see
+        `llada_jax.convert.load_pretrained` for the keyword arguments (param_dtype, mesh, scan_layers, ...)."""
+        from llada_jax.convert import load_pretrained
+
+        return load_pretrained(path, dtype, **overrides)
+
+    def save_pretrained(self, path: str, *, dtype: str | None = None, max_shard_size: int | str = "5GB",
+                        tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
+        """Write this model as a Hugging Face directory in the official LLaDA layout (safetensors, config.json
+        and this project's PyTorch modeling code); see `llada_jax.convert.save_pretrained`."""
+        from llada_jax.convert import save_pretrained
+
+        return save_pretrained(self, path, dtype=dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
+                               overwrite=overwrite)
+
     def embed(self, input_ids: Array) -> Array:
         return sharding.constrain(jnp.take(self.wte[...], input_ids, axis=0), BLD)
 

@@ -34,14 +34,18 @@ def hf_key(name: str, layer: int | None = None) -> str:
     return f"{HF_PREFIX}blocks.{layer}.{name}.weight"
 
 
-def expected_hf_keys(config: LLaDAConfig) -> list[str]:
-    keys = [hf_key("wte")]
-    for i in range(config.n_layers):
-        keys += [hf_key(name, i) for name in BLOCK_PARAMS]
-    keys.append(hf_key("ln_f"))
+def hf_entries(config: LLaDAConfig) -> list[tuple[str, str, int | None]]:
+    """(HF key, parameter name, layer or None) of every tensor, in the official key order."""
+    out = [(hf_key("wte"), "wte", None)]
+    out += [(hf_key(name, i), name, i) for i in range(config.n_layers) for name in BLOCK_PARAMS]
+    out.append((hf_key("ln_f"), "ln_f", None))
     if not config.weight_tying:
-        keys.append(hf_key("ff_out"))
-    return keys
+        out.append((hf_key("ff_out"), "ff_out", None))
+    return out
+
+
+def expected_hf_keys(config: LLaDAConfig) -> list[str]:
+    return [key for key, _, _ in hf_entries(config)]
 
 
 def jax_shape(name: str, config: LLaDAConfig, in_block: bool) -> tuple[int, ...]:
@@ -110,3 +114,18 @@ def hf_state_dict(model) -> dict[str, np.ndarray]:
         hf_key(name, layer): np.asarray(to_hf_layout(name, np.asarray(value), layer is not None))
         for name, layer, value in iter_jax_params(model)
     }
+
+
+def leaf_tensors(path: tuple, n_layers: int) -> list[tuple[str, str, int | None, int | None]]:
+    """The HF tensors held by one leaf of a parameter tree (pure dict, scanned or unrolled layout).
+
+    Returns (hf key, parameter name, layer or None, index into the leaf's leading "layers" axis or None).
+    """
+    if len(path) == 1 and path[0] in TOP_PARAMS:
+        return [(hf_key(path[0]), path[0], None, None)]
+    if len(path) == 2 and path[0] == "blocks" and path[1] in BLOCK_PARAMS:
+        return [(hf_key(path[1], i), path[1], i, i) for i in range(n_layers)]
+    if len(path) == 3 and path[0] == "blocks" and str(path[1]).isdigit() and path[2] in BLOCK_PARAMS:
+        layer = int(path[1])
+        return [(hf_key(path[2], layer), path[2], layer, None)]
+    raise KeyError(f"parameter {'.'.join(map(str, path))} has no Hugging Face counterpart")

@@ -1,0 +1,72 @@
+"""`llada-jax convert to-hf` and `llada-jax convert from-hf`: Orbax checkpoints <-> Hugging Face directories."""
+
+from __future__ import annotations
+
+DTYPE_CHOICES = ("bfloat16", "float32", "float16")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert checkpoints between Orbax and the official Hugging Face layout",
+                       description="Convert model checkpoints between this project's Orbax layout and the "
+                                   "official Hugging Face LLaDA layout (safetensors + config.json).")
+    convert = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+
+    to_hf = convert.add_parser(
+        "to-hf", help="Orbax checkpoint -> Hugging Face directory",
+        description="Write an Orbax model checkpoint as a Hugging Face directory: config.json with the official "
+                    "field names, safetensors weights under the official keys (sharded with an index past "
+                    "--max_shard_size), the tokenizer files, and this project's configuration_llada.py / "
+                    "modeling_llada.py (load with AutoModel.from_pretrained(dir, trust_remote_code=True)).")
+    to_hf.add_argument("--input", required=True, metavar="CKPT_DIR",
+                       help="a run directory (its latest finished step), its checkpoints/ directory, or a step")
+    to_hf.add_argument("--output", required=True, metavar="HF_DIR", help="the Hugging Face directory to create")
+    to_hf.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                       help="dtype of the saved weights (default: the checkpoint's parameter dtype)")
+    to_hf.add_argument("--max_shard_size", default="5GB",
+                       help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    to_hf.set_defaults(func=run_to_hf)
+
+    from_hf = convert.add_parser(
+        "from-hf", help="Hugging Face directory -> Orbax checkpoint",
+        description="Write a Hugging Face LLaDA directory (config.json + model.safetensors or sharded "
+                    "safetensors with an index, bf16 or fp32) as an Orbax model checkpoint that every "
+                    "--model / --model_name_or_path accepts; tokenizer files go to <output>/tokenizer. "
+                    "Tensors are converted one at a time.")
+    from_hf.add_argument("--input", required=True, metavar="HF_DIR", help="the Hugging Face model directory")
+    from_hf.add_argument("--output", required=True, metavar="CKPT_DIR", help="the run directory to create")
+    from_hf.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                         help="parameter dtype of the checkpoint (default: the dtype of the HF weights)")
+    from_hf.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    from_hf.set_defaults(func=run_from_hf)
+
+
+def _run(fn, **kwargs) -> int:
+    import time
+
+    from llada_jax.cli import UsageError
+    from llada_jax.convert import input_errors
+
+    start = time.time()
+    try:
+        out = fn(**kwargs)
+    except input_errors() as e:
+        raise UsageError(str(e)) from e
+    except ValueError as e:  # bad flag values (dtype, shard size) and inputs that do not fit together
+        raise UsageError(str(e)) from e
+    print(f"wrote {out} ({time.time() - start:.1f} s)")
+    return 0
+
+
+def run_to_hf(args) -> int:
+    from llada_jax.convert import convert_to_hf
+
+    return _run(convert_to_hf, input_path=args.input, output_dir=args.output, dtype=args.dtype,
+                max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+
+
+def run_from_hf(args) -> int:
+    from llada_jax.convert import convert_from_hf
+
+    return _run(convert_from_hf, input_dir=args.input, output_dir=args.output, dtype=args.dtype,
+                overwrite=args.overwrite)
