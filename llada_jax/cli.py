@@ -13,6 +13,7 @@ import sys
 # Modules that define `register(subparsers)`, in the order their commands are listed.
 COMMAND_MODULES = (
     "llada_jax.cli_model",
+    "llada_jax.sampling.cli",
 )
 
 

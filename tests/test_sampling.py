@@ -188,9 +188,9 @@ def test_each_row_equals_its_prompt_alone(model, method, extra):
     keys = jax.random.split(jax.random.key(7), 2)
     opts = dict(method=method, gen_length=8, block_length=4, steps=8, **extra)
     batch = np.asarray(generate(model, ids, attn, rng=keys, **opts))
-    for row, p in enumerate(prompts):
-        alone = np.asarray(generate(model, np.array([p], np.int32), rng=keys[row:row + 1], **opts))
-        np.testing.assert_array_equal(batch[row, width - len(p):], alone[0])
+    # the short prompt alone (the long one is unpadded in the batch already)
+    alone = np.asarray(generate(model, np.array(prompts[1:], np.int32), rng=keys[1:], **opts))
+    np.testing.assert_array_equal(batch[1, width - len(prompts[1]):], alone[0])
 
 
 # --- semi_ar_origin ----------------------------------------------------------------------------------------
