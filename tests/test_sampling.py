@@ -243,16 +243,29 @@ def test_temperature_is_deterministic_per_key_and_differs_across_keys(model):
 
 
 def test_gumbel_max_samples_softmax_over_temperature():
-    logits = jnp.array([[[2.0, 1.0, 0.0, -1.0, 1.5, -jnp.inf]]])
-    temperature, n = 0.7, 20000
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(n))
-    draws = jax.jit(jax.vmap(lambda k: remasking.predict(logits, temperature, k[None, None])[0, 0]))(keys)
-    freq = np.bincount(np.asarray(draws), minlength=6) / n
+    logits = jnp.tile(jnp.array([2.0, 1.0, 0.0, -1.0, 1.5, -jnp.inf]), (1, 4000, 1))  # 4000 positions
+    temperature = 0.7
+    keys = jax.random.split(jax.random.key(0), 5)
+    positions = jnp.arange(4000)[None]
+    draws = jnp.concatenate([remasking.predict(logits, temperature, k[None], positions) for k in keys], 1)
+    freq = np.bincount(np.asarray(draws).ravel(), minlength=6) / draws.size
     expected = np.asarray(jax.nn.softmax(logits[0, 0] / temperature))
     np.testing.assert_allclose(freq, expected, atol=0.012)
     assert freq[5] == 0
-    g = np.asarray(noise.gumbel(keys[:64], 4096)).ravel()  # 262k draws of a standard Gumbel
+    g = np.asarray(noise.gumbel(keys[:4], jnp.arange(64)[None].repeat(4, 0), 1024)).ravel()  # 262k draws
     assert abs(g.mean() - 0.5772) < 0.01 and abs(g.var() - np.pi**2 / 6) < 0.03 and g.max() > 10
+    u = np.asarray(noise.uniform(keys[:2], positions.repeat(2, 0))).ravel()
+    assert 0 <= u.min() < 0.001 and 0.999 < u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    # the fallback for other PRNG implementations draws the same distribution
+    rbg = jax.random.split(jax.random.key(0, impl="rbg"), 4)
+    g2 = np.asarray(noise.gumbel(rbg, jnp.arange(64)[None].repeat(4, 0), 1024)).ravel()
+    assert abs(g2.mean() - 0.5772) < 0.01 and abs(g2.var() - np.pi**2 / 6) < 0.03
+
+
+def test_first_argmax_is_jnp_argmax():
+    x = jax.random.normal(jax.random.key(0), (3, 7, 50))
+    x = x.at[0, 0, 10].set(5.0).at[0, 0, 3].set(5.0).at[1, 1].set(-jnp.inf)  # a tie, an all -inf row
+    np.testing.assert_array_equal(remasking.first_argmax(x), jnp.argmax(x, -1))
 
 
 def test_select_top_k_ties_take_the_lowest_position():

@@ -281,19 +281,39 @@ def _program(graphdef, state, prompt_ids, attention_mask, keys, *, opts: Sampler
             return uncond + (opts.cfg_scale + 1.0) * (cond - uncond)
         return model(x, attn)
 
-    def step(x, attn, block_end, k, global_step):
-        candidates = (x == mask_id) & valid
-        logits = forward(x, attn)
+    def decide(logits, pos, global_step):
+        """(x0, confidence) for the positions of `logits` [B, n, V] whose unpadded positions are `pos`."""
         if opts.logits_eos_inf:
             logits = logits.at[..., opts.eos_id].set(-jnp.inf)
         gumbel_keys = None
         if opts.temperature > 0:
-            gumbel_keys = noise.position_keys(keys, global_step, positions, noise.GUMBEL_STREAM)
-        x0 = remasking.predict(logits, opts.temperature, gumbel_keys)
+            gumbel_keys = noise.step_keys(keys, global_step, noise.GUMBEL_STREAM)
+        x0 = remasking.predict(logits, opts.temperature, gumbel_keys, pos)
         if opts.remasking == "low_confidence":
-            confidence = remasking.low_confidence(logits, x0, exclude)
-        else:
-            confidence = noise.uniform(noise.position_keys(keys, global_step, positions, noise.RANDOM_STREAM))
+            return x0, remasking.low_confidence(logits, x0, exclude)
+        return x0, noise.uniform(noise.step_keys(keys, global_step, noise.RANDOM_STREAM), pos)
+
+    def step(x, attn, block_end, k, global_step):
+        candidates = (x == mask_id) & valid
+        logits = forward(x, attn)
+        block_start = block_end - block_length
+
+        # Only masked positions before the block end can be committed. Usually they all lie in the current
+        # block, so x0 and its confidence (and their noise) are computed for the block's positions only;
+        # if any row has a mask before the block (a mask token in a prompt, or one left over by an earlier
+        # block), for every position. Both give the same decisions (the noise is keyed by position).
+        def whole():
+            return decide(logits, positions, global_step)
+
+        def block_only():
+            window = jax.lax.dynamic_slice_in_dim(logits, block_start, block_length, axis=1)
+            pos = jax.lax.dynamic_slice_in_dim(positions, block_start, block_length, axis=1)
+            x0, conf = decide(window, pos, global_step)
+            return (jax.lax.dynamic_update_slice_in_dim(x, x0, block_start, axis=1),
+                    jax.lax.dynamic_update_slice_in_dim(jnp.full(x.shape, -jnp.inf), conf, block_start, axis=1))
+
+        early = jnp.any(candidates & (col < block_start))
+        x0, confidence = jax.lax.cond(early, whole, block_only)
         confidence = jnp.where(col >= block_end, -jnp.inf, confidence)
         x0 = jnp.where(candidates, x0, x)
         confidence = jnp.where(candidates, confidence, -jnp.inf)
