@@ -2,10 +2,12 @@
 
 Overhead is the sampler's time beyond its model evaluations: (t_sample - forward_calls x t_forward) /
 (forward_calls x t_forward), where t_forward is one jitted forward pass of the same shape (with the same
-attention-mask argument, and a batch of 2B with CFG). Times are the best of --reps runs after a warm-up
-(compile) run (noise on a shared machine only adds time). Not a test: run it by hand and record the figures in docs/BENCHMARKS.md.
+attention-mask argument, and a batch of 2B with CFG), timed as forward_calls passes back to back. Times are the best of --reps runs after a warm-up
+(compile) run, the sampler and the forward pass measured in alternation (noise on a shared machine only
+adds time, and a change of load hits both alike). Not a test: run it by hand and record the figures in docs/BENCHMARKS.md.
 
-    python bench/sampling.py [--batch 2 --prompt 32 --gen 64 --block 16 --steps 32 --reps 5 --json PATH]
+    python bench/sampling.py [--batch 2 --prompt 32 --gen 64 --block 16 --steps 32 --d_model 256 --n_layers 4
+                             --vocab 2048 --reps 5 --json PATH]
 """
 
 from __future__ import annotations
@@ -37,16 +39,10 @@ CASES = [  # (method, remasking, temperature, cfg_scale)
 ]
 
 
-def best_time(fn, reps: int) -> float:
-    """The fastest of `reps` timed runs after a warm-up (compile) run: on a shared, noisy machine, noise
-    only ever adds time, so the minimum is the steadiest estimate of the cost."""
+def timed(fn) -> float:
+    t = time.perf_counter()
     fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return time.perf_counter() - t
 
 
 def main() -> int:
@@ -57,8 +53,8 @@ def main() -> int:
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--d_model", type=int, default=128)
-    p.add_argument("--n_layers", type=int, default=2)
+    p.add_argument("--d_model", type=int, default=256)
+    p.add_argument("--n_layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampling.json"))
     args = p.parse_args()
@@ -78,10 +74,18 @@ def main() -> int:
 
     ids = jnp.full((b, length), config.mask_token_id, jnp.int32)
     ones = jnp.ones((b, length), jnp.int32)
-    t_fwd = {(bb, masked): best_time(lambda bb=bb, masked=masked: forward(
-                 state, jnp.tile(ids, (bb, 1)), jnp.tile(ones, (bb, 1)) if masked else None).block_until_ready(),
-                 args.reps * 4)
-             for bb in (1, 2) for masked in (False, True)}
+
+    def forward_fn(batch_copies, masked, calls):
+        """`calls` forward passes back to back (the model work of one sample, with the same exposure to
+        machine noise as the sampler's single run)."""
+        x, m = jnp.tile(ids, (batch_copies, 1)), jnp.tile(ones, (batch_copies, 1)) if masked else None
+
+        def run():
+            for _ in range(calls):
+                logits = forward(state, x, m)
+            logits.block_until_ready()
+
+        return run
 
     rows = []
     for method, remasking, temperature, cfg in CASES:
@@ -93,14 +97,21 @@ def main() -> int:
             out["ids"], out["stats"] = sampler(model, prompt, rng=0, return_stats=True)
             out["ids"].block_until_ready()
 
-        t = best_time(run, args.reps)
+        run()  # compile, and learn the number of model calls
         calls = int(out["stats"].forward_calls)
         nfe = int(np.asarray(out["stats"].nfe)[0])
-        fwd = t_fwd[(2 if cfg > 0 else 1, method == "semi_ar_origin")]
-        model_time = calls * fwd
+        model_calls = forward_fn(2 if cfg > 0 else 1, method == "semi_ar_origin", calls)
+        model_calls()
+        # Interleaved, so that a load change on the shared machine hits both measurements alike.
+        t_sample = t_model = float("inf")
+        for _ in range(args.reps):
+            t_sample = min(t_sample, timed(run))
+            t_model = min(t_model, timed(model_calls))
+        t_fwd = t_model / calls
+        model_time = t_model
         rows.append(dict(method=method, remasking=remasking, temperature=temperature, cfg_scale=cfg, nfe=nfe,
-                         forward_calls=calls, seconds=t, tokens_per_s=b * args.gen / t,
-                         forward_seconds=fwd, overhead=(t - model_time) / model_time))
+                         forward_calls=calls, seconds=t_sample, tokens_per_s=b * args.gen / t_sample,
+                         forward_seconds=t_fwd, overhead=(t_sample - model_time) / model_time))
 
     header = f"{'method':16} {'remasking':14} {'T':>4} {'cfg':>4} {'NFE':>4} {'s/sample':>9} {'tok/s':>8} " \
              f"{'fwd ms':>7} {'overhead':>8}"
@@ -112,6 +123,7 @@ def main() -> int:
               f"{r['seconds']:9.3f} {r['tokens_per_s']:8.1f} {r['forward_seconds'] * 1e3:7.2f} "
               f"{r['overhead'] * 100:7.1f}%")
     result = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), machine=platform.platform(),
+                  load_average=os.getloadavg(),
                   processor=platform.processor(), cpu_count=os.cpu_count(), jax=jax.__version__,
                   backend=jax.devices()[0].platform, args=vars(args), rows=rows)
     with open(args.json, "w", encoding="utf-8") as f:

@@ -31,6 +31,18 @@ second call with the same shapes does not recompile. With a mesh, the parameters
 axes and the batch is sharded over the data-parallel axes (padded with copies of row 0 to a multiple of
 their size; the extra rows are dropped from the result).
 
+Appendix B.4 options. `logits_eos_inf` sets the EOS logit to -inf (after CFG, before x0 is drawn).
+`confidence_eos_eot_inf` removes EOS and EOT (`<|eot_id|>`) from the softmax that scores x0, so an EOS or EOT
+prediction scores 0, below every other masked candidate: such positions are committed only when a step
+needs more tokens than the other candidates. That is exactly what the official code computes at temperature
+0 (its in-place -inf writes land on the logits the confidence is taken from). At temperature > 0 the
+official EOS write lands on the noisy copy instead and only EOT is affected; that artefact is not copied.
+
+Ties. argmax ties go to the lowest token id (as torch.argmax); equal confidences are committed lowest
+position first (`lax.top_k`). torch.topk leaves the order of equal values unspecified (on CPU it is not the
+lowest index), so exact ties are the one place the official output is not reproducible; with float32
+confidences they need saturated probabilities (exactly 1.0) and are rare for sampled text.
+
 NFE accounting (`SampleStats`): `nfe[b]` is the number of network evaluations spent on row b, i.e. denoising
 steps run for that row, times 2 with CFG (the conditional and the unconditional sequence are both evaluated);
 for `semi_ar_origin` it counts only the blocks the row actually decoded. `forward_calls` is the number of
@@ -46,7 +58,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from llada_jax import sharding
@@ -214,8 +225,10 @@ def generate(model, prompt_ids, attention_mask=None, *, method: str = "semi_ar_p
              rng=None, mesh=None, rules=None, return_stats: bool = False, return_history: bool = False):
     """Sample answers for a batch of (left-padded) prompts: int32 ids [B, P + gen_length].
 
-    With `return_stats=True` returns `(ids, SampleStats)`. See the module docstring for the algorithm and
-    `Sampler` for `rng` and `mesh`.
+    `attention_mask` [B, P] marks real prompt tokens with 1 (left padding 0). `mask_id` / `eos_id` default to
+    the model config's. With `return_stats=True` returns `(ids, SampleStats)`, with `return_history=True`
+    also the sequence after every step. See the module docstring for the algorithm and `Sampler` for `rng`
+    and `mesh`.
     """
     sampler = create_sampler(
         method, mesh=mesh, rules=rules, gen_length=gen_length, block_length=block_length, steps=steps,
