@@ -306,7 +306,7 @@ def _program(graphdef, state, prompt_ids, attention_mask, keys, *, opts: Sampler
             return x0, remasking.low_confidence(logits, x0, exclude)
         return x0, noise.uniform(noise.step_keys(keys, global_step, noise.RANDOM_STREAM), pos)
 
-    def step(x, attn, block_end, k, global_step):
+    def step(x, attn, block_end, k, global_step, active):
         candidates = (x == mask_id) & valid
         logits = forward(x, attn)
         block_start = block_end - block_length
@@ -325,7 +325,7 @@ def _program(graphdef, state, prompt_ids, attention_mask, keys, *, opts: Sampler
             return (jax.lax.dynamic_update_slice_in_dim(x, x0, block_start, axis=1),
                     jax.lax.dynamic_update_slice_in_dim(jnp.full(x.shape, -jnp.inf), conf, block_start, axis=1))
 
-        early = jnp.any(candidates & (col < block_start))
+        early = jnp.any(candidates & (col < block_start) & active[:, None])  # stopped rows commit nothing
         x0, confidence = jax.lax.cond(early, whole, block_only)
         confidence = jnp.where(col >= block_end, -jnp.inf, confidence)
         x0 = jnp.where(candidates, x0, x)
@@ -343,7 +343,7 @@ def _program(graphdef, state, prompt_ids, attention_mask, keys, *, opts: Sampler
         def body(i, carry):
             x, history = carry
             t = n * steps_per_block + i
-            x = step(x, attn, end, schedule.transfer_count(masked, steps_per_block, i), t)
+            x = step(x, attn, end, schedule.transfer_count(masked, steps_per_block, i), t, active)
             if history is not None:
                 history = history.at[t].set(x)
             return x, history
