@@ -247,18 +247,20 @@ def test_gumbel_max_samples_softmax_over_temperature():
     temperature = 0.7
     keys = jax.random.split(jax.random.key(0), 5)
     positions = jnp.arange(4000)[None]
-    draws = jnp.concatenate([remasking.predict(logits, temperature, k[None], positions) for k in keys], 1)
+    predict = jax.jit(lambda k: remasking.predict(logits, temperature, k[None], positions))
+    draws = jnp.concatenate([predict(k) for k in keys], 1)
     freq = np.bincount(np.asarray(draws).ravel(), minlength=6) / draws.size
     expected = np.asarray(jax.nn.softmax(logits[0, 0] / temperature))
     np.testing.assert_allclose(freq, expected, atol=0.012)
     assert freq[5] == 0
-    g = np.asarray(noise.gumbel(keys[:4], jnp.arange(64)[None].repeat(4, 0), 1024)).ravel()  # 262k draws
+    gumbel = jax.jit(noise.gumbel, static_argnums=2)
+    g = np.asarray(gumbel(keys[:4], jnp.arange(64)[None].repeat(4, 0), 1024)).ravel()  # 262k draws
     assert abs(g.mean() - 0.5772) < 0.01 and abs(g.var() - np.pi**2 / 6) < 0.03 and g.max() > 10
-    u = np.asarray(noise.uniform(keys[:2], positions.repeat(2, 0))).ravel()
+    u = np.asarray(jax.jit(noise.uniform)(keys[:2], positions.repeat(2, 0))).ravel()
     assert 0 <= u.min() < 0.001 and 0.999 < u.max() < 1 and abs(u.mean() - 0.5) < 0.01
     # the fallback for other PRNG implementations draws the same distribution
     rbg = jax.random.split(jax.random.key(0, impl="rbg"), 4)
-    g2 = np.asarray(noise.gumbel(rbg, jnp.arange(64)[None].repeat(4, 0), 1024)).ravel()
+    g2 = np.asarray(gumbel(rbg, jnp.arange(64)[None].repeat(4, 0), 1024)).ravel()
     assert abs(g2.mean() - 0.5772) < 0.01 and abs(g2.var() - np.pi**2 / 6) < 0.03
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.random import threefry2x32_p
 
 GUMBEL_STREAM = 0
@@ -33,8 +34,8 @@ def row_keys(rng, batch: int) -> jax.Array:
     """
     if rng is None:
         rng = 0
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
+    if isinstance(rng, (int, np.integer)):
+        rng = jax.random.key(int(rng))
     rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         if rng.dtype != jnp.uint32 or rng.shape[-1:] != (2,):
