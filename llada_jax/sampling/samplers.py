@@ -154,8 +154,11 @@ class Sampler:
 
     Returns int32 ids [B, P + gen_length] (the prompt, then the generated tokens); with `return_stats=True`
     also `SampleStats`, and with `return_history=True` also int32 [steps, B, P + gen_length], the sequence
-    after every denoising step (a separate compiled program; for inspection and tests). `rng`: an int seed, one PRNG key (row b uses fold_in(key, b)), or one key per row;
-    only used when temperature > 0 or with random remasking. `mesh` shards the batch over its data axes.
+    after every denoising step (a separate compiled program; for inspection and tests).
+
+    `rng`: an int seed, one PRNG key (row b uses fold_in(key, b)), or one key per row; only used when
+    temperature > 0 or with random remasking. `mesh` shards the batch over its data axes (`rules`: the
+    logical-axis rules, default the current ones).
     """
 
     def __init__(self, options: SamplerOptions, *, mesh: jax.sharding.Mesh | None = None, rules=None):
