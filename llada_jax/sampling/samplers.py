@@ -58,6 +58,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llada_jax import sharding
@@ -241,8 +242,12 @@ def generate(model, prompt_ids, attention_mask=None, *, method: str = "semi_ar_p
                    return_history=return_history)
 
 
+def _as_array(a) -> jax.Array:
+    return a if isinstance(a, jax.Array) else jnp.asarray(np.asarray(a))  # lists, numpy, torch CPU tensors
+
+
 def _check_prompt(prompt_ids, attention_mask, opts: SamplerOptions, config):
-    prompt_ids = jnp.asarray(prompt_ids)
+    prompt_ids = _as_array(prompt_ids)
     if prompt_ids.ndim != 2 or not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
         raise ValueError(f"prompt_ids: expected integer token ids [batch, length], got {prompt_ids.dtype} "
                          f"{prompt_ids.shape}")
@@ -253,7 +258,7 @@ def _check_prompt(prompt_ids, attention_mask, opts: SamplerOptions, config):
         raise ValueError(f"prompt length {prompt_ids.shape[1]} + gen_length {opts.gen_length} = {total} tokens "
                          f"exceeds the model's max_sequence_length {config.max_sequence_length}")
     if attention_mask is not None:
-        attention_mask = jnp.asarray(attention_mask)
+        attention_mask = _as_array(attention_mask)
         if attention_mask.shape != prompt_ids.shape:
             raise ValueError(f"attention_mask: shape {attention_mask.shape} differs from prompt_ids "
                              f"{prompt_ids.shape}")
