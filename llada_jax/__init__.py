@@ -2,6 +2,7 @@
 
 from llada_jax.config import LLaDAConfig
 from llada_jax.model import LLaDAForMaskedLM
+from llada_jax.sampling import create_sampler, generate
 
 __version__ = "0.1.0"
-__all__ = ["LLaDAConfig", "LLaDAForMaskedLM", "__version__"]
+__all__ = ["LLaDAConfig", "LLaDAForMaskedLM", "create_sampler", "generate", "__version__"]

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "llada_jax.train.cli",
     "llada_jax.data.cli",
     "llada_jax.convert.cli",
+    "llada_jax.sampling.cli",
 )
 
 

@@ -1,0 +1,10 @@
+"""Jitted LLaDA samplers (fixed-length, semi-autoregressive padding and origin), batch sampling and chat.
+
+`generate(model, prompt_ids, ...)` and `create_sampler(method, **options)` are the API; `cli` registers the
+`sample` and `inference` commands.
+"""
+
+from llada_jax.sampling.samplers import (METHODS, REMASKING, SampleStats, Sampler, SamplerOptions, create_sampler,
+                                         generate)
+
+__all__ = ["METHODS", "REMASKING", "SampleStats", "Sampler", "SamplerOptions", "create_sampler", "generate"]

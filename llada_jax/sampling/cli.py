@@ -1,0 +1,162 @@
+"""`llada-jax sample` (batch sampling JSONL -> JSONL) and `llada-jax inference` (one prompt, or a chat).
+
+The parsers import nothing heavy; JAX, the model and the tokenizer load only when a command runs. Bad flags
+and bad input lines are `UsageError`s (one line naming the flag or the line, exit code 2), raised before
+the model is loaded wherever the check does not need it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Kept equal to llada_jax.sampling.samplers.METHODS / REMASKING (tested), without importing JAX here.
+METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
+REMASKING = ("low_confidence", "random")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="sample answers for a JSONL file of prompts (batched, resumable)")
+    p.add_argument("--model", "--model_name_or_path", dest="model", required=True,
+                   help="Orbax checkpoint (run, checkpoints/ or step directory) or HF model directory")
+    p.add_argument("--input", required=True, help='JSONL: {"input_ids": [...]}, {"prompt": "..."} or '
+                                                  '{"messages": [...]} per line, optional "id"')
+    p.add_argument("--output", required=True, help="JSONL, one line per input line, in the same order")
+    p.add_argument("--resume", action="store_true", help="continue a partly written --output")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    _sampling_flags(p)
+    p.set_defaults(func=run_sample)
+
+    p = sub.add_parser("inference", help="answer one prompt (--prompt) or chat in the terminal (--interactive)")
+    p.add_argument("--model", "--model_name_or_path", dest="model", required=True,
+                   help="Orbax checkpoint or HF model directory (with its tokenizer)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="answer this text and exit")
+    mode.add_argument("--interactive", action="store_true", help="multi-turn chat on the terminal")
+    p.add_argument("--no_chat_template", action="store_true",
+                   help="send raw text (base models); default: the chat template when the tokenizer has one")
+    p.add_argument("--seed", type=int, default=0)
+    _sampling_flags(p)
+    p.set_defaults(func=run_inference)
+
+
+def _sampling_flags(p) -> None:
+    p.add_argument("--sampling_method", choices=METHODS, default="semi_ar_padding")
+    p.add_argument("--remasking_strategy", choices=REMASKING, default="low_confidence")
+    p.add_argument("--gen_length", type=int, default=128, help="generated tokens per prompt (default 128)")
+    p.add_argument("--block_length", type=int, default=32, help="semi-autoregressive block (default 32)")
+    p.add_argument("--steps", type=int, default=128, help="denoising steps in total (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--cfg_scale", type=float, default=0.0, help="classifier-free guidance (0: off)")
+    p.add_argument("--logits_eos_inf", action="store_true", help="never generate EOS")
+    p.add_argument("--confidence_eos_eot_inf", action="store_true",
+                   help="EOS / end-of-turn predictions get the lowest confidence (paper Appendix B.4)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute and parameter dtype (default: as the checkpoint)")
+
+
+def _usage(message: str):
+    from llada_jax.cli import UsageError
+
+    return UsageError(message)
+
+
+def _sampler(args, tokenizer=None):
+    """The sampler the flags describe (validated before anything is loaded)."""
+    from llada_jax.sampling import create_sampler, tokenizer as tok
+
+    try:
+        return create_sampler(
+            args.sampling_method, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+            temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking_strategy,
+            logits_eos_inf=args.logits_eos_inf, confidence_eos_eot_inf=args.confidence_eos_eot_inf,
+            eot_id=tok.eot_id(tokenizer))
+    except ValueError as e:
+        raise _usage(f"--{e}" if str(e).split()[0] in ("gen_length", "block_length", "steps", "temperature",
+                                                       "cfg_scale") else str(e)) from e
+
+
+def _load(args):
+    from llada_jax.convert import load_pretrained
+    from llada_jax.sampling import tokenizer as tok
+
+    if not os.path.isdir(args.model):
+        raise _usage(f"--model: {args.model}: no such model directory")
+    overrides = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
+    try:
+        model = load_pretrained(args.model, **overrides)
+    except FileNotFoundError as e:
+        raise _usage(f"--model: {e}") from e
+    return model, tok.load_tokenizer(args.model)
+
+
+def run_sample(args) -> int:
+    from llada_jax.sampling import batch, prompts
+
+    _sampler(args)  # flags first: a bad --gen_length fails before anything is read or loaded
+    if args.batch_size <= 0:
+        raise _usage(f"--batch_size must be a positive integer, got {args.batch_size}")
+    if not os.path.isfile(args.input):
+        raise _usage(f"--input: {args.input}: no such file")
+    try:
+        records = prompts.read_records(args.input)
+    except ValueError as e:
+        raise _usage(str(e)) from e
+    start = 0
+    if os.path.exists(args.output) and os.path.getsize(args.output) > 0:
+        if not args.resume:
+            raise _usage(f"--output {args.output} already exists; pass --resume to continue it, or remove it")
+        try:
+            start = batch.read_done(args.output, records)
+        except ValueError as e:
+            raise _usage(f"--resume: {e}") from e
+    if start == len(records):
+        print(f"{args.output}: all {len(records)} lines are already done", file=sys.stderr)
+        return 0
+
+    model, tokenizer = _load(args)
+    sampler = _sampler(args, tokenizer)
+    encoded = []
+    limit = model.config.max_sequence_length - args.gen_length
+    for number, record in enumerate(records, 1):
+        where = f"{args.input} line {number}"
+        if prompts.needs_tokenizer(record) and tokenizer is None:
+            raise _usage(f"{where}: a text prompt needs a tokenizer, and none is stored with {args.model} "
+                         f"(give 'input_ids' instead)")
+        ids = prompts.encode(record, tokenizer) if number > start else []
+        if len(ids) > limit:
+            raise _usage(f"{where}: the prompt has {len(ids)} tokens; with --gen_length {args.gen_length} at most "
+                         f"{limit} fit the model's max_sequence_length {model.config.max_sequence_length}")
+        vocab = model.config.padded_vocab_size
+        if ids and max(ids) >= vocab:
+            raise _usage(f"{where}: token id {max(ids)} is outside the model's vocabulary [0, {vocab})")
+        encoded.append(ids)
+    written = batch.sample_file(model, tokenizer, sampler, records, encoded, args.output,
+                                batch_size=args.batch_size, seed=args.seed, start=start,
+                                progress=not args.no_progress)
+    print(f"wrote {written} lines to {args.output} ({start + written} of {len(records)} done)", file=sys.stderr)
+    return 0
+
+
+def run_inference(args) -> int:
+    from llada_jax.sampling import chat
+
+    _sampler(args)
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise _usage(f"--model: no tokenizer is stored with {args.model}; inference needs one")
+    from llada_jax.sampling import tokenizer as tok
+
+    use_template = tok.has_chat_template(tokenizer) and not args.no_chat_template
+    session = chat.Chat(model, tokenizer, _sampler(args, tokenizer), use_template=use_template, seed=args.seed)
+    if args.interactive:
+        return chat.interactive(session)
+    try:
+        answer, _ = session.reply(args.prompt)
+    except ValueError as e:
+        raise _usage(f"--prompt: {e}") from e
+    print(answer)
+    return 0

@@ -1,0 +1,114 @@
+"""An independent, step-by-step reference of the official LLaDA sampler (temperature 0), in PyTorch.
+
+Written from the published algorithm (ML-GSAI/LLaDA generate.py), sharing no code with llada_jax.sampling:
+plain Python loops over blocks, steps and rows, torch.softmax / torch.topk, and the model called once per
+step through `logits_fn(ids, attention_mask) -> numpy [B, L, V]`. `reference_origin` grows the sequence
+block by block for real (no hidden buffer) to check the fixed-shape semi_ar_origin implementation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _schedule(count: int, steps: int) -> list[int]:
+    base, rem = divmod(count, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+def _logits(logits_fn, x, attn, prompt_index, cfg_scale, mask_id):
+    if cfg_scale > 0:
+        un_x = x.clone()
+        un_x[prompt_index] = mask_id
+        both = torch.cat([x, un_x])
+        both_attn = None if attn is None else torch.cat([attn, attn])
+        out = torch.from_numpy(np.array(logits_fn(both.numpy(), None if both_attn is None else both_attn.numpy())))
+        cond, un = torch.chunk(out, 2, dim=0)
+        return un + (cfg_scale + 1) * (cond - un)
+    return torch.from_numpy(np.array(logits_fn(x.numpy(), None if attn is None else attn.numpy())))
+
+
+def reference_generate(logits_fn, prompt, attention_mask=None, *, steps, gen_length, block_length, mask_id,
+                       cfg_scale=0.0, eos_id=None, eot_id=None, logits_eos_inf=False,
+                       confidence_eos_eot_inf=False, history=None):
+    """The official algorithm at temperature 0 with low-confidence remasking. Returns int64 [B, P + G]."""
+    prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.int64)
+    b, plen = prompt.shape
+    x = torch.full((b, plen + gen_length), mask_id, dtype=torch.int64)
+    x[:, :plen] = prompt
+    attn = None
+    if attention_mask is not None:
+        attn = torch.cat([torch.as_tensor(np.asarray(attention_mask), dtype=torch.int64),
+                          torch.ones((b, gen_length), dtype=torch.int64)], dim=1)
+    prompt_index = x != mask_id
+    assert gen_length % block_length == 0
+    num_blocks = gen_length // block_length
+    assert steps % num_blocks == 0
+    per_block = steps // num_blocks
+    for nb in range(num_blocks):
+        lo, hi = plen + nb * block_length, plen + (nb + 1) * block_length
+        counts = (x[:, lo:hi] == mask_id).sum(dim=1).tolist()
+        plan = [_schedule(c, per_block) for c in counts]
+        for i in range(per_block):
+            masked = x == mask_id
+            logits = _logits(logits_fn, x, attn, prompt_index, cfg_scale, mask_id)
+            if logits_eos_inf:
+                logits[:, :, eos_id] = NEG_INF
+            x0 = torch.argmax(logits, dim=-1)
+            if confidence_eos_eot_inf:  # after x0, as the official code does at temperature 0
+                logits[:, :, eos_id] = NEG_INF
+                if eot_id is not None:
+                    logits[:, :, eot_id] = NEG_INF
+            p = torch.softmax(logits.float(), dim=-1)
+            conf = torch.gather(p, -1, x0[..., None])[..., 0]
+            conf[:, hi:] = NEG_INF
+            x0 = torch.where(masked, x0, x)
+            conf = torch.where(masked, conf, torch.full_like(conf, NEG_INF))
+            for row in range(b):
+                _, picked = torch.topk(conf[row], k=plan[row][i])
+                x[row, picked] = x0[row, picked]
+            if history is not None:
+                history.append(x.clone().numpy())
+    return x.numpy()
+
+
+def reference_origin(logits_fn, prompt, *, steps, gen_length, block_length, mask_id, eos_id, cfg_scale=0.0):
+    """semi-autoregressive origin for ONE unpadded prompt [1, P]: start with one block of masks, decode it,
+    stop if it holds EOS, else append the next block. Returns (ids [1, P + G] with EOS after the first EOS
+    and in never-decoded positions, number of blocks decoded)."""
+    prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.int64)
+    assert prompt.shape[0] == 1
+    plen = prompt.shape[1]
+    num_blocks = gen_length // block_length
+    per_block = steps // num_blocks
+    x = prompt.clone()
+    prompt_index = None
+    decoded = 0
+    for nb in range(num_blocks):
+        x = torch.cat([x, torch.full((1, block_length), mask_id, dtype=torch.int64)], dim=1)
+        prompt_index = torch.zeros_like(x, dtype=torch.bool)
+        prompt_index[:, :plen] = prompt != mask_id
+        lo = plen + nb * block_length
+        plan = _schedule(int((x[0, lo:] == mask_id).sum()), per_block)
+        for i in range(per_block):
+            masked = x == mask_id
+            logits = _logits(logits_fn, x, None, prompt_index, cfg_scale, mask_id)
+            x0 = torch.argmax(logits, dim=-1)
+            conf = torch.gather(torch.softmax(logits.float(), dim=-1), -1, x0[..., None])[..., 0]
+            x0 = torch.where(masked, x0, x)
+            conf = torch.where(masked, conf, torch.full_like(conf, NEG_INF))
+            _, picked = torch.topk(conf[0], k=plan[i])
+            x[0, picked] = x0[0, picked]
+        decoded += 1
+        if (x[0, lo:] == eos_id).any():
+            break
+    out = torch.full((1, plen + gen_length), eos_id, dtype=torch.int64)
+    out[:, : x.shape[1]] = x
+    gen = out[0, plen:]
+    hits = (gen == eos_id).nonzero()
+    if len(hits):
+        gen[int(hits[0]):] = eos_id
+    return out.numpy(), decoded
