@@ -1,6 +1,8 @@
 """Test set-up: 8 fake CPU devices (set before JAX is imported)."""
 
 import os
+import tracemalloc  # noqa: F401  pytest reports unraisable exceptions with it: import it before any test can
+# enter tensorflow_datasets' lazy-import context (see tests/data/conftest.py)
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

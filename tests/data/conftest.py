@@ -26,3 +26,14 @@ def helper(tokenizer_dir):
     from llada_jax.data.tokenizer import TokenizerHelper
 
     return TokenizerHelper(tokenizer_dir)
+
+
+@pytest.fixture(autouse=True)
+def close_iterators_after_each_test():
+    """Stop the background threads a test's iterators leave running. tensorflow_datasets imports under
+    etils' lazy-import context, which swaps the global import hook: a thread importing a module inside that
+    window gets a LazyModule instead (the TFDS test also collects garbage first, for the same reason)."""
+    yield
+    from llada_jax.data.pipeline import _close_live_iterators
+
+    _close_live_iterators()

@@ -185,6 +185,9 @@ def build_tiny_tfds(data_dir):
 
 
 def test_tfds_source_and_pipeline(tmp_path):
+    import gc
+
+    gc.collect()  # finalizers of earlier tests' objects must not run inside TFDS's lazy-import context
     name = build_tiny_tfds(tmp_path / "tfds")
     src = open_source(f"tfds:{name}:train", tfds_data_dir=str(tmp_path / "tfds"))
     assert isinstance(src, sources.TfdsSource) and len(src) == len(TFDS_DOCS)
