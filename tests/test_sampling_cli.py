@@ -14,10 +14,17 @@ from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate
 from llada_jax.cli import main
 from llada_jax.sampling import chat, cli as sampling_cli, samplers
 from llada_jax.train.checkpoint import save_model
-from tests import tiny_tokenizer
+from llada_jax.data.tokenizer import build_bpe_tokenizer, config_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--gen_length", "8", "--block_length", "4", "--steps", "4"]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Lily can run 12 kilometers per hour for 4 hours.",
+    "A masked diffusion model predicts every masked token at once.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Hello there, how are you today? I am fine, thank you.",
+] * 4
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +32,10 @@ def saved(tmp_path_factory):
     from transformers import AutoTokenizer
 
     base = tmp_path_factory.mktemp("cli")
-    tok_dir = tiny_tokenizer.build(str(base / "tok"))
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    config = LLaDAConfig.tiny(**tiny_tokenizer.model_config_fields(tokenizer), max_sequence_length=96)
+    tok_dir = str(base / "tok")
+    helper = build_bpe_tokenizer(TEXTS, tok_dir, vocab_size=320)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)  # checks below go through transformers directly
+    config = LLaDAConfig.tiny(**config_overrides(helper), max_sequence_length=96)
     model = LLaDAForMaskedLM(config, rngs=nnx.Rngs(1))
     run = save_model(model, str(base / "run"), tokenizer_dir=tok_dir)
     return run, model, tokenizer, base

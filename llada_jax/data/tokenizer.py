@@ -77,6 +77,11 @@ class TokenizerHelper:
         self.eot_id = self.token_id(EOT)
         self.chat_template = tok.chat_template or LLADA_CHAT_TEMPLATE
 
+    @property
+    def declares_chat_template(self) -> bool:
+        """Whether the tokenizer directory has a chat template of its own (else LLaDA's is used)."""
+        return bool(self.tokenizer.chat_template)
+
     def __getstate__(self):
         return {"path": self.path, "mask_token_id": self._mask_override}
 
@@ -181,7 +186,7 @@ def build_bpe_tokenizer(texts: Iterable[str] | None, out_dir: str, *, files: lis
     docstring). The chat template is LLaDA's. Written to a temporary directory and renamed into place.
     Returns the loaded `TokenizerHelper`.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     n_special = len(LLADA_SPECIAL_TOKENS)
@@ -206,6 +211,11 @@ def build_bpe_tokenizer(texts: Iterable[str] | None, out_dir: str, *, files: lis
                                 for i in range(filler)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLADA_SPECIAL_TOKENS])
     assert tok.get_vocab_size() == vocab_size and tok.token_to_id(MASK_TOKEN) == vocab_size - 1
+    # A raw prompt encoded with special tokens starts with BOS, as with the official LLaDA tokenizer (the
+    # pipeline and the chat template encode without them).
+    bos = tok.token_to_id(BOS_TOKEN)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B",
+                                                       special_tokens=[(BOS_TOKEN, bos)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
                                  pad_token=EOS_TOKEN, mask_token=MASK_TOKEN)
     hf.chat_template = LLADA_CHAT_TEMPLATE

@@ -18,7 +18,6 @@ import jax
 import numpy as np
 
 from llada_jax.sampling import prompts as prompt_io
-from llada_jax.sampling import tokenizer as tok
 
 WINDOW_BATCHES = 16  # batches per sorting window
 LENGTH_BUCKET = 16  # prompts are left-padded to a multiple of this (fewer distinct shapes to compile)
@@ -99,6 +98,6 @@ def _line(record: dict, generated: np.ndarray, nfe: int, tokenizer) -> str:
         result["id"] = record["id"]
     ids = [int(t) for t in generated]
     result["output_ids"] = ids
-    result["text"] = tok.decode(tokenizer, ids) if tokenizer is not None else None
+    result["text"] = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
     result["nfe"] = nfe
     return json.dumps(result, ensure_ascii=False) + "\n"

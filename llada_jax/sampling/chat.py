@@ -14,7 +14,6 @@ import jax
 import numpy as np
 
 from llada_jax.sampling import prompts as prompt_io
-from llada_jax.sampling import tokenizer as tok
 
 LENGTH_BUCKET = 16
 COMMANDS = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
@@ -35,9 +34,9 @@ class Chat:
         """(answer, nfe) to the user's `text`; the exchange is added to the conversation."""
         messages = self.messages + [{"role": "user", "content": text}]
         if self.use_template:
-            ids = tok.encode_chat(self.tokenizer, messages)
+            ids = self.tokenizer.apply_chat_template(messages)
         else:
-            ids = tok.encode_text(self.tokenizer, text)
+            ids = self.tokenizer.encode(text, add_special_tokens=True)
         config, gen_length = self.model.config, self.sampler.options.gen_length
         limit = config.max_sequence_length - gen_length
         if len(ids) > limit:
@@ -48,7 +47,7 @@ class Chat:
         out, stats = self.sampler(self.model, prompt, mask, rng=jax.random.fold_in(self.key, self.turn)[None],
                                   return_stats=True)
         self.turn += 1
-        answer = tok.decode(self.tokenizer, np.asarray(out)[0, length:])
+        answer = self.tokenizer.decode(np.asarray(out)[0, length:], skip_special_tokens=True)
         if self.use_template:
             self.messages = messages + [{"role": "assistant", "content": answer}]
         return answer, int(np.asarray(stats.nfe)[0])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from llada_jax import distributed
+
 # Kept equal to llada_jax.sampling.samplers.METHODS / REMASKING (tested), without importing JAX here.
 METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
 REMASKING = ("low_confidence", "random")
@@ -28,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     _sampling_flags(p)
+    distributed.add_flags(p)
     p.set_defaults(func=run_sample)
 
     p = sub.add_parser("inference", help="answer one prompt (--prompt) or chat in the terminal (--interactive)")
@@ -66,14 +69,14 @@ def _usage(message: str):
 
 def _sampler(args, tokenizer=None):
     """The sampler the flags describe (validated before anything is loaded)."""
-    from llada_jax.sampling import create_sampler, tokenizer as tok
+    from llada_jax.sampling import create_sampler
 
     try:
         return create_sampler(
             args.sampling_method, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking_strategy,
             logits_eos_inf=args.logits_eos_inf, confidence_eos_eot_inf=args.confidence_eos_eot_inf,
-            eot_id=tok.eot_id(tokenizer))
+            eot_id=tokenizer.eot_id if tokenizer is not None else None)
     except ValueError as e:
         raise _usage(f"--{e}" if str(e).split()[0] in ("gen_length", "block_length", "steps", "temperature",
                                                        "cfg_scale") else str(e)) from e
@@ -81,7 +84,8 @@ def _sampler(args, tokenizer=None):
 
 def _load(args):
     from llada_jax.convert import load_pretrained
-    from llada_jax.sampling import tokenizer as tok
+    from llada_jax.data.tokenizer import TokenizerHelper
+    from llada_jax.train.checkpoint import tokenizer_path
 
     if not os.path.isdir(args.model):
         raise _usage(f"--model: {args.model}: no such model directory")
@@ -90,7 +94,8 @@ def _load(args):
         model = load_pretrained(args.model, **overrides)
     except FileNotFoundError as e:
         raise _usage(f"--model: {e}") from e
-    return model, tok.load_tokenizer(args.model)
+    directory = tokenizer_path(args.model)
+    return model, TokenizerHelper(directory) if directory else None
 
 
 def run_sample(args) -> int:
@@ -117,6 +122,12 @@ def run_sample(args) -> int:
         print(f"{args.output}: all {len(records)} lines are already done", file=sys.stderr)
         return 0
 
+    distributed.start(args)
+    import jax
+
+    if jax.process_count() > 1:
+        raise _usage("sample runs in one process (it writes one output file); on a pod, run one sample per host "
+                     "on its own part of the input")
     model, tokenizer = _load(args)
     sampler = _sampler(args, tokenizer)
     encoded = []
@@ -148,9 +159,7 @@ def run_inference(args) -> int:
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise _usage(f"--model: no tokenizer is stored with {args.model}; inference needs one")
-    from llada_jax.sampling import tokenizer as tok
-
-    use_template = tok.has_chat_template(tokenizer) and not args.no_chat_template
+    use_template = tokenizer.declares_chat_template and not args.no_chat_template
     session = chat.Chat(model, tokenizer, _sampler(args, tokenizer), use_template=use_template, seed=args.seed)
     if args.interactive:
         return chat.interactive(session)

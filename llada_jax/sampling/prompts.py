@@ -13,7 +13,6 @@ import json
 
 import numpy as np
 
-from llada_jax.sampling import tokenizer as tok
 
 PROMPT_FIELDS = ("input_ids", "prompt", "messages")
 
@@ -66,8 +65,8 @@ def encode(record: dict, tokenizer) -> list[int]:
     if "input_ids" in record:
         return list(record["input_ids"])
     if "prompt" in record:
-        return tok.encode_text(tokenizer, record["prompt"])
-    return tok.encode_chat(tokenizer, record["messages"])
+        return tokenizer.encode(record["prompt"], add_special_tokens=True)  # a raw prompt: BOS as the tokenizer adds it
+    return tokenizer.apply_chat_template(record["messages"])
 
 
 def padded_length(length: int, bucket: int, limit: int) -> int:
