@@ -7,3 +7,12 @@ import tracemalloc  # noqa: F401  pytest reports unraisable exceptions with it: 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pretrain_data(tmp_path_factory):
+    from tests.runs import write_pretrain_data
+
+    return write_pretrain_data(tmp_path_factory.mktemp("pretrain_data") / "docs.jsonl")

@@ -4,40 +4,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from llada_jax.train.metrics import read_metrics
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny_pretrain.py")
-
-
-def cli(*args, env=None, devices=8, check=True):
-    full_env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "llada_jax", *args], env=full_env, capture_output=True, text=True,
-                          timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def pretrain_data(tmp_path_factory):
-    """Pre-tokenized documents of varying length over the tiny vocabulary (no special tokens)."""
-    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
-    rs = np.random.RandomState(0)
-    with open(path, "w") as f:
-        for _ in range(300):
-            n = rs.randint(5, 60)
-            start = rs.randint(0, 400)
-            doc = [(start + 3 * i) % 500 for i in range(n)]  # learnable arithmetic progressions
-            f.write(json.dumps({"input_ids": doc}) + "\n")
-    return str(path)
+from tests.runs import TINY, cli
 
 
 def common(data, out, steps, *extra):
@@ -124,3 +96,47 @@ def test_create_configs_round_trip(tmp_path, pretrain_data):
     assert (pre.learning_rate, pre.batch_size, pre.gradient_accumulation_steps) == (5e-4, 8, 8)
     assert (sft.learning_rate, sft.batch_size, sft.gradient_accumulation_steps) == (1e-5, 4, 16)
     assert pre.model.d_model == 4096 and pre.model.mask_token_id == 126336
+
+
+def test_pretrain_text_then_sft_chat_from_orbax_and_from_hf(tmp_path):
+    from llada_jax.data.tokenizer import build_bpe_tokenizer
+
+    sentences = [f"The {a} cat sat on the {b} mat number {i}." for i, (a, b) in
+                 enumerate([("black", "red"), ("white", "blue"), ("small", "green")] * 20)]
+    tok = str(tmp_path / "tok")
+    build_bpe_tokenizer(sentences, tok, vocab_size=512)  # the tiny preset's ids: BOS 509, EOS 510, mask 511
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+    chats = tmp_path / "chat.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Where is cat {i}?"},
+                                                      {"role": "assistant", "content": f"On mat {i}."}]}) + "\n"
+                             for i in range(40)))
+    base = str(tmp_path / "base")
+    cli("pretrain", "--config", TINY, "--data_path", str(text), "--output_dir", base, "--max_steps", "4",
+        "--max_length", "32", "--config.data.tokenizer=" + tok)
+    assert os.path.exists(os.path.join(base, "tokenizer", "tokenizer.json"))
+    sft_config = os.path.join(os.path.dirname(TINY), "tiny_sft.py")
+
+    def sft(init, out):
+        cli("sft", "--config", sft_config, "--model_name_or_path", init, "--data_path", str(chats),
+            "--output_dir", out, "--max_steps", "3", "--max_length", "48", "--logging_steps", "1")
+        return read_metrics(out)
+
+    from_orbax = sft(base, str(tmp_path / "sft_orbax"))
+    assert len(from_orbax) == 3 and all(np.isfinite(m["loss"]) and m["masked_tokens"] > 0 for m in from_orbax)
+    assert os.path.exists(os.path.join(tmp_path, "sft_orbax", "tokenizer", "tokenizer.json"))  # carried over
+    hf = str(tmp_path / "hf")
+    cli("convert", "to-hf", "--input", base, "--output", hf)
+    from_hf = sft(hf, str(tmp_path / "sft_hf"))
+    # the HF export holds the same parameters: the same first step, bit for bit
+    assert from_hf[0]["loss"] == from_orbax[0]["loss"]
+
+
+def test_bad_training_data_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [4, 5, "six"]}\n')
+    proc = cli("pretrain", "--config", TINY, "--data_path", str(bad), "--output_dir", str(tmp_path / "o"),
+               "--max_steps", "3", "--max_length", "8", "--batch_size", "8", check=False)
+    assert proc.returncode == 1
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("llada-jax pretrain: error: ") and f"{bad}, line 2: field 'input_ids'" in error

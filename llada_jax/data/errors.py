@@ -28,6 +28,10 @@ class DataError(ValueError):
         return (DataError, (self.where, self.field, self.message))
 
 
+class TokenizerRequired(ValueError):
+    """Records that need a tokenizer (text, chats) and none configured: a set-up problem, never skipped."""
+
+
 def describe(where: str, field: str, message: str) -> str:
     return f"{where}: field '{field}': {message}" if field else f"{where}: {message}"
 

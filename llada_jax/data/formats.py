@@ -28,7 +28,7 @@ import json
 
 import numpy as np
 
-from llada_jax.data.errors import INVALID, TOO_LONG, TRUNCATED, DataError, Skip
+from llada_jax.data.errors import INVALID, TOO_LONG, TRUNCATED, DataError, Skip, TokenizerRequired
 from llada_jax.data.sources import RawRecord
 
 PRETRAIN_MODES = ("concat", "pad")
@@ -182,11 +182,11 @@ def text_field(value, field: str, where: str) -> str:
     return value
 
 
-def _require_tokenizer(helper, what: str):
+def _require_tokenizer(helper, what: str, where: str):
     if helper is None:
         # A configuration problem, not a bad record: never skipped.
-        raise ValueError(f"{what} records need a tokenizer (set data.tokenizer / --tokenizer to an HF tokenizer "
-                         "directory)")
+        raise TokenizerRequired(f"{where}: {what} records need a tokenizer (set data.tokenizer / --tokenizer to an "
+                                "HF tokenizer directory)")
     return helper
 
 
@@ -236,7 +236,7 @@ class PretrainFormat(_Format):
             text = text_field(obj["text"], "text", rec.where)
             if not text:
                 raise DataError(rec.where, "text", "is empty")
-            helper = _require_tokenizer(self.tokenizer, '{"text"}')
+            helper = _require_tokenizer(self.tokenizer, '{"text"}', rec.where)
             arr = self.ids(helper.encode(text), "text", rec.where)
         else:
             raise DataError(rec.where, "input_ids", "missing (a pretraining record needs 'input_ids' or 'text')")
@@ -299,7 +299,7 @@ class SftFormat(_Format):
 
     def chat_pairs(self, messages: "_Messages", where: str) -> list:
         """(prompt ids, answer ids, field) for every assistant turn of normalised `messages`."""
-        helper = _require_tokenizer(self.tokenizer, "chat")
+        helper = _require_tokenizer(self.tokenizer, "chat", where)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns:
             raise DataError(where, messages.field, "no assistant turn (nothing to train on)")

@@ -97,10 +97,10 @@ def build_config(args):
 
 
 def run_train(args) -> int:
-    import logging
     import sys
 
     from llada_jax.cli import UsageError
+    from llada_jax.data.errors import DataError, TokenizerRequired
     from llada_jax.train.loop import ConfigError, TrainingStopped, train
 
     try:
@@ -115,9 +115,8 @@ def run_train(args) -> int:
         train(config)
     except (ConfigError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
-    except TrainingStopped as e:
-        logging.getLogger("llada_jax").error("%s", e)
-        print(f"llada-jax {args.task}: {e}", file=sys.stderr)
+    except (TrainingStopped, DataError, TokenizerRequired) as e:
+        print(f"llada-jax {args.task}: error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -29,8 +29,10 @@ from llada_jax.train.step import Trainer, flops_per_token, params_all_finite, pe
 
 log = logging.getLogger("llada_jax")
 
-# Fault injection for the resume tests: the process kills itself (SIGKILL) right after this step.
+# Fault injection for the resume tests: the process kills itself (SIGKILL) right after this step (only the
+# process of index LLADA_JAX_FAULT_PROCESS when that is set).
 FAULT_ENV = "LLADA_JAX_FAULT_AFTER_STEP"
+FAULT_PROCESS_ENV = "LLADA_JAX_FAULT_PROCESS"
 # Architecture fields taken from a checkpoint given as model_name_or_path (compute settings stay as configured).
 ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
                        "embedding_size", "max_sequence_length", "rope_theta", "rms_norm_eps", "weight_tying",
@@ -115,6 +117,12 @@ def train(config) -> dict:
     validate(config)
     from llada_jax.data.pipeline import global_batch, make_train_iterator
 
+    if not config.data.tokenizer:  # the tokenizer stored with the run or with the starting checkpoint
+        stored = ckpt.tokenizer_path(config.output_dir) if os.path.isdir(config.output_dir) else None
+        if stored is None and config.model_name_or_path:
+            stored = ckpt.tokenizer_path(config.model_name_or_path)
+        config.data.tokenizer = stored or ""
+
     model_config = resolve_model_config(config)
     config.model.update(model_config.to_dict())
     mesh = make_run_mesh(config)
@@ -145,10 +153,8 @@ def train(config) -> dict:
         state = trainer.init_state(int(config.seed))
     if is_main:
         ckpt.write_json_atomic(os.path.join(config.output_dir, "config.json"), config.to_dict())
-        tokenizer = config.data.tokenizer or (
-            ckpt.tokenizer_path(config.model_name_or_path) if config.model_name_or_path else None)
-        if tokenizer:
-            ckpt.copy_tokenizer(tokenizer, config.output_dir)
+        if config.data.tokenizer:
+            ckpt.copy_tokenizer(config.data.tokenizer, config.output_dir)
 
     logger = MetricsLogger(config.output_dir, enabled=is_main, wandb_config=config.wandb,
                            run_config=config.to_dict())
@@ -164,6 +170,8 @@ def train(config) -> dict:
     flops_per_step = flops_per_token(model_config, config.max_length) * tokens_per_step
     peak = peak_flops_per_device()
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+    if os.environ.get(FAULT_PROCESS_ENV, "") not in ("", str(jax.process_index())):
+        fault_step = 0
     preemption = _Preemption()
     progress = _progress_bar(is_main, start, max_steps)
     last = {}
@@ -172,7 +180,7 @@ def train(config) -> dict:
 
     def finish(step_done, metrics, step_seconds):
         nonlocal last
-        m = {k: np.asarray(v).item() for k, v in metrics.items()}
+        m = {k: host_scalar(v) for k, v in metrics.items()}
         if m["update_skipped"]:
             log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step_done,
                         m["nonfinite_streak"])
@@ -229,9 +237,14 @@ def train(config) -> dict:
     return last
 
 
+def host_scalar(x):
+    """A replicated scalar as a Python number (from this process's copy: works across processes)."""
+    return np.asarray(x.addressable_shards[0].data if isinstance(x, jax.Array) else x).item()
+
+
 def _state_json(state) -> dict:
-    return {"step": int(state.step), "nonfinite_streak": int(state.nonfinite_streak),
-            "nonfinite_total": int(state.nonfinite_total)}
+    return {"step": host_scalar(state.step), "nonfinite_streak": host_scalar(state.nonfinite_streak),
+            "nonfinite_total": host_scalar(state.nonfinite_total)}
 
 
 def _data_state(data) -> dict:

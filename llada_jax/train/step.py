@@ -223,7 +223,8 @@ def batch_checksum(ids: jax.Array) -> jax.Array:
 
 
 def params_all_finite(params) -> bool:
-    return bool(jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))(params))
+    finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))(params)
+    return bool(np.asarray(finite.addressable_shards[0].data))  # replicated: this process's copy
 
 
 def flops_per_token(model_config: LLaDAConfig, length: int) -> float:

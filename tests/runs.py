@@ -1,0 +1,33 @@
+"""Running the `llada-jax` command in a subprocess, and a small pretraining corpus."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_pretrain.py")
+
+
+def cli(*args, env=None, devices=8, check=True):
+    full_env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "llada_jax", *args], env=full_env, capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def write_pretrain_data(path):
+    """Pre-tokenized documents of varying length over the tiny vocabulary (no special tokens)."""
+    rs = np.random.RandomState(0)
+    with open(path, "w") as f:
+        for _ in range(300):
+            n = rs.randint(5, 60)
+            start = rs.randint(0, 400)
+            doc = [(start + 3 * i) % 500 for i in range(n)]  # learnable arithmetic progressions
+            f.write(json.dumps({"input_ids": doc}) + "\n")
+    return str(path)
