@@ -91,6 +91,5 @@ class ParamReader:
         """The config.json this checkpoint was imported from, when it was converted from Hugging Face."""
         if not os.path.isdir(os.path.join(self.step_dir, HF_CONFIG_ITEM)):
             return None
-        manager = ckpt.checkpoint_manager(self.run_dir, read_only=True)
-        restored = manager.restore(self.step, args=ocp.args.Composite(**{HF_CONFIG_ITEM: ocp.args.JsonRestore()}))
+        restored = ckpt.restore_items(self.run_dir, self.step, **{HF_CONFIG_ITEM: ocp.args.JsonRestore()})
         return dict(restored[HF_CONFIG_ITEM])

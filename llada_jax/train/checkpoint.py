@@ -38,10 +38,8 @@ class CheckpointNotFoundError(FileNotFoundError):
     pass
 
 
-def checkpoint_manager(run_dir: str, *, keep: int | None = None, async_save: bool = False,
-                       read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+def checkpoint_manager(run_dir: str, *, keep: int | None = None, async_save: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, CHECKPOINTS)), options=options)
 
 
@@ -61,10 +59,26 @@ def find_checkpoint(path: str) -> tuple[str, int]:
     ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
     if not os.path.isdir(ckpt_dir):
         raise CheckpointNotFoundError(f"{path}: not a checkpoint (no '{CHECKPOINTS}' directory)")
-    step = checkpoint_manager(run_dir, read_only=True).latest_step()
+    step = latest_finished_step(run_dir)
     if step is None:
         raise CheckpointNotFoundError(f"{ckpt_dir}: holds no finished checkpoint step")
     return run_dir, step
+
+
+def latest_finished_step(run_dir: str) -> int | None:
+    """The largest step of `run_dir/checkpoints/` whose save completed (None when there is none)."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    steps = [int(name) for name in os.listdir(root) if re.fullmatch(r"\d+", name) and
+             _is_finished(os.path.join(root, name))] if os.path.isdir(root) else []
+    return max(steps, default=None)
+
+
+def restore_items(run_dir: str, step: int, **items):
+    """Restore some items of one finished step, e.g. `restore_items(run, 7, model_config=ocp.args.JsonRestore())`.
+    Reads the step directory directly (no CheckpointManager: nothing is created or cleaned up)."""
+    path = os.path.join(os.path.abspath(run_dir), CHECKPOINTS, str(step))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(path, args=ocp.args.Composite(**items))
 
 
 def _is_finished(step_dir: str) -> bool:
@@ -76,8 +90,7 @@ def _is_finished(step_dir: str) -> bool:
 
 def read_model_config(path: str) -> LLaDAConfig:
     run_dir, step = find_checkpoint(path)
-    restored = checkpoint_manager(run_dir, read_only=True).restore(
-        step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+    restored = restore_items(run_dir, step, model_config=ocp.args.JsonRestore())
     return LLaDAConfig.from_dict(dict(restored.model_config), source=f"{run_dir} step {step}: model_config")
 
 
@@ -109,8 +122,7 @@ def restore_params(path: str, config: LLaDAConfig, *, mesh=None, rules=None) -> 
                              f"but the model config asks for {getattr(config, field)}")
     layout = saved.replace(param_dtype=config.param_dtype)
     target = _restore_target(layout, mesh, rules)
-    restored = checkpoint_manager(run_dir, read_only=True).restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    restored = restore_items(run_dir, step, params=ocp.args.StandardRestore(target))
     params = restored.params
     if saved.scan_layers != config.scan_layers:
         params = relayout_blocks(params, to_scanned=config.scan_layers, n_layers=config.n_layers)

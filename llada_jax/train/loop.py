@@ -306,4 +306,9 @@ def _restore(manager, step, trainer, data):
 def _progress_bar(enabled: bool, start: int, total: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+    import sys
+
+    # On a terminal the bar redraws in place; in a log file (no TTY) an update every 30 s is plenty.
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=interval)

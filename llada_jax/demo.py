@@ -1,0 +1,348 @@
+"""`llada-jax demo`: the whole life of a small LLaDA model on a CPU, from nothing but Python itself.
+
+1. data: a pretraining corpus made of the prose of the standard library's `pydoc_data` topics, and a
+   synthetic instruction task with exact answers (sort a list of digits), split into a training set and a
+   held-out test set that shares no input with it;
+2. a byte-level BPE tokenizer trained offline with the LLaDA special tokens and chat template;
+3. `llada-jax pretrain` on the corpus, then `llada-jax sft` on the task (the same commands users run:
+   Grain pipeline, sharded jitted step, Orbax checkpoints);
+4. `llada-jax sample` on the held-out prompts with every method and remasking strategy, and the exact-match
+   accuracy of each;
+5. `llada-jax convert to-hf` and a reload check (the JAX model from the HF directory, and the PyTorch model
+   through transformers when torch is installed, against the trained model's logits);
+6. `report.md`, `loss_curve.png` and `results.json` in the output directory.
+
+Every step keeps its files in the output directory, so running the command again resumes where it stopped
+(training from its checkpoints, sampling from its partly written outputs) and redoes nothing finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+
+DEFAULTS = dict(d_model=128, n_layers=4, n_heads=4, pretrain_steps=300, sft_steps=900, batch_size=32,
+                test_size=200, digits=5, seed=0)
+METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
+REMASKING = ("low_confidence", "random")
+SAMPLING = dict(gen_length=16, block_length=8, steps=16)
+PRETRAIN_LENGTH, SFT_LENGTH = 128, 48
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="train, fine-tune, sample, evaluate and export a small LLaDA on CPU (no downloads)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", default="demo_out", help="where everything goes (default: demo_out)")
+    for name in ("d_model", "n_layers", "n_heads", "pretrain_steps", "sft_steps", "batch_size", "test_size",
+                 "digits", "seed"):
+        p.add_argument(f"--{name}", type=int, default=DEFAULTS[name], help=f"default {DEFAULTS[name]}")
+    p.set_defaults(func=run)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+
+def corpus_paragraphs() -> list[str]:
+    """The prose of Python's own documentation topics (shipped with every CPython as pydoc_data)."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for name in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[name]):
+            para = " ".join(para.split())
+            if len(para) > 40:
+                paragraphs.append(para)
+    return paragraphs
+
+
+def task_prompt(digits: list[int]) -> str:
+    return "Sort: " + " ".join(map(str, digits))
+
+
+def task_answer(digits: list[int]) -> str:
+    return " ".join(map(str, sorted(digits)))
+
+
+def task_split(n_train: int, n_test: int, digits: int, seed: int):
+    """Distinct random digit lists: `n_test` held out, `n_train` for training, no list in both."""
+    rng = random.Random(seed)
+    seen, test = set(), []
+    while len(test) < n_test:
+        x = tuple(rng.randrange(10) for _ in range(digits))
+        if x not in seen:
+            seen.add(x)
+            test.append(list(x))
+    train = []
+    while len(train) < n_train:
+        x = tuple(rng.randrange(10) for _ in range(digits))
+        if x not in seen:
+            train.append(list(x))
+    return train, test
+
+
+def _write_jsonl(path: str, records) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_data(out: str, a) -> dict:
+    data = os.path.join(out, "data")
+    os.makedirs(data, exist_ok=True)
+    paths = {name: os.path.join(data, name + ".jsonl") for name in ("corpus", "sft_train", "test")}
+    if not all(os.path.exists(p) for p in paths.values()):
+        _write_jsonl(paths["corpus"], ({"text": p} for p in corpus_paragraphs()))
+        n_train = a.sft_steps * a.batch_size  # one epoch of distinct examples, more than the model needs
+        train, test = task_split(min(n_train, 60000), a.test_size, a.digits, a.seed)
+        _write_jsonl(paths["sft_train"], ({"messages": [{"role": "user", "content": task_prompt(x)},
+                                                        {"role": "assistant", "content": task_answer(x)}]}
+                                          for x in train))
+        _write_jsonl(paths["test"], ({"id": i, "messages": [{"role": "user", "content": task_prompt(x)}],
+                                      "answer": task_answer(x)} for i, x in enumerate(test)))
+    return paths
+
+
+def prepare_tokenizer(out: str, paths: dict) -> str:
+    from llada_jax.data.tokenizer import build_bpe_tokenizer
+
+    directory = os.path.join(out, "tokenizer")
+    if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+        texts = [json.loads(line)["text"] for line in open(paths["corpus"], encoding="utf-8")]
+        texts += [task_prompt(list(range(10))), task_answer(list(range(10)))] * 50
+        build_bpe_tokenizer(texts, directory, vocab_size=512)  # the tiny preset's special ids
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------
+# The steps, through the project's own commands
+# ----------------------------------------------------------------------------------------------------
+
+
+def _command(argv: list[str]) -> None:
+    from llada_jax.cli import main
+
+    code = main(argv)
+    if code:
+        raise SystemExit(f"llada-jax demo: `llada-jax {' '.join(argv[:1])}` failed with exit code {code}")
+
+
+def _train_config(out: str, name: str, a, task: str) -> str:
+    from llada_jax.config import LLaDAConfig, sft_defaults, train_config
+    from llada_jax.train.checkpoint import write_json_atomic
+
+    model = LLaDAConfig.tiny(d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_heads,
+                             mlp_hidden_size=3 * a.d_model)
+    c = train_config(model, task=task)
+    if task == "sft":
+        sft_defaults(c)
+        c.learning_rate, c.max_length, c.max_steps = 1e-3, SFT_LENGTH, a.sft_steps
+    else:
+        c.learning_rate, c.max_length, c.max_steps = 2e-3, PRETRAIN_LENGTH, a.pretrain_steps
+    c.batch_size, c.gradient_accumulation_steps = a.batch_size, 1
+    c.warmup_steps = max(1, c.max_steps // 20)
+    c.save_steps, c.logging_steps, c.seed = max(1, c.max_steps // 3), 5, a.seed
+    c.mesh.fsdp = 1  # one CPU device: the demo runs anywhere
+    c.checkpoint.keep = 1
+    path = os.path.join(out, f"{name}_config.json")
+    body = c.to_dict()
+    body.pop("task")
+    write_json_atomic(path, {"pretraining" if task == "pretrain" else "sft": body})
+    return path
+
+
+def train(out: str, paths: dict, tokenizer: str, a, times: dict) -> None:
+    with _timed(times, "pretrain_s", done=_trained(out, "pretrain", a.pretrain_steps)):
+        _command(["pretrain", "--config", _train_config(out, "pretrain", a, "pretrain"), "--data_path",
+                  paths["corpus"], "--output_dir", os.path.join(out, "pretrain"), "--config.data.tokenizer=" + tokenizer])
+    with _timed(times, "sft_s", done=_trained(out, "sft", a.sft_steps)):
+        _command(["sft", "--config", _train_config(out, "sft", a, "sft"), "--data_path", paths["sft_train"],
+                  "--model_name_or_path", os.path.join(out, "pretrain"), "--output_dir", os.path.join(out, "sft")])
+
+
+def _trained(out: str, name: str, steps: int) -> bool:
+    from llada_jax.train.checkpoint import latest_finished_step
+
+    return (latest_finished_step(os.path.join(out, name)) or 0) >= steps
+
+
+@contextlib.contextmanager
+def _timed(times: dict, key: str, *, done: bool = False):
+    """Time the block into `times[key]`, unless its work was already done (a resumed demo keeps the first
+    run's figure)."""
+    start = time.perf_counter()
+    yield
+    if not done or key not in times:
+        times[key] = time.perf_counter() - start
+
+
+def sample_all(out: str, paths: dict, times: dict) -> list[dict]:
+    """Every method x remasking strategy on the held-out prompts through `llada-jax sample`."""
+    answers = [json.loads(line)["answer"] for line in open(paths["test"], encoding="utf-8")]
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    rows = []
+    for method in METHODS:
+        for remasking in REMASKING:
+            target = os.path.join(out, "samples", f"{method}__{remasking}.jsonl")
+            argv = ["sample", "--model", os.path.join(out, "sft"), "--input", paths["test"], "--output", target,
+                    "--sampling_method", method, "--remasking_strategy", remasking, "--batch_size", "100",
+                    "--no_progress"] + [f"--{k}={v}" for k, v in SAMPLING.items()]
+            done = os.path.exists(target) and sum(1 for _ in open(target, encoding="utf-8")) == len(answers)
+            if os.path.exists(target):
+                argv.append("--resume")
+            key = f"sample_{method}_{remasking}_s"
+            with _timed(times, key, done=done):
+                _command(argv)
+            seconds = times[key]
+            lines = [json.loads(line) for line in open(target, encoding="utf-8")]
+            correct = [line["text"].strip() == answer for line, answer in zip(lines, answers)]
+            rows.append({"method": method, "remasking": remasking, "accuracy": sum(correct) / len(correct),
+                         "mean_nfe": sum(line["nfe"] for line in lines) / len(lines), "seconds": seconds,
+                         "examples": [(answers[i], lines[i]["text"]) for i in range(3)]})
+    return rows
+
+
+def export_and_reload(out: str, paths: dict) -> dict:
+    """Export to HF, reload it both in JAX and (if torch is installed) in PyTorch, and compare logits."""
+    import numpy as np
+
+    from llada_jax import LLaDAForMaskedLM
+    from llada_jax.data.tokenizer import TokenizerHelper
+
+    hf = os.path.join(out, "hf")
+    if not os.path.exists(os.path.join(hf, "config.json")):
+        _command(["convert", "to-hf", "--input", os.path.join(out, "sft"), "--output", hf])
+    trained = LLaDAForMaskedLM.from_pretrained(os.path.join(out, "sft"))
+    tok = TokenizerHelper(os.path.join(out, "sft", "tokenizer"))
+    prompts = [json.loads(line)["messages"] for line in open(paths["test"], encoding="utf-8")][:4]
+    ids = [np.array([tok.apply_chat_template(m)]) for m in prompts]  # one prompt at a time: no padding
+    reference = [np.asarray(trained(x)) for x in ids]
+    reloaded = LLaDAForMaskedLM.from_pretrained(hf)
+    diff = max(float(np.max(np.abs(np.asarray(reloaded(x)) - r))) for x, r in zip(ids, reference))
+    result = {"hf_dir": hf, "jax_max_abs_diff": diff}
+    try:
+        import torch
+        from transformers import AutoModel
+    except ImportError:
+        result["torch"] = "not installed: PyTorch reload skipped"
+        return result
+    os.environ.setdefault("HF_MODULES_CACHE", os.path.join(out, ".hf_modules"))
+    torch_model = AutoModel.from_pretrained(hf, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = [torch_model(torch.from_numpy(x)).logits.float().numpy() for x in ids]
+    result["torch_max_abs_diff"] = max(float(np.max(np.abs(a - r))) for a, r in zip(logits, reference))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+
+
+def loss_curve(out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llada_jax.train.metrics import read_metrics
+
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, name in zip(axes, ("pretrain", "sft")):
+        m = read_metrics(os.path.join(out, name))
+        steps, loss = np.array([r["step"] for r in m]), np.array([r["loss"] for r in m])
+        ax.plot(steps, loss, alpha=0.35, label="logged")
+        window = min(5, len(loss))
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, label=f"mean of {window}")
+        ax.legend()
+        ax.set_title(f"{name} loss ({'masked-diffusion bound, pydoc prose' if name == 'pretrain' else 'sorting task'})")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out, "loss_curve.png")
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+def write_report(out: str, a, rows: list[dict], times: dict, export: dict) -> None:
+    from llada_jax.train.checkpoint import write_json_atomic
+    from llada_jax.train.metrics import read_metrics
+
+    pre, sft = read_metrics(os.path.join(out, "pretrain")), read_metrics(os.path.join(out, "sft"))
+    results = {"accuracy": {f"{r['method']}/{r['remasking']}": r["accuracy"] for r in rows},
+               "nfe": {f"{r['method']}/{r['remasking']}": r["mean_nfe"] for r in rows},
+               "timings_s": times, "export": export,
+               "final_loss": {"pretrain": pre[-1]["loss"], "sft": sft[-1]["loss"]},
+               "settings": {**{k: getattr(a, k) for k in DEFAULTS}, **SAMPLING}}
+    write_json_atomic(os.path.join(out, "results.json"), results)
+    lines = [
+        "# llada-jax demo",
+        "",
+        f"A LLaDA model (d_model {a.d_model}, {a.n_layers} layers, {a.n_heads} heads, vocabulary 512) pretrained for "
+        f"{a.pretrain_steps} steps on the prose of Python's pydoc topics, then fine-tuned for {a.sft_steps} steps "
+        f"to sort {a.digits} digits, and evaluated on {a.test_size} held-out prompts "
+        f"(gen_length {SAMPLING['gen_length']}, block_length {SAMPLING['block_length']}, steps {SAMPLING['steps']}, "
+        "temperature 0).",
+        "",
+        "| method | remasking | exact match | mean NFE | seconds (load, compile, 200 prompts) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [f"| {r['method']} | {r['remasking']} | {r['accuracy']:.1%} | {r['mean_nfe']:.1f} | {r['seconds']:.1f} |"
+              for r in rows]
+    lines += ["", "Final training loss: pretraining {:.3f}, SFT {:.4f}. ![loss curves](loss_curve.png)".format(
+        pre[-1]["loss"], sft[-1]["loss"]), "", "## Timings", ""]
+    lines += [f"- {k.replace('_s', '')}: {v:.1f} s" for k, v in times.items()]
+    lines += ["", "## Sample generations (expected -> generated)", ""]
+    for r in rows:
+        shown = "; ".join(f"`{want}` -> `{got.strip()}`" for want, got in r["examples"])
+        lines.append(f"- {r['method']} / {r['remasking']}: {shown}")
+    lines += ["", "## Export", "", f"Hugging Face directory: `{export['hf_dir']}`. Reloaded in JAX: max |logit "
+              f"difference| {export['jax_max_abs_diff']:.2e}."]
+    if "torch_max_abs_diff" in export:
+        lines.append(f"Loaded by transformers (`AutoModel`, trust_remote_code) in PyTorch: max |logit difference| "
+                     f"{export['torch_max_abs_diff']:.2e}.")
+    else:
+        lines.append(f"PyTorch: {export['torch']}.")
+    tmp = os.path.join(out, "report.md.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(out, "report.md"))
+
+
+def run(a) -> int:
+    from llada_jax.train.checkpoint import write_json_atomic
+
+    out = os.path.abspath(a.output_dir)
+    os.makedirs(out, exist_ok=True)
+    timings_path = os.path.join(out, "timings.json")
+    times = json.load(open(timings_path, encoding="utf-8")) if os.path.exists(timings_path) else {}
+    with _timed(times, "data_and_tokenizer_s", done=os.path.exists(os.path.join(out, "tokenizer", "tokenizer.json"))):
+        paths = prepare_data(out, a)
+        tokenizer = prepare_tokenizer(out, paths)
+    write_json_atomic(timings_path, times)
+    train(out, paths, tokenizer, a, times)
+    write_json_atomic(timings_path, times)
+    rows = sample_all(out, paths, times)
+    write_json_atomic(timings_path, times)
+    with _timed(times, "export_and_reload_s"):
+        export = export_and_reload(out, paths)
+    write_json_atomic(timings_path, times)
+    loss_curve(out)
+    write_report(out, a, rows, {k: v for k, v in times.items() if not k.startswith("sample_")}, export)
+    shutil.rmtree(os.path.join(out, ".hf_modules"), ignore_errors=True)
+    print(open(os.path.join(out, "report.md"), encoding="utf-8").read())
+    return 0
