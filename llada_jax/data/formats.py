@@ -374,18 +374,24 @@ def _message_list(obj: dict, key: str, where: str) -> list:
     return value
 
 
-def sharegpt_messages(obj: dict, where: str) -> _Messages:
-    """ShareGPT `conversations` ([{'from', 'value'}]) as normalised messages."""
-    if "conversations" not in obj:
-        raise DataError(where, "conversations", "missing")
-    out = []
-    for i, turn in enumerate(_message_list(obj, "conversations", where)):
-        field = f"conversations[{i}]"
+def _turns(obj: dict, list_key: str, role_key: str, content_key: str, where: str):
+    """(field, turn) for each turn object of `obj[list_key]`, checked to hold `role_key` and `content_key`."""
+    if list_key not in obj:
+        raise DataError(where, list_key, "missing")
+    for i, turn in enumerate(_message_list(obj, list_key, where)):
+        field = f"{list_key}[{i}]"
         if not isinstance(turn, dict):
             raise DataError(where, field, f"expected an object, got {json_type(turn)}")
-        for key in ("from", "value"):
+        for key in (role_key, content_key):
             if key not in turn:
                 raise DataError(where, f"{field}.{key}", "missing")
+        yield field, turn
+
+
+def sharegpt_messages(obj: dict, where: str) -> _Messages:
+    """ShareGPT `conversations` ([{'from', 'value'}]) as normalised messages."""
+    out = []
+    for field, turn in _turns(obj, "conversations", "from", "value", where):
         out.append({"role": _role(turn["from"], f"{field}.from", where),
                     "content": text_field(turn["value"], f"{field}.value", where), "field": f"{field}.value"})
     return _Messages(out, "conversations")
@@ -393,16 +399,8 @@ def sharegpt_messages(obj: dict, where: str) -> _Messages:
 
 def openai_messages(obj: dict, where: str) -> _Messages:
     """OpenAI `messages` ([{'role', 'content'}], content a string or a list of text parts) as normalised messages."""
-    if "messages" not in obj:
-        raise DataError(where, "messages", "missing")
     out = []
-    for i, turn in enumerate(_message_list(obj, "messages", where)):
-        field = f"messages[{i}]"
-        if not isinstance(turn, dict):
-            raise DataError(where, field, f"expected an object, got {json_type(turn)}")
-        for key in ("role", "content"):
-            if key not in turn:
-                raise DataError(where, f"{field}.{key}", "missing")
+    for field, turn in _turns(obj, "messages", "role", "content", where):
         content = turn["content"]
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             parts = []
