@@ -194,7 +194,7 @@ def train(config) -> dict:
                 row["mfu"] = flops_per_step / step_seconds / (peak * jax.device_count())
             logger.log(step_done, row)
             last = {"step": step_done, **row}
-            progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}")
+            progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}", refresh=False)
         if m["nonfinite_streak"] >= config.max_consecutive_nonfinite:
             raise TrainingStopped(
                 f"stopping at step {step_done}: {m['nonfinite_streak']} consecutive steps had a non-finite loss or "
