@@ -26,7 +26,7 @@ import re
 import shutil
 import time
 
-DEFAULTS = dict(d_model=128, n_layers=4, n_heads=4, pretrain_steps=300, sft_steps=900, batch_size=32,
+DEFAULTS = dict(d_model=128, n_layers=4, n_heads=4, pretrain_steps=200, sft_steps=1500, batch_size=32,
                 test_size=200, digits=5, seed=0)
 METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
 REMASKING = ("low_confidence", "random")
