@@ -98,6 +98,19 @@ def greedy_check(model, prompt_ids, answer_ids, cfg_scale: float = 0.0, *, mask_
     return bool(out[0]) if single else out
 
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of a text pair, as the official `_encode_pair`: trailing spaces of the context
+    move to the continuation, the context is encoded with the tokenizer's special tokens (e.g. BOS), and the
+    answer is what encoding context + continuation adds after the context's tokens. `tokenizer`: a
+    `TokenizerHelper`."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation, add_special_tokens=True)
+    prompt = tokenizer.encode(context, add_special_tokens=True)
+    return prompt, whole[len(prompt):]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------------
