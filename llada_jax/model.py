@@ -162,6 +162,16 @@ class LLaDABlock(nnx.Module):
     def __call__(self, x: Array, cos: Array, sin: Array, key_mask: Array | None) -> Array:
         return self.forward(x, cos, sin, key_mask)[0]
 
+    def qkv(self, x: Array) -> tuple[Array, Array, Array]:
+        """Queries [B, n, heads, head_dim], keys and values [B, n, kv_heads, head_dim] of x, before RoPE."""
+        c = self.config
+        dt = _dtype(c.dtype)
+        h = rms_norm(x, self.attn_norm[...], c.rms_norm_eps).astype(dt)
+        q = sharding.constrain(dense(h, self.q_proj[...].astype(dt)), BLNH)
+        k = sharding.constrain(dense(h, self.k_proj[...].astype(dt)), BLKH)
+        v = sharding.constrain(dense(h, self.v_proj[...].astype(dt)), BLKH)
+        return q, k, v
+
     def forward(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, cached: "KVCache | None" = None,
                 start=None, key_rope: tuple[Array, Array] | None = None) -> tuple[Array, "KVCache"]:
         """The block on `x` [B, n, D]: (output [B, n, D], KVCache of x's positions, each [B, n, kv_heads, head_dim]).
@@ -179,10 +189,7 @@ class LLaDABlock(nnx.Module):
         def w(p):
             return p[...].astype(dt)
 
-        h = rms_norm(x, self.attn_norm[...], c.rms_norm_eps).astype(dt)
-        q = sharding.constrain(dense(h, w(self.q_proj)), BLNH)
-        k = sharding.constrain(dense(h, w(self.k_proj)), BLKH)
-        v = sharding.constrain(dense(h, w(self.v_proj)), BLKH)
+        q, k, v = self.qkv(x)
         fresh = KVCache(k, v)
         key_cos, key_sin = cos, sin
         if cached is not None:
