@@ -102,3 +102,30 @@ def test_bad_input_is_an_error(model):
         log_likelihood(model, [[1], [2]], [[3]])
     with pytest.raises(ValueError, match="exceed the model's max_sequence_length"):
         greedy_check(model, [1] * 500, [2] * 20)
+
+
+def test_eval_likelihood_command_writes_the_api_results(model, tmp_path, capsys):
+    import json
+
+    from llada_jax.cli import main
+    from llada_jax.train.checkpoint import save_model
+
+    run = save_model(model, str(tmp_path / "run"))  # no tokenizer: id pairs only
+    pairs = [{"id": "a", "prompt_ids": [3, 17, 42], "answer_ids": [250, 8]}, {"prompt_ids": [9], "answer_ids": [7]}]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    out = tmp_path / "out.jsonl"
+    args = ["eval-likelihood", "--model", run, "--input", str(src), "--output", str(out), "--mc_num", "8",
+            "--batch_size", "4", "--seed", "3"]
+    assert main([*args, "--greedy"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    want = log_likelihood(model, [p["prompt_ids"] for p in pairs], [p["answer_ids"] for p in pairs], mc_num=8,
+                          batch_size=4, rng=3, return_stderr=True)
+    greedy = greedy_check(model, [p["prompt_ids"] for p in pairs], [p["answer_ids"] for p in pairs])
+    assert [line.get("id") for line in lines] == ["a", None] and [line["answer_tokens"] for line in lines] == [2, 1]
+    np.testing.assert_allclose([line["log_likelihood"] for line in lines], want.log_likelihood, rtol=1e-6)
+    assert [line["greedy"] for line in lines] == greedy.tolist()
+    src.write_text('{"prompt": "hi", "answer": "there"}\n')
+    assert main(args) == 2 and "text pairs need a tokenizer" in capsys.readouterr().err
+    assert main([*args[:-4], "--mc_num", "10", "--batch_size", "4"]) == 2
+    assert "--mc_num 10 must be a multiple of --batch_size 4" in capsys.readouterr().err
