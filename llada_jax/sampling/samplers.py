@@ -43,10 +43,27 @@ position first (`lax.top_k`). torch.topk leaves the order of equal values unspec
 lowest index), so exact ties are the one place the official output is not reproducible; with float32
 confidences they need saturated probabilities (exactly 1.0) and are rare for sampled text.
 
+Fast decoding (Fast-dLLM; both options work with every method, remasking strategy and CFG):
+- `threshold`: instead of the schedule's k, each step commits every masked position of the current block whose
+  confidence is at least `threshold`, and always the most confident one (`remasking.select_threshold`); a
+  block's steps run in a `lax.while_loop` until no row has a mask left in the block (at most block_length
+  steps; `steps` is not used). A row whose block is done takes no part in the remaining steps of that block.
+  The noise of step i of block n is keyed by n * block_length + i, so each row's result does not depend on
+  the other rows of the batch.
+- `cache` = "prefix" | "dual": the first step of each block is a full forward pass that also fills a KV cache
+  of the whole sequence (`model.hidden_states_and_kv`); the block's other steps run only a window against
+  it (`model.hidden_states_from_kv`): the block and every position after it (prefix), or the block alone
+  (dual, and for `semi_ar_origin`, whose later positions are hidden). `cache_refresh` = r > 0 makes every
+  r-th step of a block a full, cache-refreshing pass (r = 1: every step, the uncached result). Windowed steps
+  only decide positions of the block, so a mask before the block (in a prompt) is filled at full steps only.
+  With the prefix cache the window shrinks from block to block, so the blocks are unrolled in the program
+  (one section per block); otherwise blocks run in a `lax.fori_loop` / `lax.while_loop`.
+
 NFE accounting (`SampleStats`): `nfe[b]` is the number of network evaluations spent on row b, i.e. denoising
 steps run for that row, times 2 with CFG (the conditional and the unconditional sequence are both evaluated);
-for `semi_ar_origin` it counts only the blocks the row actually decoded. `forward_calls` is the number of
-batched model calls the program made (steps of the loop).
+for `semi_ar_origin` it counts only the blocks the row actually decoded, with a threshold only the steps the
+row took part in. A cached (windowed) step counts like a full one: one evaluation of the network, on fewer
+positions. `forward_calls` is the number of batched model calls the program made (steps of the loop).
 """
 
 from __future__ import annotations
