@@ -46,11 +46,16 @@ class DigitTokenizer:
 def test_compare_sampling_methods_scores_exact_match_nfe_and_speed(tmp_path):
     model = LLaDAForMaskedLM(LLaDAConfig.tiny(), rngs=nnx.Rngs(0))
     prompts = [[3, 17, 42], [8, 1, 300, 65], [9, 9], [4, 5, 6, 7, 8]]
-    greedy = np.asarray(generate(model, np.array([prompts[0]]), gen_length=8, block_length=4, steps=8))[0, 3:]
-    reference = list(greedy[:list(greedy).index(EOS)] if EOS in greedy else greedy)
+    ids = np.array([[EOS, EOS] + prompts[0], prompts[3]], np.int32)
+    attn = np.array([[0, 0, 1, 1, 1], [1] * 5], np.int32)
+    greedy = np.asarray(generate(model, ids, attn, gen_length=8, block_length=4, steps=8))[:, 5:]
+
+    def upto_eos(row):
+        row = list(row)
+        return row[:row.index(EOS)] if EOS in row else row
+
+    reference, text3 = upto_eos(greedy[0]), DigitTokenizer().decode(upto_eos(greedy[1]), True)
     # example 0: the greedy answer as ids (+ EOS), 1: wrong ids, 2: wrong text, 3: the greedy answer as text
-    greedy3 = np.asarray(generate(model, np.array([prompts[3]]), gen_length=8, block_length=4, steps=8))[0, 5:]
-    text3 = DigitTokenizer().decode(greedy3[:list(greedy3).index(EOS)] if EOS in greedy3 else greedy3, True)
     dataset = [(prompts[0], reference + [EOS]), (prompts[1], [1, 2, 3]), (prompts[2], "no"), (prompts[3], text3)]
     settings = [dict(name="base", method="semi_ar_padding", gen_length=8, block_length=4, steps=8),
                 dict(name="fast", method="semi_ar_padding", gen_length=8, block_length=4, threshold=0.02,

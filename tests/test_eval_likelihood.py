@@ -83,14 +83,16 @@ def test_batched_examples_equal_each_example_alone(model):
 
 def test_greedy_check_is_the_one_token_per_step_decode(model):
     prompts = [[3, 17, 42, 99], [8, 1, 300, 65, 12, 77]]
-    decoded = []
-    for p, n, cfg in ((prompts[0], 5, 0.0), (prompts[1], 3, 0.0), (prompts[0], 4, 1.0)):
-        out = generate(model, np.array([p]), method="fixed_length", gen_length=n, steps=n, cfg_scale=cfg)
-        decoded.append(np.asarray(out)[0, len(p):].tolist())
-    assert greedy_check(model, [prompts[0], prompts[1]], decoded[:2]).tolist() == [True, True]
+    ids = np.array([[MASK, MASK] + prompts[0], prompts[1]], np.int32)  # left-padded (the pad id is ignored)
+    attn = np.array([[0, 0, 1, 1, 1, 1], [1] * 6], np.int32)
+    decoded = np.asarray(generate(model, ids, attn, method="fixed_length", gen_length=4, steps=4))[:, 6:].tolist()
+    with_cfg = np.asarray(generate(model, np.array([prompts[0]]), method="fixed_length", gen_length=4, steps=4,
+                                   cfg_scale=1.0))[0, 4:].tolist()
+    assert greedy_check(model, prompts, decoded).tolist() == [True, True]
     wrong = [decoded[0][:2] + [(decoded[0][2] + 1) % 500] + decoded[0][3:], decoded[1]]
     assert greedy_check(model, prompts, wrong).tolist() == [False, True]
-    assert greedy_check(model, prompts[0], decoded[2], cfg_scale=1.0)
+    assert greedy_check(model, prompts[0], with_cfg, cfg_scale=1.0)
+    assert with_cfg != decoded[0] and not greedy_check(model, prompts[0], with_cfg)  # CFG changes the decode
 
 
 def test_bad_input_is_an_error(model):
