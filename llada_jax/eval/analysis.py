@@ -21,8 +21,8 @@ common length so each setting compiles once, before timing) and gives a row:
     seconds (sampling time, compile excluded), tokens_per_s (examples x gen_length / seconds)
 
 Exact match: the generated tokens are cut at the first EOS (or end-of-turn, when a tokenizer names one);
-id answers are compared as token lists (trailing EOS removed), text answers as the decoded text without
-special tokens, both stripped of surrounding whitespace.
+id answers are compared as token lists (the reference's trailing EOS removed), text answers as the decoded
+text without special tokens, stripped of surrounding whitespace on both sides.
 """
 
 from __future__ import annotations
