@@ -4,7 +4,6 @@ local JSONL files), checked against the package's own estimator and sampler."""
 
 import glob
 import json
-import os
 import runpy
 import sys
 
@@ -21,7 +20,6 @@ from llada_jax.eval.likelihood import encode_pair  # noqa: E402
 from llada_jax.sampling.prompts import left_pad, padded_length  # noqa: E402
 from llada_jax.train.checkpoint import save_model  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["two plus two is four.", "three plus three is six.", "the sky is blue.", "grass is green.",
          "Question: what colour is the sky? Answer: blue"] * 4
 MC = [{"question": "two plus two is", "choices": ["four", "six"], "label": 0},

@@ -32,7 +32,8 @@ Text handling follows the official harness: a (context, continuation) pair is en
 generation prompts are encoded with the tokenizer's special tokens (BOS) unless the text already starts with
 BOS (a chat template), the answer is decoded with special tokens, cut at the first stop string of `until`, and
 returned without special tokens. Other generation kwargs of a task (max_gen_toks, temperature, do_sample) are
-ignored: the model args fix the sampler, as in the official harness. `loglikelihood_rolling` is not supported (as in the official code).
+ignored: the model args fix the sampler, as in the official harness. `loglikelihood_rolling` is not supported
+(as in the official code).
 """
 
 from __future__ import annotations
