@@ -33,7 +33,10 @@ setup(
     extras_require={
         # PyTorch interop: the exported modeling file, conversion checks, the PyTorch baselines in bench/.
         "torch": ["torch>=2.4"],
-        "test": ["pytest>=8", "torch>=2.4"],
+        # lm-evaluation-harness: the `llada_jax` model (llada_jax.eval.lm_eval_adapter).
+        "eval": ["lm_eval>=0.4.9"],
+        "test": ["pytest>=8", "torch>=2.4", "lm_eval>=0.4.9"],
     },
-    entry_points={"console_scripts": ["llada-jax=llada_jax.cli:main"]},
+    entry_points={"console_scripts": ["llada-jax=llada_jax.cli:main",
+                                      "llada-jax-lm-eval=llada_jax.eval.lm_eval_adapter:main"]},
 )

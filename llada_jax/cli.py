@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "llada_jax.data.cli",
     "llada_jax.convert.cli",
     "llada_jax.sampling.cli",
+    "llada_jax.eval.cli",
     "llada_jax.demo",
 )
 

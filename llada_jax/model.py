@@ -14,9 +14,16 @@ attention without a causal mask (optionally grouped-query), and no biases. The m
 Parameters keep per-head shapes ([embed, heads, head_dim] for q/k/v, [heads, head_dim, embed] for the
 output projection) so that heads can be sharded directly, and every one carries `logical_axes` metadata
 for the sharding rules.
+
+KV cache (for the cached samplers). `hidden_states_and_kv` runs the whole sequence like `hidden_states` and
+also returns every layer's keys (before RoPE) and values (`KVCache`); `hidden_states_from_kv` runs only a
+window of positions, whose queries attend to the cached keys and values of the whole sequence with the
+window's own recomputed. Both go through the same block code (`LLaDABlock.forward`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -153,17 +160,43 @@ class LLaDABlock(nnx.Module):
         self.ff_out = _param(_trunc_normal(rngs, (m, d), m**-0.5 * depth_scale, pd), ("mlp", "embed"))
 
     def __call__(self, x: Array, cos: Array, sin: Array, key_mask: Array | None) -> Array:
+        return self.forward(x, cos, sin, key_mask)[0]
+
+    def qkv(self, x: Array) -> tuple[Array, Array, Array]:
+        """Queries [B, n, heads, head_dim], keys and values [B, n, kv_heads, head_dim] of x, before RoPE."""
+        c = self.config
+        dt = _dtype(c.dtype)
+        h = rms_norm(x, self.attn_norm[...], c.rms_norm_eps).astype(dt)
+        q = sharding.constrain(dense(h, self.q_proj[...].astype(dt)), BLNH)
+        k = sharding.constrain(dense(h, self.k_proj[...].astype(dt)), BLKH)
+        v = sharding.constrain(dense(h, self.v_proj[...].astype(dt)), BLKH)
+        return q, k, v
+
+    def forward(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, cached: "KVCache | None" = None,
+                start=None, key_rope: tuple[Array, Array] | None = None) -> tuple[Array, "KVCache"]:
+        """The block on `x` [B, n, D]: (output [B, n, D], KVCache of x's positions, each [B, n, kv_heads, head_dim]).
+
+        Without `cached`, x is the whole sequence and attends to itself (`key_mask` [B, n]). With `cached`, the
+        keys and values [B, S, kv_heads, head_dim] of a whole sequence of S positions, x holds its positions
+        `start` .. start + n - 1 (`cos` / `sin` of those positions): their fresh keys and values replace the
+        cached ones there, and x attends to all S positions (`key_mask` [B, S], `key_rope` the cos / sin of all
+        S positions). Keys are cached before RoPE (applied as they are read), so a cache fill computes exactly
+        the numbers of the plain forward.
+        """
         c = self.config
         dt = _dtype(c.dtype)
 
         def w(p):
             return p[...].astype(dt)
 
-        h = rms_norm(x, self.attn_norm[...], c.rms_norm_eps).astype(dt)
-        q = sharding.constrain(dense(h, w(self.q_proj)), BLNH)
-        k = sharding.constrain(dense(h, w(self.k_proj)), BLKH)
-        v = sharding.constrain(dense(h, w(self.v_proj)), BLKH)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.qkv(x)
+        fresh = KVCache(k, v)
+        key_cos, key_sin = cos, sin
+        if cached is not None:
+            k, v = (sharding.constrain(jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), start, 1), BLKH)
+                    for old, new in ((cached.k, k), (cached.v, v)))
+            key_cos, key_sin = key_rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, key_cos, key_sin)
         att = attention(q, k, v, key_mask, _resolve_attention_impl(c))
         att = dense(att, w(self.attn_out), n_in=2)
         x = sharding.constrain(x + checkpoint_name(att, "attn_out"), BLD)
@@ -172,7 +205,16 @@ class LLaDABlock(nnx.Module):
         gate = sharding.constrain(dense(h, w(self.ff_proj)), BLM)
         up = sharding.constrain(dense(h, w(self.up_proj)), BLM)
         mlp = dense(jax.nn.silu(gate) * up, w(self.ff_out))
-        return sharding.constrain(x + checkpoint_name(mlp, "mlp_out"), BLD)
+        return sharding.constrain(x + checkpoint_name(mlp, "mlp_out"), BLD), fresh
+
+
+class KVCache(NamedTuple):
+    """Keys (before RoPE) and values of every layer: k, v [n_layers, B, S, kv_heads, head_dim] in the compute
+    dtype (per block: [B, S, kv_heads, head_dim]). Filled by `LLaDAForMaskedLM.hidden_states_and_kv`, read by
+    `hidden_states_from_kv`."""
+
+    k: Array
+    v: Array
 
 
 class LLaDAForMaskedLM(nnx.Module):
@@ -227,20 +269,60 @@ class LLaDAForMaskedLM(nnx.Module):
         positions = positions_from_mask(attention_mask, b, length)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         key_mask = None if attention_mask is None else attention_mask.astype(bool)
-        x = self.embed(input_ids)
+        return self._layers(self.embed(input_ids), cos, sin, key_mask)[0]
 
-        def apply_block(graphdef, params, x):
-            return nnx.merge(graphdef, params)(x, cos, sin, key_mask)
+    def hidden_states_and_kv(self, input_ids: Array, attention_mask: Array | None = None) -> tuple[Array, KVCache]:
+        """`hidden_states` plus every layer's keys and values of every position (a KV-cache fill):
+        (hidden [B, L, D], KVCache [n_layers, B, L, kv_heads, head_dim]). Same numbers as `hidden_states`."""
+        c = self.config
+        b, length = input_ids.shape
+        positions = positions_from_mask(attention_mask, b, length)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        key_mask = None if attention_mask is None else attention_mask.astype(bool)
+        return self._layers(self.embed(input_ids), cos, sin, key_mask, collect=True)
+
+    def hidden_states_from_kv(self, window_ids: Array, start, cache: KVCache,
+                              attention_mask: Array | None = None) -> Array:
+        """Final residual stream of positions `start` .. start + n - 1 of a sequence of S positions, computed
+        from their tokens `window_ids` [B, n] and the cached keys and values of the whole sequence (`cache`,
+        from `hidden_states_and_kv`; the window's own are recomputed). `attention_mask` [B, S] is the whole
+        sequence's; positions outside the window contribute their cached keys and values only, so the result
+        equals `hidden_states` of the whole sequence at the window when the cache is up to date with it.
+        `start` may be traced; n is static."""
+        c = self.config
+        b, n = window_ids.shape
+        length = cache.k.shape[2]
+        key_cos, key_sin = rope_tables(positions_from_mask(attention_mask, b, length), c.head_dim, c.rope_theta)
+        cos, sin = (jax.lax.dynamic_slice_in_dim(t, start, n, axis=1) for t in (key_cos, key_sin))
+        key_mask = None if attention_mask is None else attention_mask.astype(bool)
+        return self._layers(self.embed(window_ids), cos, sin, key_mask, cache=cache, start=start,
+                            key_rope=(key_cos, key_sin))[0]
+
+    def _layers(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, *, cache: KVCache | None = None,
+                start=None, key_rope=None, collect: bool = False) -> tuple[Array, KVCache | None]:
+        """Run every block over x: (x, the blocks' KVCache of x's positions when `collect` or with `cache`)."""
+        c = self.config
+        plain = cache is None and not collect
+
+        def apply_block(graphdef, params, x, layer_cache):
+            block = nnx.merge(graphdef, params)
+            if plain:
+                return block(x, cos, sin, key_mask), None
+            return block.forward(x, cos, sin, key_mask, layer_cache, start, key_rope)
 
         if c.scan_layers:
             graphdef, params = nnx.split(self.blocks)
-            step = _remat(lambda h, p: (apply_block(graphdef, p, h), None), c.remat_policy, in_scan=True)
-            x, _ = jax.lax.scan(step, x, params)
-        else:
-            for block in self.blocks:
-                graphdef, params = nnx.split(block)
-                x = _remat(lambda p, h: apply_block(graphdef, p, h), c.remat_policy, in_scan=False)(params, x)
-        return x
+            step = _remat(lambda h, xs: apply_block(graphdef, xs[0], h, xs[1]), c.remat_policy, in_scan=True)
+            x, kv = jax.lax.scan(step, x, (params, cache))
+            return x, kv
+        kvs = []
+        for i, block in enumerate(self.blocks):
+            graphdef, params = nnx.split(block)
+            layer_cache = None if cache is None else KVCache(cache.k[i], cache.v[i])
+            x, layer_kv = _remat(lambda p, h, lc: apply_block(graphdef, p, h, lc), c.remat_policy,
+                                 in_scan=False)(params, x, layer_cache)
+            kvs.append(layer_kv)
+        return x, None if plain else KVCache(jnp.stack([a.k for a in kvs]), jnp.stack([a.v for a in kvs]))
 
     def logits(self, x: Array) -> Array:
         """float32 logits from the final residual stream: ln_f then the output head."""

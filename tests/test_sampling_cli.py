@@ -159,3 +159,19 @@ def test_bad_input_is_a_clear_error(saved, tmp_path, capsys):
 
 def test_cli_choices_match_the_samplers():
     assert sampling_cli.METHODS == samplers.METHODS and sampling_cli.REMASKING == samplers.REMASKING
+    assert sampling_cli.CACHES == samplers.CACHES
+
+
+def test_sample_with_threshold_and_cache_equals_the_api(saved, tmp_path, capsys):
+    run, model, _, _ = saved
+    src = write_jsonl(tmp_path / "in.jsonl", [{"input_ids": [5, 6, 7]}, {"input_ids": [9, 10, 11, 12]}])
+    fast = ["--threshold", "0.5", "--cache", "dual", "--cache_refresh", "2"]
+    out = str(tmp_path / "out.jsonl")
+    assert main(["sample", "--model", run, "--input", src, "--output", out, "--no_progress", *FLAGS, *fast]) == 0
+    lines = [json.loads(line) for line in open(out, encoding="utf-8")]
+    want, stats = generate(model, np.array([[5, 6, 7]]), gen_length=8, block_length=4, threshold=0.5, cache="dual",
+                           cache_refresh=2, return_stats=True)
+    assert lines[0]["output_ids"] == np.asarray(want)[0, 3:].tolist() and lines[0]["nfe"] == int(stats.nfe[0])
+    assert main(["sample", "--model", run, "--input", src, "--output", str(tmp_path / "x.jsonl"), *FLAGS,
+                 "--threshold", "-1"]) == 2
+    assert "--threshold must be a finite number >= 0" in capsys.readouterr().err

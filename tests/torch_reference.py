@@ -25,8 +25,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def llada_logits(weights: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarray,
-                 attention_mask: np.ndarray | None = None) -> np.ndarray:
-    """Logits [B, L, V] for HF-named `weights` (e.g. "model.transformer.blocks.0.q_proj.weight")."""
+                 attention_mask: np.ndarray | None = None, attention_probs: list | None = None) -> np.ndarray:
+    """Logits [B, L, V] for HF-named `weights` (e.g. "model.transformer.blocks.0.q_proj.weight").
+    `attention_probs`, a list, receives each layer's attention probabilities [B, heads, L, L] (numpy)."""
     W = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in weights.items()}
     ids = torch.from_numpy(np.asarray(input_ids, np.int64))
     b, length = ids.shape
@@ -58,7 +59,10 @@ def llada_logits(weights: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarra
         k = k.repeat_interleave(n_heads // n_kv, dim=1)
         v = v.repeat_interleave(n_heads // n_kv, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd) + key_bias  # no causal mask
-        att = torch.softmax(scores, dim=-1) @ v
+        probs = torch.softmax(scores, dim=-1)
+        if attention_probs is not None:
+            attention_probs.append(probs.numpy())
+        att = probs @ v
         att = att.transpose(1, 2).reshape(b, length, d)
         x = x + att @ W[q_ + "attn_out.weight"].T
         h = rms_norm(x, W[q_ + "ff_norm.weight"], eps)

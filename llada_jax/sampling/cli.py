@@ -12,9 +12,10 @@ import sys
 
 from llada_jax import distributed
 
-# Kept equal to llada_jax.sampling.samplers.METHODS / REMASKING (tested), without importing JAX here.
+# Kept equal to llada_jax.sampling.samplers.METHODS / REMASKING / CACHES (tested), without importing JAX here.
 METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
 REMASKING = ("low_confidence", "random")
+CACHES = ("none", "prefix", "dual")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -57,6 +58,14 @@ def _sampling_flags(p) -> None:
     p.add_argument("--logits_eos_inf", action="store_true", help="never generate EOS")
     p.add_argument("--confidence_eos_eot_inf", action="store_true",
                    help="EOS / end-of-turn predictions get the lowest confidence (paper Appendix B.4)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="parallel decoding: each step commits every masked position of the block whose confidence "
+                        "is >= this (at least one); --steps is then unused (default: the step schedule)")
+    p.add_argument("--cache", choices=CACHES, default="none",
+                   help="KV cache for block decoding: prefix (cache before the block) or dual (before and after)")
+    p.add_argument("--cache_refresh", type=int, default=0,
+                   help="with --cache, refresh the cache (a full forward) every N steps of a block; "
+                        "0: only at the start of each block (default)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute and parameter dtype (default: as the checkpoint)")
 
@@ -76,10 +85,11 @@ def _sampler(args, tokenizer=None):
             args.sampling_method, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking_strategy,
             logits_eos_inf=args.logits_eos_inf, confidence_eos_eot_inf=args.confidence_eos_eot_inf,
-            eot_id=tokenizer.eot_id if tokenizer is not None else None)
+            eot_id=tokenizer.eot_id if tokenizer is not None else None, threshold=args.threshold,
+            cache=args.cache, cache_refresh=args.cache_refresh)
     except ValueError as e:
         raise _usage(f"--{e}" if str(e).split()[0] in ("gen_length", "block_length", "steps", "temperature",
-                                                       "cfg_scale") else str(e)) from e
+                                                       "cfg_scale", "threshold", "cache_refresh") else str(e)) from e
 
 
 def _load(args):

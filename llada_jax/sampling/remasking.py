@@ -10,6 +10,7 @@ These are the pieces of the official step, written as pure functions of arrays:
   when a step must commit more tokens than there are other candidates (this is what the official
   `confidence_eos_eot_inf` option amounts to at temperature 0).
 - `select_top_k`: per row, the k[row] positions of highest confidence (k varies by row, no Python).
+- `select_threshold`: per row, every position whose confidence reaches a threshold, at least the top one.
 
 Ties in `select_top_k`: equal confidences are taken lowest position first (`lax.top_k`'s documented order;
 torch.topk leaves the order among equal values unspecified, and on CPU it is not the lowest index). With
@@ -62,3 +63,12 @@ def select_top_k(confidence: jax.Array, k: jax.Array, max_k: int) -> jax.Array:
     _, index = jax.lax.top_k(confidence, max_k)  # equal values: lower index first
     take = jnp.arange(max_k)[None, :] < k[:, None]
     return jnp.zeros((b, length), bool).at[jnp.arange(b)[:, None], index].set(take)
+
+
+def select_threshold(confidence: jax.Array, threshold: float) -> jax.Array:
+    """bool [B, L]: per row, every position whose confidence is at least `threshold`, and always the most
+    confident one (the lowest position on ties), so each row with a finite confidence commits at least one
+    (confidence-threshold parallel decoding, Fast-dLLM). Positions with confidence -inf are never chosen."""
+    best = first_argmax(confidence)
+    top = jnp.arange(confidence.shape[-1])[None, :] == best[:, None]
+    return (confidence > -jnp.inf) & ((confidence >= threshold) | top)

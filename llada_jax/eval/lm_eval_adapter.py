@@ -1,0 +1,217 @@
+"""lm-evaluation-harness model `llada_jax`: `loglikelihood` (the Monte Carlo estimator and the greedy check of
+`llada_jax.eval.likelihood`) and `generate_until` (the jitted samplers, every sampler option as a model arg).
+
+lm-eval (0.4.x) finds models only in its own registry, filled when a module with `@register_model` is imported;
+it does not load third-party plugins. So run it through this module, which registers `llada_jax` and then
+starts lm-eval's own command line (any lm-eval arguments):
+
+    python -m llada_jax.eval.lm_eval_adapter --model llada_jax \\
+        --model_args pretrained=RUN_DIR,mc_num=128,gen_length=256,block_length=32,steps=256 \\
+        --tasks hellaswag --batch_size 16
+    llada-jax-lm-eval ...          (the same, installed as a console script)
+
+or, from Python, `import llada_jax.eval.lm_eval_adapter` before `lm_eval.simple_evaluate(model="llada_jax", ...)`.
+
+Model args (`--model_args k=v,...`):
+    pretrained        Orbax checkpoint or HF model directory with its tokenizer (required)
+    dtype             compute and parameter dtype (default: as stored)
+    mc_num            Monte Carlo samples per loglikelihood request (default 128)
+    cfg / cfg_scale   classifier-free guidance for both request types (default 0)
+    is_check_greedy   also run the greedy check (the official `suffix_greedy_prediction`, L model calls per
+                      request; default False, as the official code recommends)
+    examples_per_call loglikelihood requests per jitted call (default 8)
+    seed              random seed of the estimator and of sampling (default 1234)
+    gen_batch_size    prompts per sampler call in generate_until (default 8)
+    sampling_method (or method), gen_length, block_length, steps, temperature, remasking (or
+    remasking_strategy), threshold, cache, cache_refresh, logits_eos_inf, confidence_eos_eot_inf
+                      the sampler options of `create_sampler` (defaults as there)
+lm-eval's `--batch_size` is the Monte Carlo batch (samples sharing one stratified draw), as in the official
+eval_llada.py; `mc_num` must be a multiple of it ("auto": 16).
+
+Text handling follows the official harness: a (context, continuation) pair is encoded with `encode_pair`;
+generation prompts are encoded with the tokenizer's special tokens (BOS) unless the text already starts with
+BOS (a chat template), the answer is decoded with special tokens, cut at the first stop string of `until`, and
+returned without special tokens. Other generation kwargs of a task (max_gen_toks, temperature, do_sample) are
+ignored: the model args fix the sampler, as in the official harness. `loglikelihood_rolling` is not supported
+(as in the official code).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+from lm_eval.api import registry
+from lm_eval.api.model import LM
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+_SAMPLER_ARGS = {"sampling_method": "method", "method": "method", "gen_length": "gen_length",
+                 "block_length": "block_length", "steps": "steps", "temperature": "temperature",
+                 "remasking": "remasking", "remasking_strategy": "remasking", "threshold": "threshold",
+                 "cache": "cache", "cache_refresh": "cache_refresh", "logits_eos_inf": "logits_eos_inf",
+                 "confidence_eos_eot_inf": "confidence_eos_eot_inf"}
+
+
+class LLaDAJaxLM(LM):
+    """A LLaDA model for lm-eval. See the module docstring for the arguments."""
+
+    def __init__(self, pretrained: str | None = None, dtype: str | None = None, mc_num: int = 128,
+                 batch_size: int | str | None = 16, cfg: float = 0.0, cfg_scale: float | None = None,
+                 is_check_greedy: bool = False, examples_per_call: int = 8, seed: int = 1234,
+                 gen_batch_size: int = 8, model=None, tokenizer=None, device=None, max_batch_size=None,
+                 **sampler_args):
+        super().__init__()
+        from llada_jax.data.tokenizer import TokenizerHelper, load_tokenizer
+        from llada_jax.sampling import create_sampler
+
+        unknown = sorted(set(sampler_args) - set(_SAMPLER_ARGS))
+        if unknown:
+            raise ValueError(f"llada_jax: unknown model arg(s) {unknown}; sampler args: {sorted(_SAMPLER_ARGS)}")
+        if model is None:
+            if pretrained is None:
+                raise ValueError("llada_jax: give pretrained=PATH (an Orbax checkpoint or HF model directory)")
+            from llada_jax.convert import load_pretrained
+            from llada_jax.train.checkpoint import tokenizer_path
+
+            overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
+            model = load_pretrained(pretrained, **overrides)
+            if tokenizer is None:
+                tokenizer = tokenizer_path(pretrained)
+        self.model = model
+        self.helper = load_tokenizer(tokenizer) if not isinstance(tokenizer, TokenizerHelper) else tokenizer
+        if self.helper is None:
+            raise ValueError(f"llada_jax: no tokenizer is stored with {pretrained}; pass tokenizer=DIR")
+        self.tokenizer = self.helper.tokenizer  # lm-eval logs its special tokens
+        self.mc_num = int(mc_num)
+        self.batch_size = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") \
+            else int(batch_size)
+        self.cfg = float(cfg if cfg_scale is None else cfg_scale)
+        self.is_check_greedy = bool(is_check_greedy)
+        self.examples_per_call = int(examples_per_call)
+        self.seed = int(seed)
+        self.gen_batch_size = int(gen_batch_size)
+        options = {_SAMPLER_ARGS[k]: v for k, v in sampler_args.items()}
+        method = options.pop("method", "semi_ar_padding")
+        self.sampler = create_sampler(method, cfg_scale=self.cfg, eot_id=self.helper.eot_id, **options)
+        self.sampler.options.resolved(self.model.config)  # token ids fit the model: fail now, not mid-run
+        if self.mc_num % self.batch_size:
+            raise ValueError(f"llada_jax: mc_num {self.mc_num} must be a multiple of the batch size "
+                             f"{self.batch_size} (lm-eval's --batch_size is the Monte Carlo batch)")
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.helper.path).replace("/", "__")
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_sequence_length
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
+        return self.helper.render_chat(chat_history, add_generation_prompt=add_generation_prompt)
+
+    def chat_template(self, chat_template=False):
+        return self.helper.chat_template if chat_template else None
+
+    # --- requests --------------------------------------------------------------------------------------
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        from llada_jax.eval.likelihood import encode_pair, greedy_check, log_likelihood
+
+        prompts, answers = [], []
+        for request in requests:
+            prompt, answer = encode_pair(self.helper, *request.args)
+            room = self.max_length - len(answer)
+            if len(prompt) > room:  # keep the end of the context, as lm-eval's own models do
+                log.warning("llada_jax: a context of %d tokens is cut to its last %d", len(prompt), max(room, 0))
+                prompt = prompt[len(prompt) - max(room, 0):]
+            prompts.append(prompt)
+            answers.append(answer)
+        out_ll = np.zeros(len(requests))
+        out_greedy = np.zeros(len(requests), bool)
+        chunk = max(self.examples_per_call * 8, 1)  # progress in chunks; keys by request index
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(self.seed), i))(np.arange(len(requests)))
+        for start in tqdm(range(0, len(requests), chunk), desc="loglikelihood", disable=disable_tqdm):
+            part = slice(start, start + chunk)
+            out_ll[part] = log_likelihood(self.model, prompts[part], answers[part], self.mc_num, self.batch_size,
+                                          self.cfg, rng=keys[part], examples_per_call=self.examples_per_call)
+            if self.is_check_greedy:
+                out_greedy[part] = greedy_check(self.model, prompts[part], answers[part], self.cfg,
+                                                examples_per_call=self.examples_per_call)
+        results = [(float(ll), bool(g)) for ll, g in zip(out_ll, out_greedy)]
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError("llada_jax: loglikelihood_rolling (perplexity) is not supported by the masked-"
+                                  "diffusion likelihood estimator (as in the official LLaDA harness)")
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        from llada_jax.sampling import prompts as prompt_io
+
+        config = self.model.config
+        gen_length = self.sampler.options.gen_length
+        limit = config.max_sequence_length - gen_length
+        encoded, stops = [], []
+        for request in requests:
+            context, gen_kwargs = request.args
+            bos = self.helper.tokenizer.bos_token
+            ids = self.helper.encode(context, add_special_tokens=not (bos and context.startswith(bos)))
+            if len(ids) > limit:
+                log.warning("llada_jax: a prompt of %d tokens is cut to its last %d", len(ids), limit)
+                ids = ids[len(ids) - limit:]
+            encoded.append(ids)
+            until = (gen_kwargs or {}).get("until") or []
+            stops.append([until] if isinstance(until, str) else list(until))
+        outputs: list[str | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
+        base = jax.random.key(self.seed)
+        for b in tqdm(range(0, len(order), self.gen_batch_size), desc="generate_until", disable=disable_tqdm):
+            rows = order[b:b + self.gen_batch_size]
+            length = prompt_io.padded_length(max(len(encoded[i]) for i in rows), 16, limit)
+            ids, mask = prompt_io.left_pad([encoded[i] for i in rows], config.pad_token_id, length,
+                                           rows=self.gen_batch_size)
+            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(
+                np.array(rows + [rows[0]] * (self.gen_batch_size - len(rows)), np.uint32))
+            generated = np.asarray(self.sampler(self.model, ids, mask, rng=keys))[:, length:]
+            for r, i in enumerate(rows):
+                outputs[i] = self._finish(generated[r], stops[i])
+        for request, text in zip(requests, outputs):
+            self.cache_hook.add_partial("generate_until", request.args, text)
+        return outputs
+
+    def _finish(self, ids, stops: list[str]) -> str:
+        """The official post-processing: decode with special tokens, cut at the stop strings, drop specials."""
+        text = self.helper.decode(ids, skip_special_tokens=False)
+        for stop in stops:
+            if stop and stop in text:
+                text = text.split(stop)[0]
+        return self.helper.decode(self.helper.encode(text), skip_special_tokens=True)
+
+
+def register() -> None:
+    """Register the model as `llada_jax` (lazily, by import path: running this file as `__main__` and importing it
+    register the same thing)."""
+    target = "llada_jax.eval.lm_eval_adapter:LLaDAJaxLM"
+    if hasattr(registry, "model_registry"):  # lm-eval >= 0.4.9: the lazy registry
+        if "llada_jax" not in registry.model_registry:
+            registry.model_registry.register("llada_jax", target=target)
+    elif "llada_jax" not in registry.MODEL_REGISTRY:
+        registry.register_model("llada_jax")(LLaDAJaxLM)
+
+
+register()
+
+
+def main() -> None:
+    """lm-eval's command line with `llada_jax` registered (the console script `llada-jax-lm-eval`)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The conditional log-likelihood estimator against the exact expectation over every mask subset, batched
+against per-example, and the greedy check against the one-token-per-step sampler."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate
+from llada_jax.eval import greedy_check, log_likelihood
+from llada_jax.eval.likelihood import mask_counts
+
+MASK = 511
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LLaDAForMaskedLM(LLaDAConfig.tiny(), rngs=nnx.Rngs(0))
+
+
+def brute_force(model, prompt, answer, batch_size, cfg_scale):
+    """The estimator's exact expectation: k uniform on 1..L, the stratified counts m_r(k), and for each count
+    the average over every answer subset of that size of (L / m) * the summed cross-entropy of the subset,
+    the model run once per subset. Written with numpy from the definition (not the package's code)."""
+    L, P = len(answer), len(prompt)
+    subsets = [s for m in range(1, L + 1) for s in itertools.combinations(range(L), m)]
+    rows = np.array([prompt + [MASK if i in s else t for i, t in enumerate(answer)] for s in subsets])
+    logits = np.asarray(model(jnp.asarray(rows)), np.float64)
+    if cfg_scale > 0:
+        un = rows.copy()
+        un[:, :P] = MASK
+        un_logits = np.asarray(model(jnp.asarray(un)), np.float64)
+        logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+    logits = logits[:, P:]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    by_size = {}
+    for s, lp in zip(subsets, logp):
+        by_size.setdefault(len(s), []).append(-sum(lp[i, answer[i]] for i in s))
+    mean_by_size = {m: np.mean(v) for m, v in by_size.items()}  # E over subsets of size m of the summed CE
+    exact = unweighted = 0.0
+    for k in range(1, L + 1):
+        spaced = np.round(np.linspace(k, k + (batch_size - 1) * L / batch_size, batch_size))  # half to even
+        counts = ((spaced.astype(int) - 1) % L) + 1
+        exact += np.mean([mean_by_size[m] * L / m for m in counts])
+        unweighted += np.mean([mean_by_size[m] for m in counts])
+    return -exact / L, -unweighted / L
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_estimate_agrees_with_the_exact_expectation_within_its_standard_error(model, cfg_scale):
+    prompt, answer = [3, 17, 42, 99], [250, 8, 1, 300, 65]  # L = 5, batch 4: offsets 0, 1.25, 2.5, 3.75
+    exact, unweighted = brute_force(model, prompt, answer, 4, cfg_scale)
+    est, err = log_likelihood(model, prompt, answer, mc_num=1024, batch_size=4, cfg_scale=cfg_scale, rng=0,
+                              return_stderr=True)
+    assert 0 < err < 0.02 * abs(exact)
+    assert abs(est - exact) < 3 * err, (est, exact, err)
+    assert abs(est - unweighted) > 10 * err  # the check is sharp enough to see a missing L / m weight
+
+
+def test_mask_counts_are_the_official_stratification():
+    got = np.asarray(jax.vmap(lambda k: mask_counts(k, jnp.int32(5), 4))(jnp.arange(1, 6)))
+    # round(k + [0, 1.25, 2.5, 3.75]) half to even, then ((x - 1) mod 5) + 1
+    assert got.tolist() == [[1, 2, 4, 5], [2, 3, 4, 1], [3, 4, 1, 2], [4, 5, 1, 3], [5, 1, 3, 4]]
+
+
+def test_batched_examples_equal_each_example_alone(model):
+    prompts = [[3, 17, 42], [8, 1, 300, 65, 12, 77, 5], [9]]
+    answers = [[250, 8, 1], [7], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52]]
+    keys = jax.random.split(jax.random.key(3), 3)
+    opts = dict(mc_num=8, batch_size=4, cfg_scale=0.5)
+    batch = log_likelihood(model, prompts, answers, rng=keys, examples_per_call=4, return_stderr=True, **opts)
+    for i in range(3):
+        alone = log_likelihood(model, prompts[i], answers[i], rng=keys[i:i + 1], examples_per_call=1,
+                               return_stderr=True, **opts)
+        np.testing.assert_allclose(batch.log_likelihood[i], alone.log_likelihood, rtol=2e-5)
+        np.testing.assert_allclose(batch.stderr[i], alone.stderr, rtol=1e-3)
+    assert log_likelihood(model, [1, 2], [], **opts) == 0.0
+
+
+def test_greedy_check_is_the_one_token_per_step_decode(model):
+    prompts = [[3, 17, 42, 99], [8, 1, 300, 65, 12, 77]]
+    ids = np.array([[MASK, MASK] + prompts[0], prompts[1]], np.int32)  # left-padded (the pad id is ignored)
+    attn = np.array([[0, 0, 1, 1, 1, 1], [1] * 6], np.int32)
+    decoded = np.asarray(generate(model, ids, attn, method="fixed_length", gen_length=4, steps=4))[:, 6:].tolist()
+    with_cfg = np.asarray(generate(model, np.array([prompts[0]]), method="fixed_length", gen_length=4, steps=4,
+                                   cfg_scale=1.0))[0, 4:].tolist()
+    assert greedy_check(model, prompts, decoded).tolist() == [True, True]
+    wrong = [decoded[0][:2] + [(decoded[0][2] + 1) % 500] + decoded[0][3:], decoded[1]]
+    assert greedy_check(model, prompts, wrong).tolist() == [False, True]
+    assert greedy_check(model, prompts[0], with_cfg, cfg_scale=1.0)
+    assert with_cfg != decoded[0] and not greedy_check(model, prompts[0], with_cfg)  # CFG changes the decode
+
+
+def test_bad_input_is_an_error(model):
+    with pytest.raises(ValueError, match="mc_num 10 must be a multiple of batch_size 4"):
+        log_likelihood(model, [1], [2], mc_num=10, batch_size=4)
+    with pytest.raises(ValueError, match="answer contains the mask token 511"):
+        log_likelihood(model, [1], [2, MASK])
+    with pytest.raises(ValueError, match="prompt_ids has 2 examples but answer_ids has 1"):
+        log_likelihood(model, [[1], [2]], [[3]])
+    with pytest.raises(ValueError, match="exceed the model's max_sequence_length"):
+        greedy_check(model, [1] * 500, [2] * 20)
+
+
+def test_eval_likelihood_command_writes_the_api_results(model, tmp_path, capsys):
+    import json
+
+    from llada_jax.cli import main
+    from llada_jax.train.checkpoint import save_model
+
+    run = save_model(model, str(tmp_path / "run"))  # no tokenizer: id pairs only
+    pairs = [{"id": "a", "prompt_ids": [3, 17, 42], "answer_ids": [250, 8]}, {"prompt_ids": [9], "answer_ids": [7]}]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    out = tmp_path / "out.jsonl"
+    args = ["eval-likelihood", "--model", run, "--input", str(src), "--output", str(out), "--mc_num", "8",
+            "--batch_size", "4", "--seed", "3"]
+    assert main([*args, "--greedy"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    want = log_likelihood(model, [p["prompt_ids"] for p in pairs], [p["answer_ids"] for p in pairs], mc_num=8,
+                          batch_size=4, rng=3, return_stderr=True)
+    greedy = greedy_check(model, [p["prompt_ids"] for p in pairs], [p["answer_ids"] for p in pairs])
+    assert [line.get("id") for line in lines] == ["a", None] and [line["answer_tokens"] for line in lines] == [2, 1]
+    np.testing.assert_allclose([line["log_likelihood"] for line in lines], want.log_likelihood, rtol=1e-6)
+    assert [line["greedy"] for line in lines] == greedy.tolist()
+    src.write_text('{"prompt": "hi", "answer": "there"}\n')
+    assert main(args) == 2 and "text pairs need a tokenizer" in capsys.readouterr().err
+    assert main([*args[:-4], "--mc_num", "10", "--batch_size", "4"]) == 2
+    assert "--mc_num 10 must be a multiple of --batch_size 4" in capsys.readouterr().err
