@@ -1,7 +1,7 @@
 """llada-jax: LLaDA, the large language diffusion model, in JAX / Flax NNX.
 
 The seed project's public names are here: `LLaDAForMaskedLM` (with `from_pretrained`), `create_sampler`,
-`TokenizerHelper`, `DatasetConverter` (the last two load their modules on first use).
+`TokenizerHelper`, `DatasetConverter`, `ModelAnalyzer` (the last three load their modules on first use).
 """
 
 import importlib
@@ -10,7 +10,8 @@ from llada_jax.config import LLaDAConfig
 from llada_jax.model import LLaDAForMaskedLM
 from llada_jax.sampling import create_sampler, generate
 
-_LAZY = {"TokenizerHelper": "llada_jax.data.tokenizer", "DatasetConverter": "llada_jax.data.converters"}
+_LAZY = {"TokenizerHelper": "llada_jax.data.tokenizer", "DatasetConverter": "llada_jax.data.converters",
+         "ModelAnalyzer": "llada_jax.eval.analysis"}
 
 __version__ = "0.1.0"
 __all__ = ["LLaDAConfig", "LLaDAForMaskedLM", "create_sampler", "generate", *_LAZY, "__version__"]

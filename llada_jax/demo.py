@@ -8,9 +8,10 @@
    Grain pipeline, sharded jitted step, Orbax checkpoints);
 4. `llada-jax sample` on the held-out prompts with every method and remasking strategy, and the exact-match
    accuracy of each;
-5. `llada-jax convert to-hf` and a reload check (the JAX model from the HF directory, and the PyTorch model
+5. the seed's `ModelAnalyzer`: threshold decoding and KV caches against the plain sampler, attention maps;
+6. `llada-jax convert to-hf` and a reload check (the JAX model from the HF directory, and the PyTorch model
    through transformers when torch is installed, against the trained model's logits);
-6. `report.md`, `loss_curve.png` and `results.json` in the output directory.
+7. `report.md`, `loss_curve.png` and `results.json` in the output directory.
 
 Every step keeps its files in the output directory, so running the command again resumes where it stopped
 (training from its checkpoints, sampling from its partly written outputs) and redoes nothing finished.
@@ -210,6 +211,26 @@ def sample_all(out: str, paths: dict, times: dict) -> list[dict]:
     return rows
 
 
+def analyse(out: str, paths: dict) -> dict:
+    """The seed's ModelAnalyzer on the fine-tuned model: faster decoders (threshold commits, KV caches) against
+    the one-token-per-step sampler on the held-out set, and the attention maps of one prompt."""
+    import numpy as np
+
+    from llada_jax import LLaDAForMaskedLM
+    from llada_jax.data.tokenizer import TokenizerHelper
+    from llada_jax.eval.analysis import ModelAnalyzer, default_settings
+
+    model = LLaDAForMaskedLM.from_pretrained(os.path.join(out, "sft"))
+    tok = TokenizerHelper(os.path.join(out, "sft", "tokenizer"))
+    records = [json.loads(line) for line in open(paths["test"], encoding="utf-8")]
+    dataset = [(tok.apply_chat_template(r["messages"]), r["answer"]) for r in records]
+    analyzer = ModelAnalyzer(os.path.join(out, "analysis"))
+    settings = default_settings(gen_length=SAMPLING["gen_length"], block_length=SAMPLING["block_length"])
+    rows = analyzer.compare_sampling_methods(model, dataset, settings, tokenizer=tok, batch_size=100)
+    analyzer.analyze_attention_patterns(model, np.array([dataset[0][0]]), tokenizer=tok)
+    return {"comparison": rows, "attention_plots": os.path.join(out, "analysis", "attention")}
+
+
 def export_and_reload(out: str, paths: dict) -> dict:
     """Export to HF, reload it both in JAX and (if torch is installed) in PyTorch, and compare logits."""
     import numpy as np
@@ -278,13 +299,16 @@ def loss_curve(out: str) -> str:
     return path
 
 
-def write_report(out: str, a, rows: list[dict], times: dict, export: dict) -> None:
+def write_report(out: str, a, rows: list[dict], times: dict, export: dict, analysis: dict) -> None:
+    from llada_jax.eval.analysis import format_table
     from llada_jax.train.checkpoint import write_json_atomic
     from llada_jax.train.metrics import read_metrics
 
     pre, sft = read_metrics(os.path.join(out, "pretrain")), read_metrics(os.path.join(out, "sft"))
     results = {"accuracy": {f"{r['method']}/{r['remasking']}": r["accuracy"] for r in rows},
                "nfe": {f"{r['method']}/{r['remasking']}": r["mean_nfe"] for r in rows},
+               "fast_decoding": [{k: r[k] for k in ("name", "accuracy", "nfe", "tokens_per_s")}
+                                 for r in analysis["comparison"]],
                "timings_s": times, "export": export,
                "final_loss": {"pretrain": pre[-1]["loss"], "sft": sft[-1]["loss"]},
                "settings": {**{k: getattr(a, k) for k in DEFAULTS}, **SAMPLING}}
@@ -304,7 +328,12 @@ def write_report(out: str, a, rows: list[dict], times: dict, export: dict) -> No
     lines += [f"| {r['method']} | {r['remasking']} | {r['accuracy']:.1%} | {r['mean_nfe']:.1f} | {r['seconds']:.1f} |"
               for r in rows]
     lines += ["", "Final training loss: pretraining {:.3f}, SFT {:.4f}. ![loss curves](loss_curve.png)".format(
-        pre[-1]["loss"], sft[-1]["loss"]), "", "## Timings", ""]
+        pre[-1]["loss"], sft[-1]["loss"]), "", "## Faster decoding (ModelAnalyzer.compare_sampling_methods)", "",
+        "Semi-autoregressive low-confidence decoding on the same prompts: one token per step, two per step, and "
+        "confidence-threshold commits (Fast-dLLM) with and without KV caches. tokens/s excludes compilation.", "",
+        format_table(analysis["comparison"]), "",
+        f"Attention maps of the first prompt, one heatmap per layer: `{os.path.relpath(analysis['attention_plots'], out)}/`.",
+        "", "## Timings", ""]
     lines += [f"- {k.replace('_s', '')}: {v:.1f} s" for k, v in times.items()]
     lines += ["", "## Sample generations (expected -> generated)", ""]
     for r in rows:
@@ -338,11 +367,13 @@ def run(a) -> int:
     write_json_atomic(timings_path, times)
     rows = sample_all(out, paths, times)
     write_json_atomic(timings_path, times)
+    with _timed(times, "analysis_s"):
+        analysis = analyse(out, paths)
     with _timed(times, "export_and_reload_s"):
         export = export_and_reload(out, paths)
     write_json_atomic(timings_path, times)
     loss_curve(out)
-    write_report(out, a, rows, {k: v for k, v in times.items() if not k.startswith("sample_")}, export)
+    write_report(out, a, rows, {k: v for k, v in times.items() if not k.startswith("sample_")}, export, analysis)
     shutil.rmtree(os.path.join(out, ".hf_modules"), ignore_errors=True)
     print(open(os.path.join(out, "report.md"), encoding="utf-8").read())
     return 0
