@@ -84,14 +84,76 @@ def _resolve_attention_impl(config: LLaDAConfig) -> str:
 
 
 def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str) -> Array:
-    """Bidirectional scaled dot-product attention, softmax in float32. key_mask: [B, S] (True = attend)."""
-    mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+    """Bidirectional scaled dot-product attention, softmax in float32. key_mask: [B, S] (True = attend).
+
+    q [B, L, N, H], k / v [B, S, K, H] with N a multiple of K (grouped-query attention); returns [B, L, N, H].
+    """
     if impl == "cudnn":
+        mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
         except Exception:  # shape / dtype / GPU generation cuDNN does not support: use the XLA kernel
             pass
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    b, length, n, h = q.shape
+    kv = k.shape[2]
+    # Heads-major layout: the G = N / K query heads of a kv head attend to it in one batched matmul
+    # ([B, K] batch dims, [G, L] rows), so k and v are never repeated.
+    qh = q.reshape(b, length, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, H]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    mask = None if key_mask is None else key_mask.astype(bool)
+    out = _sdpa(qh, kh, vh, mask)  # [B, K, G, L, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
+
+
+# Scores of masked keys: large and negative but finite, so a row with no key left gives a uniform softmax
+# rather than NaN (the value jax.nn.dot_product_attention uses).
+_MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _sdpa_forward(q, k, v, key_mask):
+    """q [B, K, G, L, H], k / v [B, K, S, H] -> (out [B, K, G, L, H], float32 probabilities [B, K, G, L, S])."""
+    scores = jnp.einsum("bkglh,bksh->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(q.shape[-1] ** -0.5)
+    if key_mask is not None:
+        scores = jnp.where(key_mask[:, None, None, None, :], scores, _MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bkgls,bksh->bkglh", probs.astype(v.dtype), v), probs
+
+
+@jax.custom_vjp
+def _sdpa(q, k, v, key_mask):
+    """Softmax attention with the flash-attention form of the backward pass.
+
+    Autodiff of softmax computes sum_s(P * dP) over every [L, S] score matrix; the equal sum_h(dO * O)
+    ([L, H] sized) saves a full pass over the scores, the most memory-bound part of the backward pass on
+    every backend. The forward keeps the probabilities (as autodiff would) for the backward.
+    """
+    return _sdpa_forward(q, k, v, key_mask)[0]
+
+
+def _sdpa_fwd(q, k, v, key_mask):
+    out, probs = _sdpa_forward(q, k, v, key_mask)
+    return out, (q, k, v, key_mask, probs, out)
+
+
+def _sdpa_bwd(residuals, d_out):
+    q, k, v, key_mask, probs, out = residuals
+    f32 = jnp.float32
+    d_v = jnp.einsum("bkgls,bkglh->bksh", probs.astype(v.dtype), d_out)
+    d_probs = jnp.einsum("bkglh,bksh->bkgls", d_out, v, preferred_element_type=f32)
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # = sum_s P dP
+    # d(scores) = P (dP - delta), and 0 for masked keys (their scores are constants; P is 0 there anyway,
+    # except in a row with no key left). The 1/sqrt(H) scale goes with it to q and k.
+    d_scores = probs * (d_probs - delta) * f32(q.shape[-1] ** -0.5)
+    if key_mask is not None:
+        d_scores = jnp.where(key_mask[:, None, None, None, :], d_scores, 0.0)
+    d_scores = d_scores.astype(q.dtype)
+    d_q = jnp.einsum("bkgls,bksh->bkglh", d_scores, k)
+    d_k = jnp.einsum("bkgls,bkglh->bksh", d_scores, q)
+    return d_q, d_k, d_v, None
+
+
+_sdpa.defvjp(_sdpa_fwd, _sdpa_bwd)
 
 
 def dense(x: Array, w: Array, n_in: int = 1, out_dtype=None) -> Array:
@@ -104,6 +166,14 @@ def dense(x: Array, w: Array, n_in: int = 1, out_dtype=None) -> Array:
     y = jax.lax.dot_general(x.reshape(-1, int(np.prod(inner))), w.reshape(int(np.prod(inner)), -1),
                             (((1,), (0,)), ((), ())), preferred_element_type=out_dtype)
     return y.reshape(*lead, *out)
+
+
+def _scan_unroll() -> int | bool:
+    """How `lax.scan` runs the stacked layers: a loop (1) on accelerators, where compile time stays flat in
+    depth; unrolled (True) on CPU, where XLA's loop costs about a fifth of a train step (the per-layer
+    residuals kept for the backward pass go to zero-filled stacked buffers through dynamic slices), measured
+    in docs/BENCHMARKS.md. The parameters stay stacked either way."""
+    return True if jax.default_backend() == "cpu" else 1
 
 
 def _remat(fn, policy: str, *, in_scan: bool):
@@ -234,8 +304,9 @@ class LLaDAForMaskedLM(nnx.Module):
 
         if c.scan_layers:
             graphdef, params = nnx.split(self.blocks)
-            step = _remat(lambda h, p: (apply_block(graphdef, p, h), None), c.remat_policy, in_scan=True)
-            x, _ = jax.lax.scan(step, x, params)
+            unroll = _scan_unroll()
+            step = _remat(lambda h, p: (apply_block(graphdef, p, h), None), c.remat_policy, in_scan=unroll is not True)
+            x, _ = jax.lax.scan(step, x, params, unroll=unroll)
         else:
             for block in self.blocks:
                 graphdef, params = nnx.split(block)
