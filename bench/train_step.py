@@ -9,8 +9,9 @@ For each model width, in one process and on the same model shapes and dtype:
                  / (B * L)), global-norm clipping and AdamW with the same hyperparameters
                  (`bench/torch_baseline.PretrainStep`).
 - torch_compile: the same, with the forward and loss through `torch.compile` (Inductor).
-- matmul peaks:  FLOP/s of a chain of n x n x n matmuls (n = max(d_model, 1024)), jitted in JAX and torch.mm in
-                 PyTorch: each framework's practical peak in this process.
+- matmul peaks:  each framework's practical peak in this process: per round, the best FLOP/s of three float32
+                 matmuls (a chain of four n x n x n with n = max(d_model, 1024), one 2048^3, and the model's
+                 own largest projection [tokens, d_model] x [d_model, mlp]), jitted in JAX, torch.mm in PyTorch.
 
 FLOPs are the analytic model FLOPs (`llada_jax.train.step.flops_per_token`: 6 x matmul parameters + attention),
 the same count for every framework, so FLOP/s over peak is a model-FLOPs utilisation. The variants are measured
@@ -31,22 +32,43 @@ import datetime
 import json
 import os
 import platform
+import resource
 import sys
 import time
 
 
-def _pin_threads(argv) -> int:
-    """Pin this process to the first --threads CPUs before any framework starts its thread pools."""
+HUGEPAGES = "glibc.malloc.hugetlb=1"
+
+
+def _setup_process(argv) -> int:
+    """Before JAX or PyTorch start: the process settings both frameworks run under. Returns the thread count.
+
+    - Pin the process to the first --threads CPUs (XLA:CPU sizes its thread pool from the schedulable CPUs;
+      PyTorch gets torch.set_num_threads(--threads) in main).
+    - OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP workers otherwise spin after each parallel region and take
+      the cores from XLA's threads when the two frameworks alternate in one process (measured: both steps
+      2-3x slower).
+    - Unless --no_hugepages: re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35; ignored by
+      older ones), so that malloc backs its large blocks with transparent huge pages. Both frameworks take
+      fresh multi-megabyte buffers from malloc at every step; with 4 KiB pages every first touch is a page
+      fault (about 0.2 s of kernel time per d_model-512 JAX step here, 1/6 of the step).
+    """
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--threads", type=int, default=0)
-    n = p.parse_known_args(argv)[0].threads
+    p.add_argument("--no_hugepages", action="store_true")
+    known = p.parse_known_args(argv)[0]
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if not known.no_hugepages and HUGEPAGES not in tunables:
+        env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGEPAGES) if t))
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cpus = sorted(os.sched_getaffinity(0))
-    n = len(cpus) if n <= 0 else min(n, len(cpus))
+    n = len(cpus) if known.threads <= 0 else min(known.threads, len(cpus))
     os.sched_setaffinity(0, cpus[:n])
     return n
 
 
-THREADS = _pin_threads(sys.argv[1:]) if __name__ == "__main__" else len(os.sched_getaffinity(0))
+THREADS = _setup_process(sys.argv[1:]) if __name__ == "__main__" else len(os.sched_getaffinity(0))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -75,48 +97,66 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def jax_matmul(n: int, dtype: str, chain: int = 4):
-    """A callable running `chain` jitted n x n x n matmuls; returns (callable, FLOPs per call)."""
-    a = jnp.asarray(np.random.RandomState(0).randn(n, n), dtype) / np.sqrt(n)
-
-    @jax.jit
-    def run(x):
-        for _ in range(chain):
-            x = x @ a
-        return x
-
-    state = {"x": run(a).block_until_ready()}
-
-    def call():
-        state["x"] = run(state["x"]).block_until_ready()
-
-    return call, chain * 2.0 * n**3
+def matmul_shapes(d: int, tokens: int, mlp: int) -> list[tuple[int, int, int, int]]:
+    """(m, k, n, chain) matmuls whose best FLOP/s is the practical peak: a chain of square matmuls of the
+    model's order of size, one large square matmul, and the model's own largest projection."""
+    n = max(d, 1024)
+    return [(n, n, n, 4), (2048, 2048, 2048, 1), (tokens, d, mlp, 1)]
 
 
-def torch_matmul(n: int, dtype: str, chain: int = 4):
+def jax_matmuls(shapes, dtype: str):
+    """A callable per shape running its jitted matmul(s); returns [(callable, FLOPs per call)]."""
+    out = []
+    rs = np.random.RandomState(0)
+    for m, k, n, chain in shapes:
+        a = jnp.asarray(rs.randn(m, k) / np.sqrt(k), dtype)
+        b = jnp.asarray(rs.randn(k, n) / np.sqrt(n), dtype)
+
+        @jax.jit
+        def run(x, b=b, chain=chain):
+            for _ in range(chain):
+                x = x @ b
+            return x
+
+        run(a).block_until_ready()
+        out.append((lambda run=run, a=a: run(a).block_until_ready(), chain * 2.0 * m * k * n))
+    return out
+
+
+def torch_matmuls(shapes, dtype: str):
     import torch
 
     dt = getattr(torch, dtype)
-    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(dt) / n**0.5
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for m, k, n, chain in shapes:
+        a = (torch.randn(m, k, generator=g) / k**0.5).to(dt)
+        b = (torch.randn(k, n, generator=g) / n**0.5).to(dt)
 
-    def call():
-        x = a
-        for _ in range(chain):
-            x = torch.mm(x, a)
+        def call(a=a, b=b, chain=chain):
+            x = a
+            for _ in range(chain):
+                x = torch.mm(x, b)
 
-    call()
-    return call, chain * 2.0 * n**3
+        call()
+        out.append((call, chain * 2.0 * m * k * n))
+    return out
 
 
-def jax_step(cfg: LLaDAConfig, batch: int, length: int):
-    """The project's train step as a callable (state kept between calls), its parameters, and compile time."""
+def train_setup(cfg: LLaDAConfig, batch: int, length: int):
+    """The training config of the step (the project's defaults: AdamW, clipping, ...) and a batch of ids."""
     c = train_config(cfg)
     c.batch_size, c.gradient_accumulation_steps, c.max_length = batch, 1, length
     c.random_length_prob, c.warmup_steps, c.max_steps = 0.0, 1, 1000
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size - 3, (batch, length)).astype(np.int32)
+    return c, ids
+
+
+def jax_step(cfg: LLaDAConfig, c, ids: np.ndarray):
+    """The project's train step as a callable (state kept between calls) and its compile time."""
     trainer = Trainer(c, cfg, sharding.make_mesh(c.mesh, jax.devices()[:1]))
-    ids = np.random.RandomState(0).randint(0, cfg.vocab_size - 3, (1, batch, length)).astype(np.int32)
-    b = jax.device_put({"input_ids": ids}, trainer.batch_sharding)
+    b = jax.device_put({"input_ids": ids[None]}, trainer.batch_sharding)
     holder = {"state": trainer.init_state(0)}
 
     def call():
@@ -124,8 +164,7 @@ def jax_step(cfg: LLaDAConfig, batch: int, length: int):
         jax.block_until_ready(m)
         return m
 
-    compile_s = timed(call)
-    return call, compile_s, ids[0], c
+    return call, timed(call)
 
 
 def torch_step(cfg: LLaDAConfig, train_cfg, ids: np.ndarray, compile: bool):
@@ -150,40 +189,55 @@ def measure(d: int, args) -> dict:
     cfg = model_config(d, args.n_layers, args.vocab, args.dtype)
     tokens = args.batch * args.length
     flops = flops_per_token(cfg, args.length) * tokens
-    n = max(d, 1024)
+    shapes = matmul_shapes(d, tokens, cfg.mlp_hidden_size)
     calls, compile_s, extra = {}, {}, {}
-    calls["jax"], compile_s["jax"], ids, train_cfg = jax_step(cfg, args.batch, args.length)
-    peaks = {"jax": jax_matmul(n, args.dtype)}
+    train_cfg, ids = train_setup(cfg, args.batch, args.length)
+    peaks = {}
+    if not args.no_jax:
+        calls["jax"], compile_s["jax"] = jax_step(cfg, train_cfg, ids)
+        peaks["jax"] = jax_matmuls(shapes, args.dtype)
     if not args.no_torch:
         calls["torch_eager"], compile_s["torch_eager"], extra["torch_optimizer"] = torch_step(
             cfg, train_cfg, ids, compile=False)
         if not args.no_compile:
             calls["torch_compile"], compile_s["torch_compile"], _ = torch_step(cfg, train_cfg, ids, compile=True)
-        peaks["torch"] = torch_matmul(n, args.dtype)
+        peaks["torch"] = torch_matmuls(shapes, args.dtype)
     for call in calls.values():  # one more untimed step each (allocator and cache warm-up)
         call()
     times = {k: [] for k in calls}
-    peak_times = {k: [] for k in peaks}
+    cpu = {k: [] for k in calls}
+    faults = {k: [] for k in calls}
+    peak_rates = {k: [] for k in peaks}  # per round: the best FLOP/s over the shapes
+    shape_rates = {k: [[] for _ in shapes] for k in peaks}
     for _ in range(args.steps):  # interleaved rounds
         for k, call in calls.items():
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             times[k].append(timed(call))
-        for k, (call, _) in peaks.items():
-            peak_times[k].append(timed(call))
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu[k].append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+            faults[k].append(r1.ru_minflt + r1.ru_majflt - r0.ru_minflt - r0.ru_majflt)
+        for k, fns in peaks.items():
+            rates = [f / timed(call) for call, f in fns]
+            for i, r in enumerate(rates):
+                shape_rates[k][i].append(r)
+            peak_rates[k].append(max(rates))
 
     row = {"d_model": d, "n_layers": args.n_layers, "n_heads": cfg.n_heads, "mlp": cfg.mlp_hidden_size,
            "vocab": args.vocab, "batch": args.batch, "length": args.length, "dtype": args.dtype,
-           "flops_per_step": flops, "peak_matmul_n": n, **extra}
-    for k, (_, peak_flops) in peaks.items():
-        row[f"{k}_peak_gflops"] = peak_flops / float(np.median(peak_times[k])) / 1e9
-        row[f"{k}_peak_gflops_max"] = peak_flops / min(peak_times[k]) / 1e9
+           "flops_per_step": flops, "peak_shapes": shapes, **extra}
+    for k in peaks:
+        row[f"{k}_peak_gflops"] = float(np.median(peak_rates[k])) / 1e9
+        row[f"{k}_peak_gflops_max"] = max(peak_rates[k]) / 1e9
+        row[f"{k}_peak_gflops_by_shape"] = [float(np.median(r)) / 1e9 for r in shape_rates[k]]
     for k, ts in times.items():
         step_s = float(np.median(ts))
-        peak = row["jax_peak_gflops" if k == "jax" else "torch_peak_gflops"]
+        peak = row[f"{k.split('_')[0]}_peak_gflops"]
         row[k] = {"step_s": step_s, "step_s_min": min(ts), "step_s_all": ts, "compile_s": compile_s[k],
+                  "cpu_s": float(np.median(cpu[k])), "page_faults": int(np.median(faults[k])),
                   "tokens_per_s": tokens / step_s, "gflops_per_s": flops / step_s / 1e9,
                   "fraction_of_own_peak": flops / step_s / 1e9 / peak}
     torch_rates = [row[k]["tokens_per_s"] for k in ("torch_eager", "torch_compile") if k in row]
-    if torch_rates:
+    if torch_rates and "jax" in row:
         row["jax_over_best_torch"] = row["jax"]["tokens_per_s"] / max(torch_rates)
     return row
 
@@ -196,7 +250,7 @@ def print_table(rows: list[dict]) -> None:
             if k not in r:
                 continue
             v = r[k]
-            peak = r["jax_peak_gflops" if k == "jax" else "torch_peak_gflops"]
+            peak = r[f"{k.split('_')[0]}_peak_gflops"]
             ratio = f"{r['jax_over_best_torch']:.2f}x" if k == "jax" and "jax_over_best_torch" in r else ""
             print(f"{r['d_model']:>7} {k:>14} {v['tokens_per_s']:>9.0f} {v['gflops_per_s']:>8.1f} {peak:>12.1f} "
                   f"{v['fraction_of_own_peak']:>8.1%} {v['step_s']:>7.3f} {v['compile_s']:>9.1f} {ratio:>14}")
@@ -212,7 +266,9 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="interleaved timing rounds (after compile + 1 warm-up)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0, help="CPUs for both frameworks (0: all schedulable)")
+    p.add_argument("--no_hugepages", action="store_true", help="do not re-run under GLIBC_TUNABLES=" + HUGEPAGES)
     p.add_argument("--no_torch", action="store_true", help="measure the JAX step and peak only")
+    p.add_argument("--no_jax", action="store_true", help="measure the PyTorch steps and peak only")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
@@ -230,6 +286,8 @@ def main():
     print()
     print_table(rows)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(),
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
               "processor": platform.processor() or platform.machine(), "cpus": sorted(os.sched_getaffinity(0)),
               "threads": THREADS, "load_average": os.getloadavg(), "jax": jax.__version__,
               "devices": [d.device_kind for d in jax.devices()[:1]], "args": vars(args), "rows": rows}
