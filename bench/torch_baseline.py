@@ -115,7 +115,8 @@ def transfer_counts(masked_in_block: torch.Tensor, steps: int) -> torch.Tensor:
 
 @torch.no_grad()
 def official_generate(model: torch.nn.Module, prompt: torch.Tensor, *, steps: int, gen_length: int,
-                      block_length: int, mask_id: int, remasking: str = "low_confidence",
+                      block_length: int, mask_id: int, cfg_scale: float = 0.0,
+                      remasking: str = "low_confidence",
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
     """The official semi-autoregressive sampler at temperature 0 (block_length = gen_length: one block).
 
@@ -123,6 +124,7 @@ def official_generate(model: torch.nn.Module, prompt: torch.Tensor, *, steps: in
     b, plen = prompt.shape
     x = torch.full((b, plen + gen_length), mask_id, dtype=torch.long)
     x[:, :plen] = prompt
+    prompt_index = x != mask_id
     num_blocks = gen_length // block_length
     assert gen_length % block_length == 0 and steps % num_blocks == 0
     per_block = steps // num_blocks
@@ -132,7 +134,13 @@ def official_generate(model: torch.nn.Module, prompt: torch.Tensor, *, steps: in
         counts = transfer_counts(x[:, block_end - block_length:block_end] == mask_id, per_block)
         for i in range(per_block):
             masked = x == mask_id
-            logits = model(x).logits
+            if cfg_scale > 0:  # unconditional input: the prompt masked; both halves in one batch
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id
+                cond, un = torch.chunk(model(torch.cat([x, un_x])).logits, 2, dim=0)
+                logits = un + (cfg_scale + 1) * (cond - un)
+            else:
+                logits = model(x).logits
             calls += 1
             x0 = torch.argmax(logits, dim=-1)  # temperature 0: no Gumbel noise
             if remasking == "low_confidence":

@@ -37,45 +37,16 @@ import sys
 import time
 
 
-HUGEPAGES = "glibc.malloc.hugetlb=1"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.process_setup import HUGEPAGES, setup_process  # noqa: E402
 
-def _setup_process(argv) -> int:
-    """Before JAX or PyTorch start: the process settings both frameworks run under. Returns the thread count.
-
-    - Pin the process to the first --threads CPUs (XLA:CPU sizes its thread pool from the schedulable CPUs;
-      PyTorch gets torch.set_num_threads(--threads) in main).
-    - OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP workers otherwise spin after each parallel region and take
-      the cores from XLA's threads when the two frameworks alternate in one process (measured: both steps
-      2-3x slower).
-    - Unless --no_hugepages: re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35; ignored by
-      older ones), so that malloc backs its large blocks with transparent huge pages. Both frameworks take
-      fresh multi-megabyte buffers from malloc at every step; with 4 KiB pages every first touch is a page
-      fault (about 0.2 s of kernel time per d_model-512 JAX step here, 1/6 of the step).
-    """
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--no_hugepages", action="store_true")
-    known = p.parse_known_args(argv)[0]
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if not known.no_hugepages and HUGEPAGES not in tunables:
-        env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGEPAGES) if t))
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cpus = sorted(os.sched_getaffinity(0))
-    n = len(cpus) if known.threads <= 0 else min(known.threads, len(cpus))
-    os.sched_setaffinity(0, cpus[:n])
-    return n
-
-
-THREADS = _setup_process(sys.argv[1:]) if __name__ == "__main__" else len(os.sched_getaffinity(0))
+THREADS = setup_process(sys.argv[1:], __file__) if __name__ == "__main__" else len(os.sched_getaffinity(0))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import sharding  # noqa: E402
 from llada_jax.config import LLaDAConfig, train_config  # noqa: E402
