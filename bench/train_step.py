@@ -15,8 +15,10 @@ For each model width, in one process and on the same model shapes and dtype:
 
 FLOPs are the analytic model FLOPs (`llada_jax.train.step.flops_per_token`: 6 x matmul parameters + attention),
 the same count for every framework, so FLOP/s over peak is a model-FLOPs utilisation. The variants are measured
-in interleaved rounds (one step of each, then both peaks, repeated), so a load change on a shared machine
-hits all of them; the figures are medians over the rounds (the JSON also holds the minima / maxima).
+in interleaved rounds (per variant an untimed step, then --steps timed ones; then both peaks), so a load
+change on a shared machine hits all of them, while the cost of switching frameworks (the first step after
+the other framework ran is up to 2x slower: caches, freed and re-faulted memory) stays out of the figures.
+Step times are medians over all timed steps, peaks medians over the rounds (the JSON has all the times).
 
 Both frameworks get the same CPUs: the process is pinned to `--threads` cores before JAX or PyTorch start
 (XLA:CPU sizes its thread pool from the schedulable CPUs) and `torch.set_num_threads(--threads)`.
@@ -173,21 +175,23 @@ def measure(d: int, args) -> dict:
         if not args.no_compile:
             calls["torch_compile"], compile_s["torch_compile"], _ = torch_step(cfg, train_cfg, ids, compile=True)
         peaks["torch"] = torch_matmuls(shapes, args.dtype)
-    for call in calls.values():  # one more untimed step each (allocator and cache warm-up)
-        call()
     times = {k: [] for k in calls}
     cpu = {k: [] for k in calls}
     faults = {k: [] for k in calls}
     peak_rates = {k: [] for k in peaks}  # per round: the best FLOP/s over the shapes
     shape_rates = {k: [[] for _ in shapes] for k in peaks}
-    for _ in range(args.steps):  # interleaved rounds
+    for _ in range(args.rounds):  # interleaved rounds
         for k, call in calls.items():
-            r0 = resource.getrusage(resource.RUSAGE_SELF)
-            times[k].append(timed(call))
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            cpu[k].append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
-            faults[k].append(r1.ru_minflt + r1.ru_majflt - r0.ru_minflt - r0.ru_majflt)
+            call()  # untimed: the first step after the other framework ran pays for its caches and memory
+            for _ in range(args.steps):
+                r0 = resource.getrusage(resource.RUSAGE_SELF)
+                times[k].append(timed(call))
+                r1 = resource.getrusage(resource.RUSAGE_SELF)
+                cpu[k].append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+                faults[k].append(r1.ru_minflt + r1.ru_majflt - r0.ru_minflt - r0.ru_majflt)
         for k, fns in peaks.items():
+            for call, _ in fns:
+                call()
             rates = [f / timed(call) for call, f in fns]
             for i, r in enumerate(rates):
                 shape_rates[k][i].append(r)
@@ -234,7 +238,8 @@ def main():
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--length", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5, help="interleaved timing rounds (after compile + 1 warm-up)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds over the variants")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per variant and round, after an untimed one")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0, help="CPUs for both frameworks (0: all schedulable)")
     p.add_argument("--no_hugepages", action="store_true", help="do not re-run under GLIBC_TUNABLES=" + HUGEPAGES)

@@ -113,47 +113,57 @@ _MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def _sdpa_forward(q, k, v, key_mask):
-    """q [B, K, M, H], k / v [B, K, S, H] -> (out [B, K, M, H], float32 probabilities [B, K, M, S])."""
-    scores = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(q.shape[-1] ** -0.5)
+    """q [B, K, M, H], k / v [B, K, S, H] -> (out [B, K, M, H], (exp_scores [B, K, M, S], row_sums [B, K, M, 1])).
+
+    The softmax is left unnormalised through the second matmul: out = (E V) / rowsum(E) with E = exp(scores -
+    rowmax), float32, which divides [M, H] rather than [M, S] values (as flash attention does).
+    """
+    f32 = jnp.float32
+    scores = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=f32) * f32(q.shape[-1] ** -0.5)
     if key_mask is not None:
         scores = jnp.where(key_mask[:, None, None, :], scores, _MASKED_SCORE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bkms,bksh->bkmh", probs.astype(v.dtype), v), probs
+    exp_scores = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    row_sums = jnp.sum(exp_scores, axis=-1, keepdims=True)
+    out = jnp.einsum("bkms,bksh->bkmh", exp_scores.astype(v.dtype), v, preferred_element_type=f32) / row_sums
+    return out.astype(v.dtype), (exp_scores, row_sums)
 
 
 @jax.custom_vjp
 def _sdpa(q, k, v, key_mask):
     """Softmax attention with the flash-attention form of the backward pass.
 
-    Autodiff of softmax computes sum_s(P * dP) over every [L, S] score matrix; the equal sum_h(dO * O)
-    ([L, H] sized) saves a full pass over the scores, the most memory-bound part of the backward pass on
-    every backend. The forward keeps the probabilities (as autodiff would) for the backward.
+    With P = softmax(scores), autodiff computes d(scores) = P (dP - sum_s(P dP)), a reduction over every
+    [M, S] score matrix; the equal sum_h(dO O) ([M, H] sized) saves that pass over the scores, the most
+    memory-bound part of the backward pass on every backend. The forward keeps the float32 exponentials and
+    their row sums (the memory autodiff would keep for P) for the backward.
     """
     return _sdpa_forward(q, k, v, key_mask)[0]
 
 
 def _sdpa_fwd(q, k, v, key_mask):
-    out, probs = _sdpa_forward(q, k, v, key_mask)
-    return out, (q, k, v, key_mask, probs, out)
+    out, (exp_scores, row_sums) = _sdpa_forward(q, k, v, key_mask)
+    return out, (q, k, v, key_mask, exp_scores, row_sums, out)
 
 
 def _sdpa_bwd(residuals, d_out):
-    q, k, v, key_mask, probs, out = residuals
+    q, k, v, key_mask, exp_scores, row_sums, out = residuals
     f32 = jnp.float32
+    inv_sums = 1.0 / row_sums  # P = exp_scores * inv_sums
     d_probs = jnp.einsum("bkmh,bksh->bkms", d_out, v, preferred_element_type=f32)
     delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # = sum_s P dP
     # d(scores) = P (dP - delta), and 0 for masked keys (their scores are constants; P is 0 there anyway,
     # except in a row with no key left). The 1/sqrt(H) scale goes with it to q and k.
-    d_scores = probs * (d_probs - delta) * f32(q.shape[-1] ** -0.5)
+    d_scores = exp_scores * ((d_probs - delta) * (inv_sums * f32(q.shape[-1] ** -0.5)))
     if key_mask is not None:
         d_scores = jnp.where(key_mask[:, None, None, :], d_scores, 0.0)
     d_scores = d_scores.astype(q.dtype)
     d_q = jnp.einsum("bkms,bksh->bkmh", d_scores, k)
     # dK and dV as their [H, S] transposes (row-major products of the [M, S] matrices; transposing those
     # instead, as P^T dO asks, is slower on CPU), then swapped back: a small [S, H] transpose.
+    # dV = P^T dO = E^T (dO / rowsum).
     d_k = jnp.einsum("bkmh,bkms->bkhs", q, d_scores).swapaxes(-1, -2)
-    d_v = jnp.einsum("bkmh,bkms->bkhs", d_out, probs.astype(v.dtype)).swapaxes(-1, -2)
+    d_out_scaled = (d_out.astype(f32) * inv_sums).astype(v.dtype)
+    d_v = jnp.einsum("bkmh,bkms->bkhs", d_out_scaled, exp_scores.astype(v.dtype)).swapaxes(-1, -2)
     return d_q, d_k, d_v, None
 
 
