@@ -1,10 +1,10 @@
 """Before / after of the model's CPU optimisations, in one process: the JAX train step compiled with each
 variant of the model code, timed in interleaved rounds (medians; CPU time and page faults in the JSON).
 
-Variants (each one adds a change to the previous one):
-- `before`:    attention by jax.nn.dot_product_attention (XLA), layers run by a lax.scan loop;
-- `attention`: the model's attention (4-D heads-major layout, flash-attention form of the backward pass);
-- `unrolled`:  the layers' scan unrolled on CPU: the current model.
+Variants:
+- `before`: attention by jax.nn.dot_product_attention (its XLA implementation), as the model had it;
+- `after`:  the model's attention (4-D heads-major layout, softmax normalised after the PV matmul,
+            flash-attention form of the backward pass): the current model.
 
     python bench/train_step_variants.py --d_model 512 1024 --json bench/results/train_step_variants.json
 """
@@ -33,7 +33,7 @@ from bench.train_step import jax_step, model_config, timed, train_setup  # noqa:
 from llada_jax import model as model_module  # noqa: E402
 from llada_jax.train.step import flops_per_token  # noqa: E402
 
-VARIANTS = ("before", "attention", "unrolled")
+VARIANTS = ("before", "after")
 
 
 def jax_nn_attention(q, k, v, key_mask, impl):
@@ -45,15 +45,13 @@ def jax_nn_attention(q, k, v, key_mask, impl):
 @contextlib.contextmanager
 def model_variant(name: str):
     """Patch the model module while a step is traced and compiled (the compiled step keeps the variant)."""
-    saved = model_module.attention, model_module._scan_unroll
+    saved = model_module.attention
     if name == "before":
         model_module.attention = jax_nn_attention
-    if name in ("before", "attention"):
-        model_module._scan_unroll = lambda: 1
     try:
         yield
     finally:
-        model_module.attention, model_module._scan_unroll = saved
+        model_module.attention = saved
 
 
 def main():

@@ -182,14 +182,6 @@ def dense(x: Array, w: Array, n_in: int = 1, out_dtype=None) -> Array:
     return y.reshape(*lead, *out)
 
 
-def _scan_unroll() -> int | bool:
-    """How `lax.scan` runs the stacked layers: a loop (1) on accelerators, where compile time stays flat in
-    depth; unrolled (True) on CPU, where XLA's loop costs about a fifth of a train step (the per-layer
-    residuals kept for the backward pass go to zero-filled stacked buffers through dynamic slices), measured
-    in docs/BENCHMARKS.md. The parameters stay stacked either way."""
-    return True if jax.default_backend() == "cpu" else 1
-
-
 def _remat(fn, policy: str, *, in_scan: bool):
     if policy == "none":
         return fn
@@ -318,9 +310,8 @@ class LLaDAForMaskedLM(nnx.Module):
 
         if c.scan_layers:
             graphdef, params = nnx.split(self.blocks)
-            unroll = _scan_unroll()
-            step = _remat(lambda h, p: (apply_block(graphdef, p, h), None), c.remat_policy, in_scan=unroll is not True)
-            x, _ = jax.lax.scan(step, x, params, unroll=unroll)
+            step = _remat(lambda h, p: (apply_block(graphdef, p, h), None), c.remat_policy, in_scan=True)
+            x, _ = jax.lax.scan(step, x, params)
         else:
             for block in self.blocks:
                 graphdef, params = nnx.split(block)
