@@ -23,7 +23,7 @@ Step times are medians over all timed steps, peaks medians over the rounds (the 
 Both frameworks get the same CPUs: the process is pinned to `--threads` cores before JAX or PyTorch start
 (XLA:CPU sizes its thread pool from the schedulable CPUs) and `torch.set_num_threads(--threads)`.
 
-    python bench/train_step.py --d_model 256 512 1024 --json bench/results/train_step.json
+    python bench/train_step.py --d_model 256 512 1024     # writes bench/train_step.json
     python bench/train_step.py --no_torch        # the JAX step and peak only
 """
 
@@ -246,7 +246,8 @@ def main():
     p.add_argument("--no_torch", action="store_true", help="measure the JAX step and peak only")
     p.add_argument("--no_jax", action="store_true", help="measure the PyTorch steps and peak only")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.json"),
+                   help="write the results here")
     args = p.parse_args()
     if not args.no_torch:
         import torch
@@ -271,11 +272,9 @@ def main():
         import torch
 
         result.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

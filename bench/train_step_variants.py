@@ -6,7 +6,7 @@ Variants:
 - `after`:  the model's attention (4-D heads-major layout, softmax normalised after the PV matmul,
             flash-attention form of the backward pass): the current model.
 
-    python bench/train_step_variants.py --d_model 512 1024 --json bench/results/train_step_variants.json
+    python bench/train_step_variants.py --d_model 256 512 1024     # writes bench/train_step_variants.json
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no_hugepages", action="store_true", help="see bench/process_setup.py")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step_variants.json"))
     args = p.parse_args()
     rows = []
     for d in args.d_model:
@@ -98,15 +98,13 @@ def main():
     for r in rows:
         print(f"{r['d_model']:>7} {r['variant']:>10} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} "
               f"{r['gflops_per_s']:8.1f} {r['speedup_vs_before']:8.2f}x")
-    if args.json:
-        result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(),
-                  "threads": THREADS, "load_average": os.getloadavg(),
-                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "jax": jax.__version__,
-                  "args": vars(args), "rows": rows}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(),
+              "threads": THREADS, "load_average": os.getloadavg(),
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "jax": jax.__version__,
+              "args": vars(args), "rows": rows}
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
