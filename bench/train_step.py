@@ -20,8 +20,10 @@ change on a shared machine hits all of them, while the cost of switching framewo
 the other framework ran is up to 2x slower: caches, freed and re-faulted memory) stays out of the figures.
 Step times are medians over all timed steps, peaks medians over the rounds (the JSON has all the times).
 
-Both frameworks get the same CPUs: the process is pinned to `--threads` cores before JAX or PyTorch start
-(XLA:CPU sizes its thread pool from the schedulable CPUs) and `torch.set_num_threads(--threads)`.
+Both frameworks get the same CPUs and process settings (`bench/process_setup.py`): the process is pinned to
+`--threads` cores before JAX or PyTorch start (XLA:CPU sizes its thread pool from the schedulable CPUs) and
+`torch.set_num_threads(--threads)`; OpenMP waits passively; malloc uses huge pages (`--no_hugepages`: not).
+The learning-rate schedule is the only difference in the update: warmup then cosine in JAX, constant in PyTorch.
 
     python bench/train_step.py --d_model 256 512 1024     # writes bench/train_step.json
     python bench/train_step.py --no_torch        # the JAX step and peak only
