@@ -1,10 +1,20 @@
-"""Sampler speed on a small model: generated tokens/s and NFE per method, and the sampler's own overhead.
+"""Sampler speed on a small model: generated tokens/s and NFE per method, the sampler's own overhead, and the
+speed-up over a PyTorch implementation of the official per-step sampler on the same weights.
 
 Overhead is the sampler's time beyond its model evaluations: (t_sample - forward_calls x t_forward) /
 (forward_calls x t_forward), where t_forward is one jitted forward pass of the same shape (with the same
 attention-mask argument, and a batch of 2B with CFG), timed as forward_calls passes back to back. Times are the best of --reps runs after a warm-up
 (compile) run, the sampler and the forward pass measured in alternation (noise on a shared machine only
 adds time, and a change of load hits both alike). Not a test: run it by hand and record the figures in docs/BENCHMARKS.md.
+
+PyTorch baseline (unless --no_torch): the JAX model is exported with `save_pretrained` (llada_jax.convert) and
+loaded by the project's PyTorch modeling file; `bench/torch_baseline.official_generate` runs the official
+algorithm as ML-GSAI/LLaDA's generate.py does (a Python loop over blocks and steps, one model call per step,
+float64 softmax confidence, per-row torch.topk), at temperature 0 with low-confidence remasking, for the
+cases that algorithm covers (fixed_length, semi_ar_padding, and CFG). The output tokens must be identical to
+the JAX sampler's (the script exits with status 1 otherwise); the ratio is JAX tokens/s over PyTorch tokens/s,
+both best of --reps runs, measured in alternation. Both frameworks run with the same threads (see
+bench/process_setup.py).
 
     python bench/sampling.py [--batch 2 --prompt 32 --gen 64 --block 16 --steps 32 --d_model 256 --n_layers 4
                              --vocab 2048 --reps 5 --json PATH]
@@ -18,9 +28,14 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.process_setup import setup_process  # noqa: E402
+
+THREADS = setup_process(sys.argv[1:], __file__) if __name__ == "__main__" else len(os.sched_getaffinity(0))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -57,6 +72,9 @@ def main() -> int:
     p.add_argument("--n_layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampling.json"))
+    p.add_argument("--threads", type=int, default=0, help="CPUs for both frameworks (0: all schedulable)")
+    p.add_argument("--no_hugepages", action="store_true", help="see bench/process_setup.py")
+    p.add_argument("--no_torch", action="store_true", help="skip the PyTorch baseline")
     args = p.parse_args()
 
     config = LLaDAConfig.tiny(d_model=args.d_model, n_layers=args.n_layers, n_heads=4, n_kv_heads=4,
@@ -113,6 +131,8 @@ def main() -> int:
                          forward_calls=calls, seconds=t_sample, tokens_per_s=b * args.gen / t_sample,
                          forward_seconds=t_fwd, overhead=(t_sample - model_time) / model_time))
 
+    torch_rows = [] if args.no_torch else compare_with_torch(args, model, prompt)
+
     header = f"{'method':16} {'remasking':14} {'T':>4} {'cfg':>4} {'NFE':>4} {'s/sample':>9} {'tok/s':>8} " \
              f"{'fwd ms':>7} {'overhead':>8}"
     print(f"model d_model {args.d_model}, {args.n_layers} layers, vocab {args.vocab}; batch {b}, prompt "
@@ -122,14 +142,81 @@ def main() -> int:
         print(f"{r['method']:16} {r['remasking']:14} {r['temperature']:4.1f} {r['cfg_scale']:4.1f} {r['nfe']:4d} "
               f"{r['seconds']:9.3f} {r['tokens_per_s']:8.1f} {r['forward_seconds'] * 1e3:7.2f} "
               f"{r['overhead'] * 100:7.1f}%")
+    if torch_rows:
+        print(f"\nvs PyTorch, official per-step algorithm (T = 0, low_confidence), same weights, {THREADS} threads:")
+        print(f"{'method':16} {'cfg':>4} {'NFE':>4} {'JAX tok/s':>10} {'torch tok/s':>12} {'JAX/torch':>10} "
+              f"{'same tokens':>12}")
+        for r in torch_rows:
+            print(f"{r['method']:16} {r['cfg_scale']:4.1f} {r['nfe']:4d} {r['jax_tokens_per_s']:10.1f} "
+                  f"{r['torch_tokens_per_s']:12.1f} {r['speedup']:9.2f}x {str(r['identical']):>12}")
     result = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), machine=platform.platform(),
-                  load_average=os.getloadavg(),
+                  load_average=os.getloadavg(), threads=THREADS,
+                  glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                   processor=platform.processor(), cpu_count=os.cpu_count(), jax=jax.__version__,
-                  backend=jax.devices()[0].platform, args=vars(args), rows=rows)
+                  backend=jax.devices()[0].platform, args=vars(args), rows=rows, torch_rows=torch_rows)
+    if torch_rows:
+        import torch
+
+        result.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.json}")
+    if not all(r["identical"] for r in torch_rows):
+        print("FAILED: the JAX and PyTorch samplers produced different tokens", file=sys.stderr)
+        return 1
     return 0
+
+
+TORCH_CASES = [  # (method, cfg_scale): the cases the official generate.py covers at temperature 0
+    ("fixed_length", 0.0),
+    ("semi_ar_padding", 0.0),
+    ("semi_ar_padding", 1.0),
+]
+
+
+def compare_with_torch(args, model, prompt) -> list[dict]:
+    """JAX sampler vs the official per-step algorithm in PyTorch on the exported weights (see module doc)."""
+    import torch
+
+    from bench.torch_baseline import official_generate
+    from llada_jax.convert.hf_files.modeling_llada import LLaDAModelLM
+
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(os.path.join(tmp, "hf"))  # llada_jax.convert: official layout + modeling files
+        torch_model = LLaDAModelLM.from_pretrained(os.path.join(tmp, "hf"), dtype=torch.float32).eval()
+    torch_prompt = torch.from_numpy(np.asarray(prompt).astype(np.int64))
+    b, mask_id = prompt.shape[0], model.config.mask_token_id
+    rows = []
+    for method, cfg in TORCH_CASES:
+        block = args.gen if method == "fixed_length" else args.block
+        sampler = create_sampler(method, gen_length=args.gen, block_length=args.block, steps=args.steps,
+                                 remasking="low_confidence", temperature=0.0, cfg_scale=cfg)
+        out = {}
+
+        def run_jax():
+            out["jax"], out["stats"] = sampler(model, prompt, rng=0, return_stats=True)
+            out["jax"].block_until_ready()
+
+        def run_torch():
+            out["torch"], out["calls"] = official_generate(torch_model, torch_prompt, steps=args.steps,
+                                                           gen_length=args.gen, block_length=block,
+                                                           mask_id=mask_id, cfg_scale=cfg)
+
+        run_jax()
+        run_torch()
+        t_jax = t_torch = float("inf")
+        for _ in range(args.reps):
+            t_jax = min(t_jax, timed(run_jax))
+            t_torch = min(t_torch, timed(run_torch))
+        ours, theirs = np.asarray(out["jax"]), out["torch"].numpy()
+        nfe = int(np.asarray(out["stats"].nfe)[0])
+        rows.append(dict(method=method, block_length=block, cfg_scale=cfg, nfe=nfe,
+                         torch_nfe=out["calls"] * (2 if cfg > 0 else 1), identical=bool(np.array_equal(ours, theirs)),
+                         differing_tokens=int(np.sum(ours != theirs)), jax_seconds=t_jax, torch_seconds=t_torch,
+                         jax_tokens_per_s=b * args.gen / t_jax, torch_tokens_per_s=b * args.gen / t_torch,
+                         speedup=t_torch / t_jax))
+    return rows
 
 
 if __name__ == "__main__":

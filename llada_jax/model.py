@@ -91,14 +91,90 @@ def _resolve_attention_impl(config: LLaDAConfig) -> str:
 
 
 def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str) -> Array:
-    """Bidirectional scaled dot-product attention, softmax in float32. key_mask: [B, S] (True = attend)."""
-    mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+    """Bidirectional scaled dot-product attention, softmax in float32. key_mask: [B, S] (True = attend).
+
+    q [B, L, N, H], k / v [B, S, K, H] with N a multiple of K (grouped-query attention); returns [B, L, N, H].
+    """
     if impl == "cudnn":
+        mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
         except Exception:  # shape / dtype / GPU generation cuDNN does not support: use the XLA kernel
             pass
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    b, length, n, h = q.shape
+    kv = k.shape[2]
+    g = n // kv
+    # Heads-major layout, 4-D: the G = N / K query heads of a kv head are rows of one batched matmul with it
+    # ([B, K] batch dims, G * L rows), so k and v are never repeated. (A separate size-G dimension, as in
+    # jax.nn.dot_product_attention, makes XLA:CPU's forward pass about 2x slower, even for G = 1.)
+    qh = q.reshape(b, length, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * length, h)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    mask = None if key_mask is None else key_mask.astype(bool)
+    out = _sdpa(qh, kh, vh, mask)  # [B, K, G * L, H]
+    return out.reshape(b, kv, g, length, h).transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
+
+
+# Scores of masked keys: large and negative but finite, so a row with no key left gives a uniform softmax
+# rather than NaN (the value jax.nn.dot_product_attention uses).
+_MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _sdpa_forward(q, k, v, key_mask):
+    """q [B, K, M, H], k / v [B, K, S, H] -> (out [B, K, M, H], (exp_scores [B, K, M, S], row_sums [B, K, M, 1])).
+
+    The softmax is left unnormalised through the second matmul: out = (E V) / rowsum(E) with E = exp(scores -
+    rowmax), float32, which divides [M, H] rather than [M, S] values (as flash attention does).
+    """
+    f32 = jnp.float32
+    scores = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=f32) * f32(q.shape[-1] ** -0.5)
+    if key_mask is not None:
+        scores = jnp.where(key_mask[:, None, None, :], scores, _MASKED_SCORE)
+    exp_scores = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    row_sums = jnp.sum(exp_scores, axis=-1, keepdims=True)
+    out = jnp.einsum("bkms,bksh->bkmh", exp_scores.astype(v.dtype), v, preferred_element_type=f32) / row_sums
+    return out.astype(v.dtype), (exp_scores, row_sums)
+
+
+@jax.custom_vjp
+def _sdpa(q, k, v, key_mask):
+    """Softmax attention with the flash-attention form of the backward pass.
+
+    With P = softmax(scores), autodiff computes d(scores) = P (dP - sum_s(P dP)), a reduction over every
+    [M, S] score matrix; the equal sum_h(dO O) ([M, H] sized) saves that pass over the scores, the most
+    memory-bound part of the backward pass on every backend. The forward keeps the float32 exponentials and
+    their row sums (the memory autodiff would keep for P) for the backward.
+    """
+    return _sdpa_forward(q, k, v, key_mask)[0]
+
+
+def _sdpa_fwd(q, k, v, key_mask):
+    out, (exp_scores, row_sums) = _sdpa_forward(q, k, v, key_mask)
+    return out, (q, k, v, key_mask, exp_scores, row_sums, out)
+
+
+def _sdpa_bwd(residuals, d_out):
+    q, k, v, key_mask, exp_scores, row_sums, out = residuals
+    f32 = jnp.float32
+    inv_sums = 1.0 / row_sums  # P = exp_scores * inv_sums
+    d_probs = jnp.einsum("bkmh,bksh->bkms", d_out, v, preferred_element_type=f32)
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # = sum_s P dP
+    # d(scores) = P (dP - delta), and 0 for masked keys (their scores are constants; P is 0 there anyway,
+    # except in a row with no key left). The 1/sqrt(H) scale goes with it to q and k.
+    d_scores = exp_scores * ((d_probs - delta) * (inv_sums * f32(q.shape[-1] ** -0.5)))
+    if key_mask is not None:
+        d_scores = jnp.where(key_mask[:, None, None, :], d_scores, 0.0)
+    d_scores = d_scores.astype(q.dtype)
+    d_q = jnp.einsum("bkms,bksh->bkmh", d_scores, k)
+    # dK and dV as their [H, S] transposes (row-major products of the [M, S] matrices; transposing those
+    # instead, as P^T dO asks, is slower on CPU), then swapped back: a small [S, H] transpose.
+    # dV = P^T dO = E^T (dO / rowsum).
+    d_k = jnp.einsum("bkmh,bkms->bkhs", q, d_scores).swapaxes(-1, -2)
+    d_out_scaled = (d_out.astype(f32) * inv_sums).astype(v.dtype)
+    d_v = jnp.einsum("bkmh,bkms->bkhs", d_out_scaled, exp_scores.astype(v.dtype)).swapaxes(-1, -2)
+    return d_q, d_k, d_v, None
+
+
+_sdpa.defvjp(_sdpa_fwd, _sdpa_bwd)
 
 
 def dense(x: Array, w: Array, n_in: int = 1, out_dtype=None) -> Array:

