@@ -23,6 +23,8 @@ window's own recomputed. Both go through the same block code (`LLaDABlock.forwar
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import NamedTuple
 
 import jax
@@ -96,11 +98,15 @@ def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str) -
     q [B, L, N, H], k / v [B, S, K, H] with N a multiple of K (grouped-query attention); returns [B, L, N, H].
     """
     if impl == "cudnn":
-        mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+        # cuDNN takes a mask as a bias with the full [L, S] extent (batch and heads may broadcast); a key mask
+        # [B, 1, 1, S] is rejected ("Bias must have same seq length as QKV").
+        mask = None
+        if key_mask is not None:
+            mask = jnp.broadcast_to(key_mask[:, None, None, :].astype(bool), (q.shape[0], 1, q.shape[1], k.shape[1]))
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-        except Exception:  # shape / dtype / GPU generation cuDNN does not support: use the XLA kernel
-            pass
+        except (ValueError, NotImplementedError, RuntimeError) as e:  # shape / dtype / GPU cuDNN does not support
+            _warn_cudnn_fallback(e, q, k)
     b, length, n, h = q.shape
     kv = k.shape[2]
     g = n // kv
@@ -112,6 +118,16 @@ def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str) -
     mask = None if key_mask is None else key_mask.astype(bool)
     out = _sdpa(qh, kh, vh, mask)  # [B, K, G * L, H]
     return out.reshape(b, kv, g, length, h).transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_cudnn_fallback_once(reason: str, shapes: str) -> None:
+    logging.getLogger("llada_jax").warning("cuDNN attention unavailable for %s (%s); using the XLA attention",
+                                           shapes, reason)
+
+
+def _warn_cudnn_fallback(error: Exception, q: Array, k: Array) -> None:
+    _warn_cudnn_fallback_once(f"{type(error).__name__}: {error}", f"q {q.shape} {q.dtype}, k {k.shape}")
 
 
 # Scores of masked keys: large and negative but finite, so a row with no key left gives a uniform softmax

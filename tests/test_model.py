@@ -189,12 +189,36 @@ def test_remat_policies_give_the_same_gradients(policy):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def matmul_operand_dtypes(model, ids) -> dict:
+    """{operand dtype: number of dot_general equations} in the model's forward pass (scan bodies included)."""
+    counts = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (dtype,) = {str(v.aval.dtype) for v in eqn.invars}
+                counts[dtype] = counts.get(dtype, 0) + 1
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(model)(ids).jaxpr)
+    return counts
+
+
 def test_bf16_compute_stays_close_to_fp32():
     fp32 = make_model()
     bf16 = make_model(dtype="bfloat16")
     ids = random_ids(9, (2, 16))
     a, b = np.asarray(fp32(ids)), np.asarray(bf16(ids))
     assert bf16(ids).dtype == jnp.float32  # logits stay float32
+    # the matmuls really run in bf16: every dot of the bf16 model (the scanned layer body's 7 projections and 2
+    # attention products, then the head) takes bf16 operands, every dot of the fp32 model float32 ones
+    assert matmul_operand_dtypes(bf16, ids) == {"bfloat16": 9 + 1}
+    assert matmul_operand_dtypes(fp32, ids) == {"float32": 9 + 1}
     # stated tolerance: bf16 matmuls (8-bit mantissa) over 2 layers: max abs error < 0.07 on logits of
     # scale ~1, and the argmax agrees almost everywhere. (The max over these 2 x 16 x 512 logits is a noisy
     # statistic: over 8 random models and batches it spans 0.039-0.055, mean abs error 0.008; an earlier
@@ -273,3 +297,34 @@ def test_config_errors_name_the_field():
         LLaDAConfig.tiny(remat_policy="sometimes")
     with pytest.raises(ValueError, match="unknown LLaDAConfig field"):
         LLaDAConfig.from_dict({"d_model": 8, "n_layer": 2})
+
+
+def test_cudnn_path_passes_a_full_extent_mask_and_falls_back_with_a_warning(monkeypatch, caplog):
+    """cuDNN needs no GPU to check what this project hands it: the key mask as a [B, 1, L, S] boolean (cuDNN turns
+    a mask into a bias and requires its last two dims to be the query and key lengths), and on an unsupported
+    case the XLA attention with a logged warning instead of a silent switch."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    from llada_jax import model as model_lib
+
+    q = jax.random.normal(jax.random.key(0), (2, 5, 4, 8), jnp.bfloat16)
+    k = v = jax.random.normal(jax.random.key(1), (2, 7, 2, 8), jnp.bfloat16)
+    key_mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], bool)
+    seen = {}
+
+    def fake_cudnn(q, k, v, mask=None, implementation=None):
+        assert implementation == "cudnn"
+        seen["mask"] = mask
+        bias = cudnn_attention.combine_bias_and_mask(None, mask, q.dtype)  # jax's own checks of the bias shape
+        cudnn_attention.check_layout(q, k, v, bias, None, None, None, None, None, None,
+                                     cudnn_attention.AttentionLayout.BTNH)
+        raise RuntimeError("cuDNN is not detected.")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+    model_lib._warn_cudnn_fallback_once.cache_clear()
+    with caplog.at_level("WARNING", logger="llada_jax"):
+        out = model_lib.attention(q, k, v, key_mask, "cudnn")
+    assert seen["mask"].shape == (2, 1, 5, 7) and seen["mask"].dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(seen["mask"]), np.broadcast_to(key_mask[:, None, None, :], (2, 1, 5, 7)))
+    assert "cuDNN attention unavailable" in caplog.text and "cuDNN is not detected" in caplog.text
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(model_lib.attention(q, k, v, key_mask, "xla")))
