@@ -10,12 +10,19 @@ def test_demo_small_end_to_end_and_resume(tmp_path):
     out = str(tmp_path / "demo")
     small = ["demo", "--output_dir", out, "--d_model", "32", "--n_layers", "1", "--n_heads", "2",
              "--pretrain_steps", "3", "--sft_steps", "6", "--batch_size", "8", "--test_size", "6"]
+    # the first run is killed (SIGKILL) right after SFT step 4; the same command then resumes it
+    killed = cli(*small, devices=1, env={"LLADA_JAX_FAULT_AFTER_STEP": "4"}, check=False)
+    assert killed.returncode == -9 and not os.path.exists(os.path.join(out, "results.json"))
     first = cli(*small, devices=1)
+    assert f"resumed from {os.path.join(out, 'sft')} step 4" in first.stderr, first.stderr[-2000:]
     results = json.load(open(os.path.join(out, "results.json")))
     combos = {f"{m}/{r}" for m in ("fixed_length", "semi_ar_padding", "semi_ar_origin")
               for r in ("low_confidence", "random")}
     assert set(results["accuracy"]) == combos and all(0 <= v <= 1 for v in results["accuracy"].values())
     assert set(results["nfe"]) == combos
+    target = results["target"]  # the demo's success criterion, reported (a run this small does not meet it)
+    assert target["accuracy"] == results["accuracy"]["semi_ar_padding/low_confidence"]
+    assert target["min_accuracy"] == 0.9 and target["met"] == (target["accuracy"] >= 0.9)
     fast = {r["name"]: r for r in results["fast_decoding"]}
     assert "threshold 0.9 + dual cache" in fast and fast["semi_ar (1 token/step)"]["nfe"] == 16
     assert os.listdir(os.path.join(out, "analysis", "attention"))  # heatmaps
@@ -26,6 +33,7 @@ def test_demo_small_end_to_end_and_resume(tmp_path):
         assert os.path.exists(os.path.join(out, name)), name
     report = open(os.path.join(out, "report.md")).read()
     assert "| semi_ar_padding | low_confidence |" in report and "![loss curves](loss_curve.png)" in report
+    assert "Target: semi-autoregressive low-confidence sampling at least 90% exact match: **" in report
     # the held-out prompts share no input with the training set
     train = {json.loads(line)["messages"][0]["content"] for line in open(os.path.join(out, "data", "sft_train.jsonl"))}
     test = [json.loads(line)["messages"][0]["content"] for line in open(os.path.join(out, "data", "test.jsonl"))]
