@@ -100,9 +100,10 @@ def test_threshold_commits_exactly_the_positions_at_or_above_it_and_at_least_one
     assert int(stats.forward_calls) == block_steps.max(1).sum()  # a block runs until its slowest row is done
 
 
-def test_threshold_above_one_is_one_token_per_step(model):
+@pytest.mark.parametrize("method", ["semi_ar_padding", "semi_ar_origin"])
+def test_threshold_above_one_is_one_token_per_step(model, method):
     # random remasking: the noise of step i of block n is keyed alike in both; CFG: two evaluations per step
-    opts = dict(method="semi_ar_padding", gen_length=8, block_length=4, rng=1, return_stats=True, cfg_scale=1.0,
+    opts = dict(method=method, gen_length=8, block_length=4, rng=1, return_stats=True, cfg_scale=1.0,
                 remasking="random")
     want, want_stats = generate(model, PROMPTS, steps=8, **opts)  # the schedule with one token per step
     got, stats, history = generate(model, PROMPTS, threshold=1.5, return_history=True, **opts)
@@ -125,6 +126,7 @@ def test_select_threshold():
 @pytest.mark.parametrize("method,caches,extra", [
     ("semi_ar_padding", ("prefix", "dual"), dict(cfg_scale=1.5, threshold=0.03)),
     ("semi_ar_origin", ("dual",), dict(temperature=0.8)),
+    ("semi_ar_origin", ("prefix",), dict(threshold=0.03)),
     ("fixed_length", ("prefix",), dict(remasking="random", threshold=0.5)),
 ])
 def test_cached_with_refresh_every_step_equals_uncached(model, method, caches, extra):

@@ -105,6 +105,13 @@ def test_inference_prompt_answers_through_the_chat_template(saved, capsys):
     out = generate(model, np.array([ids]), method="fixed_length", gen_length=8, steps=4)
     answer = tokenizer.decode(np.asarray(out)[0, len(ids):], skip_special_tokens=True)
     assert capsys.readouterr().out == answer + "\n"
+    # the fast-decoding options reach the sampler the same way
+    fast = dict(threshold=0.3, cache="prefix", cache_refresh=2)
+    assert main(["inference", "--model", run, "--prompt", "Hello there", "--sampling_method", "fixed_length",
+                 "--threshold", "0.3", "--cache", "prefix", "--cache_refresh", "2", *FLAGS]) == 0
+    out = generate(model, np.array([ids]), method="fixed_length", gen_length=8, steps=4, **fast)
+    answer = tokenizer.decode(np.asarray(out)[0, len(ids):], skip_special_tokens=True)
+    assert capsys.readouterr().out == answer + "\n"
 
 
 def test_interactive_chat_keeps_the_conversation(saved, monkeypatch, capsys):
