@@ -3,11 +3,15 @@
 Sources, first match wins:
   1. explicit: `--coordinator_address HOST:PORT --num_processes N --process_id I`, or the environment
      variables LLADA_JAX_COORDINATOR_ADDRESS / LLADA_JAX_NUM_PROCESSES / LLADA_JAX_PROCESS_ID
-     (launch/local_multiprocess.sh, Kubernetes, anything that can set three variables);
-  2. SLURM: one task per node or per GPU under `srun` (SLURM_NTASKS > 1); JAX reads the SLURM variables;
+     (launch/local_multiprocess.sh, Kubernetes, anything that can set three variables); each process drives
+     every device it can see (set CUDA_VISIBLE_DEVICES per process to split a host's GPUs);
+  2. SLURM: `srun` with SLURM_NTASKS > 1, one task per node or one per GPU (see `_slurm`);
   3. TPU pods and GKE: the TPU metadata (multi-host TPU VMs, multi-slice, JobSet), or `--distributed` /
      LLADA_JAX_DISTRIBUTED=1 to ask JAX's cluster auto-detection explicitly;
   4. otherwise one process: nothing to do.
+
+`plan` makes that decision as a pure function of the flags and the environment and returns the keyword
+arguments of `jax.distributed.initialize` (None: one process); `initialize` calls it.
 
 `heartbeat_timeout` bounds how long the survivors of a crashed process wait: the coordination service
 declares a silent peer dead after that many seconds and every process exits with an error instead of
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Mapping
 
 log = logging.getLogger("llada_jax")
 
@@ -37,18 +43,125 @@ def add_flags(parser) -> None:
                    help="seconds after which a silent process is declared dead (default: JAX's, 100)")
 
 
-def _env(name: str):
-    return os.environ.get(ENV_PREFIX + name)
+def plan(coordinator_address: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None, *, distributed: bool = False, heartbeat_timeout: int | None = None,
+         environ: Mapping[str, str] | None = None) -> dict | None:
+    """The keyword arguments for `jax.distributed.initialize` in this process, or None when it is the only
+    process. Pure: reads `environ` (default os.environ) and touches no device."""
+    environ = os.environ if environ is None else environ
+    coordinator_address = coordinator_address or environ.get(ENV_PREFIX + "COORDINATOR_ADDRESS") or None
+    num_processes = num_processes if num_processes is not None else _int_env(environ, "NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _int_env(environ, "PROCESS_ID")
+    heartbeat_timeout = heartbeat_timeout or _int_env(environ, "HEARTBEAT_TIMEOUT")
+    extra = {"heartbeat_timeout_seconds": heartbeat_timeout} if heartbeat_timeout else {}
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("multi-process start needs all of coordinator_address, num_processes and process_id "
+                             f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+        if num_processes <= 1:
+            return None
+        # Everything is given: no cluster auto-detection, which would otherwise still pick local_device_ids
+        # (under SLURM: one GPU per process). local_device_ids=None: every device this process can see.
+        return dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
+                    local_device_ids=None, cluster_detection_method="deactivate", **extra)
+    if _under_slurm(environ):
+        return {**_slurm(environ), **extra}
+    if distributed or environ.get(ENV_PREFIX + "DISTRIBUTED") == "1" or _on_multihost_tpu(environ):
+        return extra
+    return None
 
 
-def _on_multihost_tpu() -> bool:
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")) or "," in hosts
+def _slurm(environ: Mapping[str, str]) -> dict:
+    """SLURM, both layouts, without JAX's SLURM auto-detection. That detection always restricts a process to
+    GPU ordinal SLURM_LOCALID, which is right only for one task per GPU with all the node's GPUs visible: a
+    one-task-per-node process would drive GPU 0 alone, and a task that sees one GPU (ordinal 0) asks for an
+    invalid ordinal on local ranks 1-7. So everything is passed explicitly, with the same coordinator JAX
+    would choose (first node of the step; port JAX_COORDINATOR_PORT, else derived from the job id):
+
+      - one task on every node (--ntasks-per-node=1): local_device_ids=None, every visible GPU;
+      - several tasks per node: task SLURM_LOCALID drives GPU ordinal SLURM_LOCALID of the ones it sees
+        (all the node's GPUs visible, `--gpus-per-node`); a task bound to a single GPU by SLURM
+        (`--gpus-per-task=1`, `--gpu-bind=single:1`) drives that one.
+
+    Ordinals count the devices CUDA enumerates, after CUDA_VISIBLE_DEVICES; JAX_LOCAL_DEVICE_IDS still
+    overrides the choice."""
+    ntasks, procid, localid = (int(environ[k]) for k in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"))
+    address = environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address:
+        # JAX's rule: a port in the ephemeral range [61440, 65535] derived from the job id.
+        port = environ.get("JAX_COORDINATOR_PORT") or str(61440 + int(environ["SLURM_JOB_ID"]) % 4096)
+        address = f"{_first_host(environ['SLURM_STEP_NODELIST'])}:{port}"
+    per_node = _slurm_tasks_per_node(environ)
+    visible = _visible_gpu_count(environ)
+    if per_node is not None and all(n == 1 for n in per_node):
+        devices = None
+    elif visible == 1:
+        devices = None
+    elif visible is not None and localid >= visible:
+        raise ValueError(f"SLURM task with local id {localid} sees only {visible} GPUs "
+                         f"(CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES')}): with several tasks per node "
+                         "each needs its own GPU; give every task the node's GPUs (--gpus-per-node) or one each "
+                         "(--gpus-per-task=1), or run one task per node")
+    else:
+        devices = [localid]
+    return dict(coordinator_address=address, num_processes=ntasks, process_id=procid, local_device_ids=devices,
+                cluster_detection_method="deactivate")
 
 
-def _under_slurm() -> bool:
+def _under_slurm(environ: Mapping[str, str]) -> bool:
     keys = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-    return all(k in os.environ for k in keys) and int(os.environ["SLURM_NTASKS"]) > 1
+    return all(k in environ for k in keys) and int(environ["SLURM_NTASKS"]) > 1
+
+
+def _first_host(nodelist: str) -> str:
+    """First host of a SLURM node list: 'n1,n2' -> n1; 'gpu[003-010,012],x' -> gpu003."""
+    head = re.match(r"[^,\[]*(\[[^\]]*\])?", nodelist.strip()).group(0)
+    if "[" not in head:
+        return head
+    prefix, ranges = head[:-1].split("[", 1)
+    return prefix + re.split(r"[,-]", ranges, maxsplit=1)[0]
+
+
+def _slurm_tasks_per_node(environ: Mapping[str, str]) -> list[int] | None:
+    """Tasks on each node of the step: SLURM_STEP_TASKS_PER_NODE (srun), SLURM_TASKS_PER_NODE ('8(x2),4'
+    style) or SLURM_NTASKS_PER_NODE; else from SLURM_NTASKS and the node count; None if unknown."""
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        value = environ.get(key, "").strip()
+        if value:
+            counts = []
+            for part in value.split(","):
+                m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+                if m is None:
+                    raise ValueError(f"{key}={value!r}: not a SLURM tasks-per-node list")
+                counts += [int(m.group(1))] * int(m.group(2) or 1)
+            return counts
+    nodes = environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES")
+    if nodes and int(nodes) > 0 and int(environ["SLURM_NTASKS"]) % int(nodes) == 0:
+        return [int(environ["SLURM_NTASKS"]) // int(nodes)] * int(nodes)
+    return None
+
+
+def _visible_gpu_count(environ: Mapping[str, str]) -> int | None:
+    """How many GPUs CUDA_VISIBLE_DEVICES leaves this process (indices or UUIDs); None when unset or empty,
+    which is not read as 'none': a CPU-only step ignores local_device_ids anyway."""
+    value = environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return len([d for d in value.split(",") if d.strip()]) if value else None
+
+
+def _on_multihost_tpu(environ: Mapping[str, str]) -> bool:
+    hosts = environ.get("TPU_WORKER_HOSTNAMES", "")
+    return bool(environ.get("MEGASCALE_COORDINATOR_ADDRESS")) or "," in hosts
+
+
+def _int_env(environ: Mapping[str, str], name: str) -> int | None:
+    value = environ.get(ENV_PREFIX + name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError as e:
+        raise ValueError(f"{ENV_PREFIX}{name}={value!r}: expected an integer") from e
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -58,24 +171,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     global _initialized
     if _initialized:
         return
+    kwargs = plan(coordinator_address, num_processes, process_id, distributed=distributed,
+                  heartbeat_timeout=heartbeat_timeout)
     import jax
 
-    coordinator_address = coordinator_address or _env("COORDINATOR_ADDRESS")
-    num_processes = num_processes if num_processes is not None else _int_env("NUM_PROCESSES")
-    process_id = process_id if process_id is not None else _int_env("PROCESS_ID")
-    heartbeat_timeout = heartbeat_timeout or _int_env("HEARTBEAT_TIMEOUT")
-    extra = {"heartbeat_timeout_seconds": heartbeat_timeout} if heartbeat_timeout else {}
-    explicit = (coordinator_address, num_processes, process_id)
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise ValueError("multi-process start needs all of coordinator_address, num_processes and process_id "
-                             f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
-        if num_processes > 1:
-            jax.distributed.initialize(coordinator_address, num_processes, process_id, **extra)
-    elif _under_slurm():
-        jax.distributed.initialize(cluster_detection_method="slurm", **extra)
-    elif distributed or os.environ.get(ENV_PREFIX + "DISTRIBUTED") == "1" or _on_multihost_tpu():
-        jax.distributed.initialize(**extra)
+    if kwargs is not None:
+        jax.distributed.initialize(**kwargs)
     _initialized = True
     log.info("process %d of %d: %d local devices of %d (%s)", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
@@ -85,16 +186,6 @@ def initialize_from_args(args) -> None:
     initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
                getattr(args, "process_id", None), distributed=getattr(args, "distributed", False),
                heartbeat_timeout=getattr(args, "heartbeat_timeout", None))
-
-
-def _int_env(name: str) -> int | None:
-    value = _env(name)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except ValueError as e:
-        raise ValueError(f"{ENV_PREFIX}{name}={value!r}: expected an integer") from e
 
 
 def start(args) -> None:

@@ -44,6 +44,7 @@ def register(sub) -> None:
                    help="send raw text (base models); default: the chat template when the tokenizer has one")
     p.add_argument("--seed", type=int, default=0)
     _sampling_flags(p)
+    distributed.add_flags(p)
     p.set_defaults(func=run_inference)
 
 
@@ -166,6 +167,12 @@ def run_inference(args) -> int:
     from llada_jax.sampling import chat
 
     _sampler(args)
+    distributed.start(args)
+    import jax
+
+    if jax.process_count() > 1:
+        raise _usage("inference runs in one process (one prompt or one terminal chat); on a pod, run it on one "
+                     "host without the multi-process flags")
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise _usage(f"--model: no tokenizer is stored with {args.model}; inference needs one")
