@@ -15,6 +15,7 @@ import threading
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES
@@ -161,18 +162,58 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
     """The (data, fsdp, tensor) mesh with Auto axis types. `dcn_data` > 1 builds a hybrid mesh whose data
     axis spans slices (TPU multi-slice) or processes (multi-node GPU), with ICI/NVLink axes inside each."""
+    devices = list(devices if devices is not None else jax.devices())
+    grid = device_grid(mesh_shape(mesh_config, len(devices)), devices)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_grid(sizes: dict[str, int], devices: Sequence[Any]) -> np.ndarray:
+    """The devices laid out as a (dcn_data x data, fsdp, tensor) array for resolved `sizes` (`mesh_shape`).
+
+    With dcn_data > 1 the devices fall into dcn_data granules: slices when the devices name more than one
+    `slice_index` (TPU multi-slice), else processes. The outer factor of the data axis runs over granules and
+    the inner axes stay inside one granule, so only data-parallel gradient reductions cross the slow network.
+    dcn_data must then equal the number of granules, each holding data x fsdp x tensor devices.
+    """
     from jax.experimental import mesh_utils
 
-    devices = list(devices if devices is not None else jax.devices())
-    sizes = mesh_shape(mesh_config, len(devices))
     ici = (sizes["data"], sizes["fsdp"], sizes["tensor"])
-    by_slice = getattr(devices[0], "slice_index", None) is not None
-    granules = {d.slice_index if by_slice else d.process_index for d in devices}
-    if sizes["dcn_data"] > 1 and len(granules) > 1:
-        grid = mesh_utils.create_hybrid_device_mesh(
-            ici, (sizes["dcn_data"], 1, 1), devices, process_is_granule=not by_slice)
-    else:
-        # One slice / process (or dcn_data == 1): the data axis is just dcn_data x data devices.
-        shape = (sizes["dcn_data"] * sizes["data"], sizes["fsdp"], sizes["tensor"])
-        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    dcn = sizes["dcn_data"]
+    if dcn == 1:
+        return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+    slices = [getattr(d, "slice_index", None) for d in devices]
+    by_slice = None not in slices and len(set(slices)) > 1
+    unit = "slices" if by_slice else "processes"
+    counts: dict[int, int] = {}
+    for d in devices:
+        key = d.slice_index if by_slice else d.process_index
+        counts[key] = counts.get(key, 0) + 1
+    if len(counts) != dcn:
+        raise MeshError(f"mesh.dcn_data {dcn} must be 1 or the number of {unit} ({len(counts)}): it is the "
+                        f"data-parallel axis across {unit}")
+    per = math.prod(ici)
+    if any(n != per for n in counts.values()):
+        raise MeshError(f"mesh.dcn_data {dcn}: each of the {dcn} {unit} must hold data x fsdp x tensor = {per} "
+                        f"devices, but they hold {sorted(counts.values())}")
+    return mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices, process_is_granule=not by_slice,
+                                                allow_split_physical_axes=True)
+
+
+def check_rules(rules: Rules) -> None:
+    """Check a rules table: it maps every logical name the model uses (those of DEFAULT_LOGICAL_AXIS_RULES)
+    to None, a mesh axis or a tuple of mesh axes."""
+    table = {}
+    for entry in rules:
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str):
+            raise MeshError(f"mesh.logical_axis_rules: expected (logical_name, mesh_axes) pairs, got {entry!r}")
+        name, axes = entry
+        axes = _as_tuple(axes)
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise MeshError(f"mesh.logical_axis_rules: {name!r} maps to unknown mesh axis {unknown[0]!r} "
+                            f"(mesh axes: {', '.join(MESH_AXES)})")
+        table[name] = axes
+    missing = [name for name, _ in DEFAULT_LOGICAL_AXIS_RULES if name not in table]
+    if missing:
+        raise MeshError(f"mesh.logical_axis_rules: no rule for {', '.join(map(repr, missing))} "
+                        f"(map a logical axis to None to replicate it)")

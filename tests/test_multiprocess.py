@@ -1,5 +1,6 @@
 """Real multi-process runs on localhost (jax.distributed, gloo collectives) through launch/local_multiprocess.sh."""
 
+import json
 import os
 import subprocess
 import sys
@@ -56,14 +57,20 @@ def test_two_processes_train_like_one_and_hand_over_their_checkpoint(tmp_path, p
 def test_a_killed_process_makes_its_peer_exit_with_an_error(tmp_path, pretrain_data):
     out = str(tmp_path / "killed")
     start = time.monotonic()
-    proc = launch(2, 1, *run_args(pretrain_data, out, 50),
+    # a hybrid mesh (mesh.dcn_data 2: the data axis across the two processes), whose gradient all-reduce
+    # is the collective process 0 would wait in
+    proc = launch(2, 1, *run_args(pretrain_data, out, 50, "--config.mesh.dcn_data=2"),
                   env={"LLADA_JAX_FAULT_AFTER_STEP": "2", "LLADA_JAX_FAULT_PROCESS": "1"}, timeout=300)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     # process 1 was killed after step 2; process 0 must not hang in its next collective: the coordination
     # service's heartbeat (10 s here) ends it with an error
     assert elapsed < 120, elapsed
-    assert len(read_metrics(out)) <= 3
+    logged = read_metrics(out)
+    # step 1 is logged before process 0 starts step 2, which process 1 must join before it is killed
+    assert 1 <= len(logged) <= 3 and all(np.isfinite(m["loss"]) for m in logged)  # the hybrid mesh trained
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["mesh"]["dcn_data"] == 2
 
 
 def test_compile_check_sizes_the_8b_model_on_8_devices(tmp_path):

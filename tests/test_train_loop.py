@@ -1,9 +1,11 @@
 """`llada-jax pretrain` / `sft` end to end: resume exactness, other meshes, the guard, the CLI's errors."""
 
+import glob
 import json
 import os
 import shutil
 import signal
+import struct
 
 import numpy as np
 import pytest
@@ -22,18 +24,60 @@ def losses(run):
     return [(m["step"], m["loss"], m["batch_checksum"]) for m in read_metrics(run)]
 
 
+def checkpoint_steps(run):
+    root = os.path.join(run, "checkpoints")
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+
+
+def tensorboard_scalars(run) -> dict:
+    """{(tag, step): value} from the TFRecord event files in run/tensorboard/ (no TensorBoard needed)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in glob.glob(os.path.join(run, "tensorboard", "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        i = 0
+        while i < len(data):  # record: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 16 + n
+            for v in event.summary.value:
+                scalars[(v.tag, event.step)] = v.simple_value
+    return scalars
+
+
 def test_resume_after_a_kill_is_bitwise_identical(tmp_path, pretrain_data):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    cli(*common(pretrain_data, straight, 30))
+    cli(*common(pretrain_data, straight, 30, "--config.checkpoint.keep=2"))
     killed = cli(*common(pretrain_data, resumed, 30), env={"LLADA_JAX_FAULT_AFTER_STEP": "15"}, check=False)
     assert killed.returncode == -signal.SIGKILL
-    assert sorted(os.listdir(os.path.join(resumed, "checkpoints")))[-1] == "10"
+    assert checkpoint_steps(resumed) == [10]
     cli(*common(pretrain_data, resumed, 30))  # the same command again: resumes from step 10
     a, b = losses(straight), losses(resumed)
     assert [s for s, _, _ in b] == list(range(1, 31))
     assert a == b  # same losses bit for bit, and the same data (checksums) in the same order
     first, last = np.mean([l for _, l, _ in a[:5]]), np.mean([l for _, l, _ in a[-5:]])
     assert last < first, (first, last)  # and it learns
+    # checkpoint.keep: saves at 10, 20, 30; the last 2 are kept (the default 3 keeps all three)
+    assert checkpoint_steps(straight) == [20, 30] and checkpoint_steps(resumed) == [10, 20, 30]
+    # metrics.jsonl: the documented fields on every logged step
+    for row in read_metrics(straight):
+        for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time", "tflops_per_sec",
+                    "masked_tokens", "skipped_updates", "batch_checksum"):
+            assert key in row and np.isfinite(row[key]), (key, row)
+        assert row["step_time"] > 0 and row["tokens_per_sec"] == pytest.approx(8 * 32 / row["step_time"])
+    # config.json: the full training config, loadable as a config file
+    from llada_jax.config import load_config, train_config
+
+    saved = load_config(os.path.join(straight, "config.json"))
+    assert saved.to_dict().keys() == train_config().to_dict().keys()
+    assert (saved.max_steps, saved.max_length, saved.checkpoint.keep, saved.model.d_model) == (30, 32, 2, 64)
+    # TensorBoard events: every metrics.jsonl scalar, per logged step
+    scalars = tensorboard_scalars(straight)
+    assert {s for (tag, s) in scalars if tag == "train/loss"} == set(range(1, 31))
+    assert scalars[("train/loss", 30)] == pytest.approx(a[-1][1])
+    assert ("train/learning_rate", 30) in scalars and ("train/tokens_per_sec", 30) in scalars
 
 
 def test_continue_a_finished_run_with_more_steps_and_on_another_mesh(tmp_path, pretrain_data):
@@ -41,6 +85,12 @@ def test_continue_a_finished_run_with_more_steps_and_on_another_mesh(tmp_path, p
     cli(*common(pretrain_data, same, 10, "--config.mesh.fsdp=4", "--config.mesh.tensor=2"))
     done = cli(*common(pretrain_data, same, 10))
     assert "nothing to do" in done.stderr
+    # the step's noise comes from (seed, step): resuming with another seed is an error, before any work
+    other_seed = cli(*common(pretrain_data, same, 12, "--seed", "1"), check=False)
+    assert other_seed.returncode == 2 and "Traceback" not in other_seed.stderr
+    error = other_seed.stderr.strip().splitlines()[-1]
+    assert error.startswith("llada-jax pretrain: error: ") and "trained with seed 0, but this run has seed 1" in error
+    assert checkpoint_steps(same) == [10]
     shutil.copytree(same, other)
     # a larger max_steps continues the finished run: on the same 8-device mesh, and on 4 devices laid out
     # differently (parameters, optimizer moments and the data position restored onto the new mesh)
@@ -55,12 +105,18 @@ def test_continue_a_finished_run_with_more_steps_and_on_another_mesh(tmp_path, p
 
 def test_nonfinite_guard_stops_the_run(tmp_path, pretrain_data):
     out = str(tmp_path / "diverge")
-    proc = cli(*common(pretrain_data, out, 30, "--learning_rate", "1e30", "--config.max_consecutive_nonfinite=3",
-                       "--warmup_steps", "0"), check=False)
+    # lr 1e39 is inf in float32: the first (finite) update makes the parameters inf / NaN, every later step's
+    # loss is NaN and skipped, and the third skip in a row stops the run. A save is due after every step.
+    proc = cli(*common(pretrain_data, out, 30, "--learning_rate", "1e39", "--config.max_consecutive_nonfinite=3",
+                       "--warmup_steps", "0", "--save_steps", "1"), check=False)
     assert proc.returncode == 1
-    assert "consecutive steps had a non-finite loss or gradient" in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("llada-jax pretrain: error: stopping at step 4: 3 consecutive steps had a non-finite")
     logged = read_metrics(out)
-    assert logged[-1]["skipped_updates"] >= 3
+    assert [m["skipped_updates"] for m in logged] == [0, 1, 2, 3]
+    # no checkpoint of the non-finite parameters: none for steps 1-3, none at the stop
+    assert checkpoint_steps(out) == []
+    assert proc.stderr.count("parameters are not finite; checkpoint NOT written") == 3
 
 
 @pytest.mark.parametrize("args,message", [
@@ -68,6 +124,11 @@ def test_nonfinite_guard_stops_the_run(tmp_path, pretrain_data):
     (["--batch_size", "6", "--config.mesh.fsdp=8"], "batch_size 6 is not divisible by the 8 data-parallel shards"),
     (["--config.learning_rat=1"], "unknown config key 'learning_rat'"),
     (["--max_steps", "0"], "max_steps must be a positive integer"),
+    (["--lr_scheduler_type", "bogus"], "lr_scheduler_type: expected one of ('cosine', 'linear', 'constant', 'wsd')"),
+    (["--config.model.remat_policy=bogus"], "model.remat_policy: expected one of"),
+    (["--config.model.n_heads=3"], "model.n_heads: d_model 64 is not divisible by n_heads 3"),
+    (["--config.data.num_shards=3"], "must be a positive multiple of the 3 data shards"),
+    (["--config.mesh.dcn_data=2"], "mesh.dcn_data 2 must be 1 or the number of processes (1)"),
 ])
 def test_cli_errors_before_any_work(tmp_path, pretrain_data, args, message):
     out = tmp_path / "never"
@@ -77,6 +138,51 @@ def test_cli_errors_before_any_work(tmp_path, pretrain_data, args, message):
     assert error.startswith("llada-jax pretrain: error: ") and message in error
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lr_scheduler_type", "bogus", "lr_scheduler_type: expected one of"),
+    ("learning_rate", float("nan"), "learning_rate must be a finite number >= 0"),
+    ("optimizer.min_lr_ratio", 2.0, "optimizer.min_lr_ratio and optimizer.decay_fraction must be in [0, 1]"),
+    ("optimizer.b2", 1.0, "optimizer: need 0 <= b1, b2 < 1"),
+    ("checkpoint.keep", 0, "checkpoint.keep must be a positive integer"),
+    ("max_consecutive_nonfinite", 0, "max_consecutive_nonfinite must be a positive integer"),
+    ("model.attention_impl", "flash", "model.attention_impl: expected one of"),
+    ("data.pretrain_mode", "x", "data.pretrain_mode: expected one of"),
+    ("data.num_shards", -2, "data.num_shards -2 must be a positive multiple of the process count 1"),
+    ("mesh.logical_axis_rules", (("batch", "data"),), "mesh.logical_axis_rules: no rule for 'length'"),
+])
+def test_validate_names_the_bad_setting(pretrain_data, key, value, message):
+    from llada_jax.config import train_config
+    from llada_jax.train.loop import ConfigError, validate
+
+    c = train_config()
+    c.output_dir, c.data_path, c.max_length = "unused", pretrain_data, 32
+    validate(c)
+    *groups, name = key.split(".")
+    target = c
+    for g in groups:
+        target = target[g]
+    target[name] = value
+    with pytest.raises(ConfigError) as e:
+        validate(c)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_needs_a_training_checkpoint(tmp_path):
+    from flax import nnx
+
+    from llada_jax import LLaDAConfig, LLaDAForMaskedLM
+    from llada_jax.config import train_config
+    from llada_jax.train.checkpoint import save_model
+    from llada_jax.train.loop import ResumeError, check_resume
+
+    c = train_config()
+    c.output_dir = str(tmp_path)
+    assert check_resume(c) is None  # an empty output_dir: a new run
+    save_model(LLaDAForMaskedLM(LLaDAConfig.tiny(), rngs=nnx.Rngs(0)), str(tmp_path), step=3)
+    with pytest.raises(ResumeError, match="is a model checkpoint, not a training run's .* --model_name_or_path"):
+        check_resume(c)
 
 
 def test_missing_data_and_unknown_flag(tmp_path):

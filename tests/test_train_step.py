@@ -109,6 +109,45 @@ def test_nonfinite_loss_skips_the_update_and_counts():
     assert float(m["learning_rate"]) == pytest.approx(float(trainer.schedule(1)))
 
 
+def test_random_length_cut_ignores_positions_past_the_cut_without_recompiling():
+    trainer = make_trainer(random_length_prob=1.0)  # every step cuts its batch to a random length
+    steps = 3
+    masks = [np.asarray(trainer.length_mask(s)) for s in range(steps)]  # what step s keeps
+    cuts = [int(m[0].sum()) for m in masks]
+    for m, c in zip(masks, cuts):
+        np.testing.assert_array_equal(m, np.broadcast_to(np.arange(LENGTH) < c, (8, LENGTH)))  # a prefix
+    assert all(c < LENGTH for c in cuts) and len(set(cuts)) > 1, cuts  # real cuts, and of different lengths
+    data = batches(steps)
+    rs = np.random.RandomState(1)
+    changed = []
+    for b, c in zip(data, cuts):  # other tokens everywhere past the step's cut
+        ids = b["input_ids"].copy()
+        ids[:, c:] = (ids[:, c:] + rs.randint(1, 500, ids[:, c:].shape)) % 500
+        changed.append({"input_ids": ids})
+
+    def run_steps(batches_):
+        state = trainer.init_state(0)
+        out = []
+        for b in batches_:
+            state, m = trainer.step(state, jax.device_put({"input_ids": b["input_ids"][None]},
+                                                          trainer.batch_sharding))
+            out.append((float(m["loss"]), float(m["grad_norm"]), int(m["masked_tokens"])))
+        return out, jax.tree.map(np.asarray, state.params)
+
+    (metrics, params), (metrics_changed, params_changed) = run_steps(data), run_steps(changed)
+    # the same loss and gradient norm at every step and the same parameters after three updates, bit for bit:
+    # tokens past the cut reach neither the loss nor (through attention) the kept positions
+    assert metrics == metrics_changed
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_changed)):
+        np.testing.assert_array_equal(a, b)
+    assert all(0 < n <= 8 * c for (_, _, n), c in zip(metrics, cuts))  # only kept positions are masked
+    # one compilation for all steps: the cut is a mask over fixed shapes, not a new sequence length
+    assert trainer._step_fn._cache_size() == 1
+    # without the cut the changed tokens do count (the comparison above can fail)
+    uncut = make_trainer(random_length_prob=0.0)
+    assert run(uncut, changed[:1])[0] != run(uncut, data[:1])[0]
+
+
 def test_weight_decay_skips_norm_gains():
     trainer = make_trainer()
     state = trainer.init_state(0)

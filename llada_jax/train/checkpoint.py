@@ -6,7 +6,9 @@ of items:
     params        the model parameters (a pytree in the model's own layout, scanned or unrolled)
     model_config  the LLaDAConfig as JSON (architecture and the layout the params were saved in)
     opt_state     optimizer state (training checkpoints only)
-    train_state   step, RNG key and counters as JSON (training checkpoints only)
+    train_state   step, seed and the non-finite counters as JSON (training checkpoints only); no RNG key is
+                  stored: a step's randomness is derived from (seed, step), so resuming needs the same seed
+    config        the full training config as JSON (training checkpoints only)
     data          every process's data-iterator state (training checkpoints only)
 
 A tokenizer, when the run has one, is copied to `<run>/tokenizer/`. `load_model(path)` accepts a run

@@ -1,8 +1,10 @@
 """The training loop behind `llada-jax pretrain` and `llada-jax sft`.
 
-Start-up checks everything that can be wrong before any work (config, data path, mesh, batch
-divisibility). The run then resumes from the latest checkpoint in `output_dir` when there is one
-(parameters, optimizer state, step and every process's data-iterator position), else starts from
+Start-up checks everything that can be wrong before any work (config values, the model config, the
+learning-rate schedule, data path and shards, mesh, batch divisibility, the seed of a run being resumed).
+The run then resumes from the latest checkpoint in `output_dir` when there is one (parameters, optimizer
+state, step and every process's data-iterator position; the step's randomness comes from (seed, step), so
+the seed must be the checkpoint's), else starts from
 `model_name_or_path` (parameters only) or from a fresh initialisation. Each step consumes
 `gradient_accumulation_steps` global micro-batches. Checkpoints are written every `save_steps` and at the
 end (asynchronously; a SIGTERM finishes the current step, saves and exits).
@@ -43,6 +45,10 @@ class ConfigError(ValueError):
     """A problem with the run's configuration, found before any work."""
 
 
+class ResumeError(ConfigError):
+    """The checkpoint in output_dir cannot be continued with this configuration."""
+
+
 class TrainingStopped(RuntimeError):
     """Training stopped itself (e.g. too many non-finite steps in a row)."""
 
@@ -70,17 +76,90 @@ def validate(config) -> None:
     if config.max_length > config.model.max_sequence_length:
         fail(f"max_length {config.max_length} exceeds the model's max_sequence_length "
              f"{config.model.max_sequence_length}")
+    for name, value in (("checkpoint.keep", config.checkpoint.keep),
+                        ("max_consecutive_nonfinite", config.max_consecutive_nonfinite)):
+        if not isinstance(value, int) or value <= 0:
+            fail(f"{name} must be a positive integer, got {value!r}")
+    _check_optimizer(config, fail)
+    _check_model(config)
+    _check_data(config, fail)
+    try:
+        sharding.check_rules(config.mesh.logical_axis_rules)
+    except sharding.MeshError as e:
+        fail(str(e))
+
+
+def _check_optimizer(config, fail) -> None:
+    from llada_jax.train.optimizer import learning_rate_schedule
+
+    o = config.optimizer
+    if not config.learning_rate >= 0 or not np.isfinite(config.learning_rate):
+        fail(f"learning_rate must be a finite number >= 0, got {config.learning_rate}")
+    if not 0 <= o.min_lr_ratio <= 1 or not 0 <= o.decay_fraction <= 1:
+        fail(f"optimizer.min_lr_ratio and optimizer.decay_fraction must be in [0, 1], got {o.min_lr_ratio} "
+             f"and {o.decay_fraction}")
+    if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1 or o.eps <= 0 or o.weight_decay < 0:
+        fail(f"optimizer: need 0 <= b1, b2 < 1, eps > 0 and weight_decay >= 0, got b1={o.b1} b2={o.b2} "
+             f"eps={o.eps} weight_decay={o.weight_decay}")
+    try:
+        learning_rate_schedule(config)  # the schedule the step will use: a bad lr_scheduler_type fails here
+    except ValueError as e:
+        fail(str(e))
+
+
+def _check_model(config) -> LLaDAConfig:
+    try:
+        return model_config_from(config)
+    except (ValueError, TypeError) as e:  # LLaDAConfig's own checks, e.g. "LLaDAConfig.remat_policy: ..."
+        raise ConfigError(str(e).replace("LLaDAConfig.", "model.", 1)) from e
+
+
+def _check_data(config, fail) -> None:
+    from llada_jax.data.formats import PRETRAIN_MODES, TOO_LONG_POLICIES
+    from llada_jax.data.pipeline import num_shards
+
+    if config.data.pretrain_mode not in PRETRAIN_MODES:
+        fail(f"data.pretrain_mode: expected one of {PRETRAIN_MODES}, got {config.data.pretrain_mode!r}")
+    if config.data.too_long not in TOO_LONG_POLICIES:
+        fail(f"data.too_long: expected one of {TOO_LONG_POLICIES}, got {config.data.too_long!r}")
+    try:
+        num_shards(config, jax.process_count())
+    except ValueError as e:
+        fail(str(e))
 
 
 def resolve_model_config(config) -> LLaDAConfig:
     """The model config of the run: config.model, with the architecture of `model_name_or_path` if given."""
-    model_config = model_config_from(config)
+    model_config = _check_model(config)
     if config.model_name_or_path:
         from llada_jax.convert import read_model_config
 
-        pretrained = read_model_config(config.model_name_or_path)
-        model_config = model_config.replace(**{f: getattr(pretrained, f) for f in ARCHITECTURE_FIELDS})
+        try:
+            pretrained = read_model_config(config.model_name_or_path)
+            model_config = model_config.replace(**{f: getattr(pretrained, f) for f in ARCHITECTURE_FIELDS})
+        except ValueError as e:
+            raise ConfigError(f"model_name_or_path {config.model_name_or_path}: {e}") from e
     return model_config
+
+
+def check_resume(config) -> int | None:
+    """The step of the checkpoint in `output_dir` the run will resume from (None: no checkpoint), after
+    checking that it can be resumed with this config: a training checkpoint saved with the same seed."""
+    if not os.path.isdir(config.output_dir):
+        return None
+    step = ckpt.latest_finished_step(config.output_dir)
+    if step is None:
+        return None
+    where = os.path.join(config.output_dir, ckpt.CHECKPOINTS, str(step))
+    if not os.path.isdir(os.path.join(where, "train_state")):
+        raise ResumeError(f"{where} is a model checkpoint, not a training run's (no train_state): start from it "
+                          f"with --model_name_or_path and another --output_dir")
+    saved = ckpt.restore_items(config.output_dir, step, train_state=ocp.args.JsonRestore()).train_state
+    if "seed" in saved and int(saved["seed"]) != int(config.seed):
+        raise ResumeError(f"{where} was trained with seed {saved['seed']}, but this run has seed {config.seed}: "
+                          f"the noise of every step comes from (seed, step), so resuming needs --seed "
+                          f"{saved['seed']} (or start a new run in another --output_dir)")
+    return step
 
 
 def make_run_mesh(config, devices=None):
@@ -123,6 +202,7 @@ def train(config) -> dict:
             stored = ckpt.tokenizer_path(config.model_name_or_path)
         config.data.tokenizer = stored or ""
 
+    check_resume(config)
     model_config = resolve_model_config(config)
     config.model.update(model_config.to_dict())
     mesh = make_run_mesh(config)
@@ -290,10 +370,13 @@ def _restore(manager, step, trainer, data):
         train_state=ocp.args.JsonRestore(),
         data=ocp.args.JsonRestore(),
     ))
-    data.set_state(restored.data)
+    try:
+        data.set_state(restored.data)
+    except ValueError as e:  # e.g. saved with another data.num_shards
+        raise ResumeError(f"{manager.directory / str(step)}: {e}") from e
     meta = restored.train_state
     if meta["step"] != step:
-        raise RuntimeError(f"checkpoint {step} holds train_state.step {meta['step']}")
+        raise ResumeError(f"{manager.directory / str(step)} holds train_state.step {meta['step']}")
 
     def scalar(v):
         return jax.device_put(jnp.asarray(v, jnp.int32), trainer.state_shardings.step)

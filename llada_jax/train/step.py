@@ -138,6 +138,15 @@ class Trainer:
         with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
             return fn.lower(state, batch)
 
+    def length_mask(self, step) -> jax.Array | None:
+        """[micro_batch, length] bool mask of the positions step `step` keeps (the random-length cut of
+        pretraining, the same for every micro-batch of the step), or None when nothing is ever cut."""
+        c = self.step_config
+        if c.task != "pretrain" or c.random_length_prob <= 0:
+            return None
+        _, cut_key = step_keys(c.seed, step)
+        return random_length_valid(cut_key, c.micro_batch, c.length, c.random_length_prob)
+
     def _loss(self, params, micro: dict, row_keys, valid):
         c = self.step_config
         model = nnx.merge(self.graphdef, params)
@@ -162,11 +171,8 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch: dict):
         c = self.step_config
-        step_key = jax.random.fold_in(jax.random.key(c.seed), state.step)
-        noise_key, cut_key = jax.random.split(step_key)
-        valid = None
-        if c.task == "pretrain" and c.random_length_prob > 0:
-            valid = random_length_valid(cut_key, c.micro_batch, c.length, c.random_length_prob)
+        noise_key, _ = step_keys(c.seed, state.step)
+        valid = self.length_mask(state.step)
 
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -214,6 +220,12 @@ class Trainer:
             "nonfinite_total": new_state.nonfinite_total,
         }
         return new_state, metrics
+
+
+def step_keys(seed: int, step) -> tuple[jax.Array, jax.Array]:
+    """(noise key, length-cut key) of a step: all of a step's randomness comes from (seed, step) alone, so
+    checkpoints store the seed and the step, not a key."""
+    return tuple(jax.random.split(jax.random.fold_in(jax.random.key(seed), step)))
 
 
 def batch_checksum(ids: jax.Array) -> jax.Array:
