@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/convert_memory.py [--workdir /tmp/llada_convert_bench] [--dtype bfloat16]
 
 Writes a random Hugging Face checkpoint of the given shape (tensor by tensor, sharded at 1GB), then runs, each
-in a fresh process whose peak RSS (ru_maxrss from wait4, file-backed pages included) is recorded:
+in a fresh process whose peak RSS (its own VmHWM at exit, file-backed pages included) is recorded:
 
     from-hf           llada-jax convert from-hf  (HF -> Orbax)
     to-hf             llada-jax convert to-hf    (Orbax -> HF)
@@ -12,7 +12,8 @@ in a fresh process whose peak RSS (ru_maxrss from wait4, file-backed pages inclu
 
 and compares each peak with the size on disk of the checkpoint read (target: at most 1.5x). It also checks
 that the HF -> Orbax -> HF round trip gave back identical tensors. Prints a table, writes JSON (default
-bench/results/convert_memory.json) and removes the checkpoints unless --keep.
+bench/convert_memory.json, next to this script, committed with the figures quoted in docs/BENCHMARKS.md) and
+removes the checkpoints unless --keep.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def same_tensors(a: str, b: str) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="/tmp/llada_convert_bench")
-    p.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "convert_memory.json"))
+    p.add_argument("--json", default=os.path.join(ROOT, "bench", "convert_memory.json"),
+                   help="where the results go (default: bench/convert_memory.json)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--d_model", type=int, default=2048)
     p.add_argument("--n_layers", type=int, default=16)

@@ -3,9 +3,10 @@
 Writes a synthetic corpus of `{"input_ids": [...]}` documents (LLaDA-8B vocabulary, lengths uniform in
 [--min_len, --max_len]), then runs `make_train_iterator` (concat mode, shuffled, LLaDA-8B special ids) for
 each worker count and counts the tokens of the batches it delivers in --seconds after the first batch
-(worker start-up excluded). Prints a table and writes JSON.
+(worker start-up excluded). Prints a table and writes JSON (default bench/data_pipeline.json, next to this
+script, committed with the figures quoted in docs/BENCHMARKS.md).
 
-    python bench/data_pipeline.py --workers 0,1,2 --seconds 8 --out bench/results/data_pipeline.json
+    PYTHONPATH=$PWD python bench/data_pipeline.py --workers 0,1,2 --seconds 8
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--read_threads", type=int, default=1)
     p.add_argument("--prefetch", type=int, default=2, help="data.prefetch_buffer_size (batches)")
-    p.add_argument("--out", default="bench/results/data_pipeline.json")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_pipeline.json"),
+                   help="where the results go (default: bench/data_pipeline.json)")
     args = p.parse_args(argv)
 
     from llada_jax.data.pipeline import mark_absl_flags_parsed

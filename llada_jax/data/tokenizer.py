@@ -63,7 +63,9 @@ class TokenizerHelper:
                 f"tokenizer {name_or_path!r}: not a local directory (tokenizers are loaded offline; download "
                 f"it first, e.g. with `huggingface-cli download`, and pass the directory)")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+            # trust_remote_code=False: an HF model directory's config.json names custom modeling code in its
+            # auto_map, and transformers 5 would otherwise ask on stdin whether to run it; a tokenizer needs none
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True, trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken directory
             raise ValueError(f"tokenizer {name_or_path!r}: cannot be loaded: {e}") from e
         tok = self.tokenizer

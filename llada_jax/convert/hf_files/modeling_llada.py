@@ -15,8 +15,9 @@ logits use the embedding matrix.
 
 `attention_mask` ([batch, length], 1 = real token) follows llada-jax rather than the official code: padded
 keys are ignored by every query, *and* rotary positions count real tokens only, so a left-padded row gives
-the same logits on its real tokens as the unpadded row. (The official code counts positions over the padded
-row as well; without padding the two agree exactly.)
+the same logits on its real tokens as the unpadded row. (The official code on the Hub ignores attention_mask;
+the later variant in the ML-GSAI/LLaDA GitHub repository masks padded keys and counts positions over the
+padding, the same up to rounding as rotary positions are relative. Without padding all agree.)
 
 The forward pass returns `MaskedLMOutput(logits=...)` with logits in the parameters' dtype; `labels` are not
 accepted, as the LLaDA loss needs the masking probabilities (see llada_jax.diffusion).
