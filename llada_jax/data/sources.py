@@ -265,9 +265,10 @@ class JsonlSource:
 
 
 def parse_tfds_path(data_path: str) -> tuple[str, str]:
-    """`tfds:NAME[/CONFIG]:SPLIT` -> (NAME[/CONFIG], SPLIT)."""
+    """`tfds:NAME[/CONFIG]:SPLIT` -> (NAME[/CONFIG], SPLIT). A dataset name has no colon; a split may (TFDS
+    slicing: `train[:90%]`)."""
     body = data_path[len(TFDS_PREFIX):]
-    name, sep, split = body.rpartition(":")
+    name, sep, split = body.partition(":")
     if not sep or not name or not split:
         raise ValueError(f"{data_path!r}: a TFDS data path looks like tfds:NAME[/CONFIG]:SPLIT")
     return name, split

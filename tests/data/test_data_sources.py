@@ -112,6 +112,17 @@ def test_index_cache_is_keyed_by_path_size_and_mtime(tmp_path, monkeypatch):
     src = JsonlSource(path, index_cache_dir=cache)
     assert len(src) == 3 and json.loads(src[2].data) == {"input_ids": [3]}
     assert len(os.listdir(cache)) == 2
+    # the same size with a new mtime (a record rewritten in place) is indexed again too
+    built = []
+    real_build = sources.build_line_index
+    monkeypatch.setattr(sources, "build_line_index", lambda p: built.append(p) or real_build(p))
+    size = os.path.getsize(path)
+    with open(path, "r+") as f:
+        f.write(json.dumps({"input_ids": [7]}))
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    assert os.path.getsize(path) == size
+    src = JsonlSource(path, index_cache_dir=cache)
+    assert built == [path] and json.loads(src[0].data) == {"input_ids": [7]}
 
 
 def test_source_pickles_small_and_reads_after_unpickling(tmp_path):
@@ -184,6 +195,14 @@ def build_tiny_tfds(data_dir):
     return "llada_tiny_tokens"
 
 
+def test_tfds_data_path_names_dataset_config_and_split():
+    assert sources.parse_tfds_path("tfds:c4/en:train") == ("c4/en", "train")
+    assert sources.parse_tfds_path("tfds:my_data:train[:90%]") == ("my_data", "train[:90%]")
+    for bad in ("tfds:c4", "tfds::train", "tfds:c4:"):
+        with pytest.raises(ValueError, match="tfds:NAME\\[/CONFIG\\]:SPLIT"):
+            sources.parse_tfds_path(bad)
+
+
 def test_tfds_source_and_pipeline(tmp_path):
     import gc
 
@@ -197,6 +216,9 @@ def test_tfds_source_and_pipeline(tmp_path):
         assert rec.where == f"tfds:{name}:train, record {i}"
     clone = pickle.loads(pickle.dumps(src))
     assert list(clone[3].data["input_ids"]) == list(src[3].data["input_ids"])
+    head = open_source(f"tfds:{name}:train[:3]", tfds_data_dir=str(tmp_path / "tfds"))  # TFDS split slicing
+    assert len(head) == 3 and [list(head[i].data["input_ids"]) for i in range(3)] == [
+        list(src[i].data["input_ids"]) for i in range(3)]
 
     # The pipeline over it: with shuffling off, the token stream is the documents in storage order + EOS.
     c = tiny_train_config(f"tfds:{name}:train", tmp_path, max_length=8, batch_size=2, shuffle=False,
