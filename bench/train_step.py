@@ -9,6 +9,8 @@ For each model width, in one process and on the same model shapes and dtype:
                  / (B * L)), global-norm clipping and AdamW with the same hyperparameters
                  (`bench/torch_baseline.PretrainStep`).
 - torch_compile: the same, with the forward and loss through `torch.compile` (Inductor).
+- jax_unrolled:  with --jax_unrolled, the JAX step of the same model with scan_layers=False (XLA:CPU then
+                 slices no stacked weights or per-layer residuals; same FLOPs).
 - matmul peaks:  each framework's practical peak in this process: per round, the best FLOP/s of three float32
                  matmuls (a chain of four n x n x n with n = max(d_model, 1024), one 2048^3, and the model's
                  own largest projection [tokens, d_model] x [d_model, mlp]), jitted in JAX, torch.mm in PyTorch.
@@ -27,6 +29,7 @@ The learning-rate schedule is the only difference in the update: warmup then cos
 
     python bench/train_step.py --d_model 256 512 1024     # writes bench/train_step.json
     python bench/train_step.py --no_torch        # the JAX step and peak only
+    python bench/train_step.py --jax_unrolled    # also the unrolled-layers JAX step
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from llada_jax import sharding  # noqa: E402
 from llada_jax.config import LLaDAConfig, train_config  # noqa: E402
 from llada_jax.train.step import Trainer, flops_per_token  # noqa: E402
 
-VARIANTS = ("jax", "torch_eager", "torch_compile")
+VARIANTS = ("jax", "jax_unrolled", "torch_eager", "torch_compile")
 
 
 def model_config(d_model: int, n_layers: int, vocab: int, dtype: str, **overrides) -> LLaDAConfig:
@@ -170,6 +173,9 @@ def measure(d: int, args) -> dict:
     peaks = {}
     if not args.no_jax:
         calls["jax"], compile_s["jax"] = jax_step(cfg, train_cfg, ids)
+        if args.jax_unrolled:  # the same step with the layers unrolled (scan_layers=False)
+            unrolled = model_config(d, args.n_layers, args.vocab, args.dtype, scan_layers=False)
+            calls["jax_unrolled"], compile_s["jax_unrolled"] = jax_step(unrolled, train_cfg, ids)
         peaks["jax"] = jax_matmuls(shapes, args.dtype)
     if not args.no_torch:
         calls["torch_eager"], compile_s["torch_eager"], extra["torch_optimizer"] = torch_step(
@@ -248,6 +254,8 @@ def main():
     p.add_argument("--no_torch", action="store_true", help="measure the JAX step and peak only")
     p.add_argument("--no_jax", action="store_true", help="measure the PyTorch steps and peak only")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--jax_unrolled", action="store_true",
+                   help="also the JAX step with scan_layers=False (layers unrolled), in the same rounds")
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.json"),
                    help="write the results here")
     args = p.parse_args()
