@@ -131,3 +131,7 @@ def test_eval_likelihood_command_writes_the_api_results(model, tmp_path, capsys)
     assert main(args) == 2 and "text pairs need a tokenizer" in capsys.readouterr().err
     assert main([*args[:-4], "--mc_num", "10", "--batch_size", "4"]) == 2
     assert "--mc_num 10 must be a multiple of --batch_size 4" in capsys.readouterr().err
+    for text, message in (('{"prompt_ids": [1], "answer_ids": [2]}\n{"prompt_ids": [1\n', "line 2: invalid JSON"),
+                          ("[1, 2]\n", "line 1: expected a JSON object, got list")):
+        src.write_text(text)
+        assert main(args) == 2 and f"pairs.jsonl {message}" in capsys.readouterr().err

@@ -13,8 +13,8 @@ import os
 import sys
 
 from llada_jax import distributed
-
-DTYPES = ("float32", "bfloat16", "float16")
+from llada_jax.config import DTYPES
+from llada_jax.sampling.prompts import json_object
 
 
 def register(sub) -> None:
@@ -49,12 +49,7 @@ def read_pairs(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            record = json_object(line, where)
             if {"prompt_ids", "answer_ids"} <= set(record):
                 for field in ("prompt_ids", "answer_ids"):
                     ids = record[field]

@@ -11,12 +11,12 @@ import os
 import sys
 
 from llada_jax import distributed
+from llada_jax.config import DTYPES
 
 # Kept equal to llada_jax.sampling.samplers.METHODS / REMASKING / CACHES (tested), without importing JAX here.
 METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
 REMASKING = ("low_confidence", "random")
 CACHES = ("none", "prefix", "dual")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(sub) -> None:

@@ -17,14 +17,20 @@ import numpy as np
 PROMPT_FIELDS = ("input_ids", "prompt", "messages")
 
 
-def parse_record(text: str, where: str) -> dict:
-    """Validate one JSONL line; `where` ("file line N") prefixes every error."""
+def json_object(text: str, where: str) -> dict:
+    """One JSONL line as a dict; `where` ("file line N") prefixes the error when it is not a JSON object."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def parse_record(text: str, where: str) -> dict:
+    """Validate one JSONL line; `where` ("file line N") prefixes every error."""
+    record = json_object(text, where)
     present = [f for f in PROMPT_FIELDS if f in record]
     if len(present) != 1:
         raise ValueError(f"{where}: expected exactly one of {list(PROMPT_FIELDS)}, got "
