@@ -354,24 +354,21 @@ class LLaDAForMaskedLM(nnx.Module):
     def embed(self, input_ids: Array) -> Array:
         return sharding.constrain(jnp.take(self.wte[...], input_ids, axis=0), BLD)
 
+    def rope_and_key_mask(self, attention_mask: Array | None, batch: int, length: int):
+        """(cos, sin [B, L, 1, head_dim] of each position, boolean key mask [B, L] or None) for a sequence."""
+        c = self.config
+        cos, sin = rope_tables(positions_from_mask(attention_mask, batch, length), c.head_dim, c.rope_theta)
+        return cos, sin, None if attention_mask is None else attention_mask.astype(bool)
+
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
         """Final residual stream (before ln_f) for `input_ids` [B, L]."""
-        c = self.config
-        b, length = input_ids.shape
-        positions = positions_from_mask(attention_mask, b, length)
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-        key_mask = None if attention_mask is None else attention_mask.astype(bool)
-        return self._layers(self.embed(input_ids), cos, sin, key_mask)[0]
+        return self._layers(self.embed(input_ids), *self.rope_and_key_mask(attention_mask, *input_ids.shape))[0]
 
     def hidden_states_and_kv(self, input_ids: Array, attention_mask: Array | None = None) -> tuple[Array, KVCache]:
         """`hidden_states` plus every layer's keys and values of every position (a KV-cache fill):
         (hidden [B, L, D], KVCache [n_layers, B, L, kv_heads, head_dim]). Same numbers as `hidden_states`."""
-        c = self.config
-        b, length = input_ids.shape
-        positions = positions_from_mask(attention_mask, b, length)
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-        key_mask = None if attention_mask is None else attention_mask.astype(bool)
-        return self._layers(self.embed(input_ids), cos, sin, key_mask, collect=True)
+        return self._layers(self.embed(input_ids), *self.rope_and_key_mask(attention_mask, *input_ids.shape),
+                            collect=True)
 
     def hidden_states_from_kv(self, window_ids: Array, start, cache: KVCache,
                               attention_mask: Array | None = None) -> Array:
@@ -381,12 +378,9 @@ class LLaDAForMaskedLM(nnx.Module):
         sequence's; positions outside the window contribute their cached keys and values only, so the result
         equals `hidden_states` of the whole sequence at the window when the cache is up to date with it.
         `start` may be traced; n is static."""
-        c = self.config
         b, n = window_ids.shape
-        length = cache.k.shape[2]
-        key_cos, key_sin = rope_tables(positions_from_mask(attention_mask, b, length), c.head_dim, c.rope_theta)
+        key_cos, key_sin, key_mask = self.rope_and_key_mask(attention_mask, b, cache.k.shape[2])
         cos, sin = (jax.lax.dynamic_slice_in_dim(t, start, n, axis=1) for t in (key_cos, key_sin))
-        key_mask = None if attention_mask is None else attention_mask.astype(bool)
         return self._layers(self.embed(window_ids), cos, sin, key_mask, cache=cache, start=start,
                             key_rope=(key_cos, key_sin))[0]
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada_jax.model import apply_rope, positions_from_mask, rope_tables
+from llada_jax.model import apply_rope
 
 
 def attention_maps(model, input_ids, attention_mask=None) -> np.ndarray:
@@ -61,9 +61,7 @@ def _layer_blocks(model):
 def _maps_program(graphdef, state, ids, mask):
     model = nnx.merge(graphdef, state)
     c = model.config
-    batch, length = ids.shape
-    cos, sin = rope_tables(positions_from_mask(mask, batch, length), c.head_dim, c.rope_theta)
-    key_mask = None if mask is None else mask.astype(bool)
+    cos, sin, key_mask = model.rope_and_key_mask(mask, *ids.shape)
     group = c.n_heads // c.effective_n_kv_heads
     x = model.embed(ids)
     maps = []
@@ -171,7 +169,8 @@ def compare_sampling_methods(model, dataset, settings: list[dict] | None = None,
         method = options.pop("method", "semi_ar_padding")
         sampler = create_sampler(method, **options)
         opts = sampler.options
-        width = prompt_io.padded_length(max(map(len, prompts)), 16, config.max_sequence_length - opts.gen_length)
+        width = prompt_io.padded_length(max(map(len, prompts)), prompt_io.LENGTH_BUCKET,
+                                        config.max_sequence_length - opts.gen_length)
         batches = []
         for b in range(0, len(prompts), batch_size):
             chunk = prompts[b:b + batch_size]

@@ -42,9 +42,8 @@ import numpy as np
 from flax import nnx
 
 from llada_jax.diffusion import token_cross_entropy
-from llada_jax.sampling import noise
-
-LENGTH_BUCKET = 16
+from llada_jax.sampling import noise, remasking
+from llada_jax.sampling.prompts import LENGTH_BUCKET, left_pad
 
 
 class Likelihood(NamedTuple):
@@ -183,17 +182,13 @@ def _groups(prompts, answers, per_call, config):
         a_len = _bucket(max(len(answers[i]) for i in rows))
         longest = max(len(prompts[i]) for i in rows)
         p_len = max(min(_bucket(longest), config.max_sequence_length - a_len), longest, 1)
-        prompt = np.full((per_call, p_len), config.pad_token_id if config.pad_token_id is not None else 0, np.int32)
-        prompt_mask = np.zeros((per_call, p_len), np.int32)
+        pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        prompt, prompt_mask = left_pad([prompts[i] for i in fill], pad_id, p_len)
         answer = np.zeros((per_call, a_len), np.int32)
         lengths = np.zeros((per_call,), np.int32)
         for r, i in enumerate(fill):
-            p, a = prompts[i], answers[i]
-            if p:
-                prompt[r, p_len - len(p):] = p
-                prompt_mask[r, p_len - len(p):] = 1
-            answer[r, :len(a)] = a
-            lengths[r] = len(a)
+            answer[r, :len(answers[i])] = answers[i]
+            lengths[r] = len(answers[i])
         yield rows, (jnp.asarray(prompt), jnp.asarray(prompt_mask), jnp.asarray(answer), jnp.asarray(lengths))
 
 
@@ -280,10 +275,9 @@ def _greedy_program(graphdef, state, prompt, prompt_mask, answer, lengths, *, cf
     def body(carry):
         i, x, ok = carry
         logits = _guided_answer_logits(model, jnp.concatenate([prompt, x], axis=1), attn, plen, cfg_scale, mask_id)
-        x0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        confidence = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
-        confidence = jnp.where(x == mask_id, confidence, -jnp.inf)
-        best = jnp.argmax(confidence, axis=1)  # the lowest position on ties
+        x0 = remasking.first_argmax(logits)
+        confidence = jnp.where(x == mask_id, remasking.low_confidence(logits, x0), -jnp.inf)
+        best = remasking.first_argmax(confidence)  # the lowest position on ties
         chosen = (jnp.arange(width)[None, :] == best[:, None]) & (x == mask_id)
         x = jnp.where(chosen, x0, x)
         ok = ok & ~jnp.any(chosen & (x0 != answer), axis=1)

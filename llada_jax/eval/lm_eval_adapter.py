@@ -171,7 +171,7 @@ class LLaDAJaxLM(LM):
         base = jax.random.key(self.seed)
         for b in tqdm(range(0, len(order), self.gen_batch_size), desc="generate_until", disable=disable_tqdm):
             rows = order[b:b + self.gen_batch_size]
-            length = prompt_io.padded_length(max(len(encoded[i]) for i in rows), 16, limit)
+            length = prompt_io.padded_length(max(len(encoded[i]) for i in rows), prompt_io.LENGTH_BUCKET, limit)
             ids, mask = prompt_io.left_pad([encoded[i] for i in rows], config.pad_token_id, length,
                                            rows=self.gen_batch_size)
             keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(

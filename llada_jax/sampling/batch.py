@@ -20,7 +20,6 @@ import numpy as np
 from llada_jax.sampling import prompts as prompt_io
 
 WINDOW_BATCHES = 16  # batches per sorting window
-LENGTH_BUCKET = 16  # prompts are left-padded to a multiple of this (fewer distinct shapes to compile)
 
 
 def read_done(output: str, records: list[dict]) -> int:
@@ -70,7 +69,7 @@ def sample_file(model, tokenizer, sampler, records: list[dict], encoded: list[li
             for b in range(0, len(indices), batch_size):
                 rows = indices[b:b + batch_size]
                 seqs = [encoded[i] for i in rows]
-                length = prompt_io.padded_length(max(map(len, seqs)), LENGTH_BUCKET, limit)
+                length = prompt_io.padded_length(max(map(len, seqs)), prompt_io.LENGTH_BUCKET, limit)
                 ids, mask = prompt_io.left_pad(seqs, config.pad_token_id, length, rows=batch_size)
                 keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(
                     np.array(rows + [rows[0]] * (batch_size - len(rows)), np.uint32))

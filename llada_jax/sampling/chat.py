@@ -15,7 +15,6 @@ import numpy as np
 
 from llada_jax.sampling import prompts as prompt_io
 
-LENGTH_BUCKET = 16
 COMMANDS = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
 
 
@@ -42,7 +41,7 @@ class Chat:
         if len(ids) > limit:
             raise ValueError(f"the prompt has {len(ids)} tokens; with gen_length {gen_length} at most {limit} fit "
                              f"the model's max_sequence_length {config.max_sequence_length}")
-        length = prompt_io.padded_length(len(ids), LENGTH_BUCKET, limit)
+        length = prompt_io.padded_length(len(ids), prompt_io.LENGTH_BUCKET, limit)
         prompt, mask = prompt_io.left_pad([ids], config.pad_token_id, length)
         out, stats = self.sampler(self.model, prompt, mask, rng=jax.random.fold_in(self.key, self.turn)[None],
                                   return_stats=True)

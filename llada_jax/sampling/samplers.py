@@ -79,6 +79,7 @@ import numpy as np
 from flax import nnx
 
 from llada_jax import sharding
+from llada_jax.model import positions_from_mask
 from llada_jax.sampling import noise, remasking, schedule
 
 METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
@@ -318,15 +319,14 @@ def _program(graphdef, state, prompt_ids, attention_mask, keys, *, opts: Sampler
     length = plen + layout.gen_length
     mask_id, block_length, num_blocks = opts.mask_id, layout.block_length, layout.num_blocks
     threshold, cached, refresh = opts.threshold, opts.cache != "none", opts.cache_refresh
-    # Step slots per block: the schedule's steps, or with a threshold at most one step per token.
-    steps_per_block = block_length if threshold is not None else layout.steps_per_block
+    steps_per_block = layout.steps_per_block  # with a threshold: block_length, at most one step per token
     col = jnp.arange(length, dtype=jnp.int32)[None, :]
 
     x = jnp.concatenate([prompt_ids, jnp.full((batch, layout.gen_length), mask_id, jnp.int32)], axis=1)
     prompt_valid = jnp.ones_like(prompt_ids, bool) if attention_mask is None else attention_mask.astype(bool)
     valid = jnp.concatenate([prompt_valid, jnp.ones((batch, layout.gen_length), bool)], axis=1)
     # The position of each token in its unpadded sequence: keys the random draws (see `noise`).
-    positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+    positions = positions_from_mask(valid, batch, length)
     # The unconditional CFG input masks the prompt: every position that did not start as a mask.
     prompt_index = (x != mask_id) & (col < plen)
     exclude = tuple(t for t in (opts.eos_id, opts.eot_id) if t is not None) if opts.confidence_eos_eot_inf else ()
