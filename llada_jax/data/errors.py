@@ -72,10 +72,6 @@ class SkipReport:
             out.add(event)
         return out
 
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
     def to_state(self) -> dict:
         return {"keep": self.keep, "counts": dict(self.counts), "examples": list(self.examples)}
 

@@ -152,10 +152,11 @@ def token_array(value, field: str, where: str, *, vocab_size: int | None, mask_t
     if lo < 0:
         i = int(np.argmax(arr < 0))
         raise DataError(where, field, f"position {i}: negative token id {int(arr[i])}")
-    if vocab_size is not None and int(arr.max()) >= vocab_size:
+    hi = int(arr.max())
+    if vocab_size is not None and hi >= vocab_size:
         i = int(np.argmax(arr >= vocab_size))
         raise DataError(where, field, f"position {i}: id {int(arr[i])} is outside the vocabulary (size {vocab_size})")
-    if int(arr.max()) > np.iinfo(np.int32).max:
+    if hi > np.iinfo(np.int32).max:
         i = int(np.argmax(arr > np.iinfo(np.int32).max))
         raise DataError(where, field, f"position {i}: {int(arr[i])} is not a valid token id (out of range)")
     if mask_token_id is not None:

@@ -49,10 +49,22 @@ def num_shards(config: ml_collections.ConfigDict, process_count: int) -> int:
     return shards
 
 
+_LOAD = object()  # make_dataset's default tokenizer: load data.tokenizer
+
+
+def _checked_tokenizer(config: ml_collections.ConfigDict, model_config: LLaDAConfig):
+    """The TokenizerHelper of data.tokenizer (None without one), checked against the model config."""
+    helper = load_tokenizer(config.data.tokenizer)
+    if helper is not None:
+        check_compatible(helper, model_config)
+    return helper
+
+
 def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *, shard: int = 0,
-                 shards: int = 1, source=None) -> grain.IterDataset:
+                 shards: int = 1, source=None, tokenizer=_LOAD) -> grain.IterDataset:
     """One shard's Grain dataset: records [shard::shards], batches of batch_size / shards rows (see the
-    module docstring). `source` reuses an opened source (every shard of a process reads the same one)."""
+    module docstring). `source` and `tokenizer` reuse an opened source and a loaded, checked tokenizer
+    (every shard of a process shares them)."""
     data = config.data
     task = config.task
     if task not in TASKS:
@@ -70,9 +82,7 @@ def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *
         raise ValueError(f"max_length {config.max_length} exceeds the model's max_sequence_length "
                          f"{model_config.max_sequence_length}")
 
-    helper = load_tokenizer(data.tokenizer)
-    if helper is not None:
-        check_compatible(helper, model_config)
+    helper = _checked_tokenizer(config, model_config) if tokenizer is _LOAD else tokenizer
     source = source if source is not None else open_data_source(config)
     if len(source) < shards:
         raise ValueError(f"{config.data_path}: {len(source)} records cannot be split into {shards} data shards")
@@ -142,8 +152,10 @@ def make_train_iterator(config: ml_collections.ConfigDict, model_config: LLaDACo
     shards = num_shards(config, process_count)
     per_process = shards // process_count
     source = open_data_source(config)
+    helper = _checked_tokenizer(config, model_config)
     mine = range(process_index * per_process, (process_index + 1) * per_process)
-    iterators = {s: iter(make_dataset(config, model_config, shard=s, shards=shards, source=source)) for s in mine}
+    iterators = {s: iter(make_dataset(config, model_config, shard=s, shards=shards, source=source, tokenizer=helper))
+                 for s in mine}
     iterator = ShardedIterator(iterators)
     _LIVE_ITERATORS.add(iterator)
     return iterator
@@ -178,10 +190,6 @@ class ShardedIterator(grain.DatasetIterator):
     def close(self) -> None:
         for it in self._shards.values():
             it.close()
-
-    @property
-    def shard_iterators(self) -> dict:
-        return self._shards
 
 
 # Iterators still open at exit are closed while the interpreter is intact. Grain's ThreadPrefetchDatasetIterator

@@ -138,7 +138,7 @@ def _cache_file(path: str, cache_dir: str) -> tuple[str, os.stat_result]:
 def load_line_index(path: str, cache_dir: str | None) -> tuple[np.ndarray, str | None]:
     """The index of `path` from the cache (memory-mapped) or built now and cached. Returns (index, cache file)."""
     if cache_dir:
-        cached, _ = _cache_file(path, cache_dir)
+        cached, st_before = _cache_file(path, cache_dir)
         if os.path.exists(cached):
             try:
                 return np.load(cached, mmap_mode="r"), cached
@@ -146,8 +146,9 @@ def load_line_index(path: str, cache_dir: str | None) -> tuple[np.ndarray, str |
                 log.warning("rebuilding damaged index cache %s: %s", cached, e)
     index = build_line_index(path)
     if cache_dir:
-        cached, st_before = _cache_file(path, cache_dir)
-        if os.stat(path).st_mtime_ns == st_before.st_mtime_ns:
+        st_after = os.stat(path)
+        # cached only if the file did not change while it was read (the key is its size and mtime before)
+        if (st_after.st_size, st_after.st_mtime_ns) == (st_before.st_size, st_before.st_mtime_ns):
             try:
                 _atomic_save_npy(cached, index)
                 return np.load(cached, mmap_mode="r"), cached
@@ -191,8 +192,7 @@ class JsonlSource:
             if len(index) == 0:
                 if not skip_empty_files:
                     raise DataError(path, "", "the file holds no records (it is empty or blank)")
-                self.empty_files.append(path)
-                log.warning("%s: no records; skipped", path)
+                self.empty_files.append(path)  # the caller reports them (open_data_source logs each)
                 continue
             self.paths.append(path)
             indexes.append(index)

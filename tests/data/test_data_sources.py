@@ -125,6 +125,24 @@ def test_index_cache_is_keyed_by_path_size_and_mtime(tmp_path, monkeypatch):
     assert built == [path] and json.loads(src[0].data) == {"input_ids": [7]}
 
 
+def test_a_file_changed_while_it_is_indexed_is_not_cached(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"input_ids": [1]}, {"input_ids": [2]}])
+    cache = str(tmp_path / "cache")
+    real_build = sources.build_line_index
+
+    def build_then_append(p):
+        index = real_build(p)
+        with open(p, "a") as f:  # another writer appends while the index is being built
+            f.write(json.dumps({"input_ids": [3]}) + "\n")
+        return index
+
+    monkeypatch.setattr(sources, "build_line_index", build_then_append)
+    assert len(JsonlSource(path, index_cache_dir=cache)) == 2  # the index of what was read
+    assert not os.path.exists(cache) or os.listdir(cache) == []  # ... but not cached under any key
+    monkeypatch.undo()
+    assert len(JsonlSource(path, index_cache_dir=cache)) == 3 and len(os.listdir(cache)) == 1
+
+
 def test_source_pickles_small_and_reads_after_unpickling(tmp_path):
     path = messy_file(tmp_path / "a.jsonl", np.random.default_rng(2))
     src = JsonlSource(str(path), index_cache_dir=str(tmp_path / "cache"))
