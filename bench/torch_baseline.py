@@ -9,7 +9,6 @@ per step, float64 softmax confidence, per-row top-k), temperature 0 only.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
@@ -30,17 +29,6 @@ def torch_model(config: LLaDAConfig, state_dict: dict[str, np.ndarray] | None = 
                                                      for k, v in state_dict.items()}, strict=True)
         assert not missing and not unexpected, (missing, unexpected)
     return model.to(dtype)
-
-
-def peak_matmul_flops(n: int, dtype: torch.dtype = torch.float32, chain: int = 4) -> float:
-    """FLOP/s of one call of `chain` n x n x n matmuls (the PyTorch side of the practical peak)."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g, dtype=torch.float32).to(dtype) / n**0.5
-    x = a.clone()
-    t = time.perf_counter()
-    for _ in range(chain):
-        x = torch.mm(x, a)
-    return chain * 2 * n**3 / (time.perf_counter() - t)
 
 
 class PretrainStep:

@@ -91,7 +91,10 @@ def _is_finished(step_dir: str) -> bool:
 
 
 def read_model_config(path: str) -> LLaDAConfig:
-    run_dir, step = find_checkpoint(path)
+    return _saved_config(*find_checkpoint(path))
+
+
+def _saved_config(run_dir: str, step: int) -> LLaDAConfig:
     restored = restore_items(run_dir, step, model_config=ocp.args.JsonRestore())
     return LLaDAConfig.from_dict(dict(restored.model_config), source=f"{run_dir} step {step}: model_config")
 
@@ -116,7 +119,10 @@ def _restore_target(config: LLaDAConfig, mesh: jax.sharding.Mesh | None, rules) 
 def restore_params(path: str, config: LLaDAConfig, *, mesh=None, rules=None) -> dict:
     """Restore a checkpoint's parameters as a pure dict in `config`'s layout and param dtype."""
     run_dir, step = find_checkpoint(path)
-    saved = read_model_config(path)
+    return _restore_params(run_dir, step, _saved_config(run_dir, step), config, mesh, rules)
+
+
+def _restore_params(run_dir: str, step: int, saved: LLaDAConfig, config: LLaDAConfig, mesh, rules) -> dict:
     for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "padded_vocab_size",
                   "weight_tying"):
         if getattr(saved, field) != getattr(config, field):
@@ -150,14 +156,15 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
     """A model restored from an Orbax checkpoint. `dtype` sets the compute dtype, `param_dtype` casts the
     stored parameters; other keyword arguments override LLaDAConfig fields that do not change shapes
     (scan_layers, remat_policy, attention_impl)."""
-    config = read_model_config(path)
+    run_dir, step = find_checkpoint(path)
+    saved = _saved_config(run_dir, step)
     changes = dict(overrides)
     if dtype is not None:
         changes["dtype"] = dtype
     if param_dtype is not None:
         changes["param_dtype"] = param_dtype
-    config = config.replace(**changes)
-    params = restore_params(path, config, mesh=mesh, rules=rules)
+    config = saved.replace(**changes)
+    params = _restore_params(run_dir, step, saved, config, mesh, rules)
     graphdef, state = abstract_model(config)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

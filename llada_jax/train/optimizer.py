@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -54,7 +53,3 @@ def make_optimizer(config, param_axes) -> optax.GradientTransformation:
     chain.append(optax.adamw(learning_rate_schedule(config), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
                              weight_decay=float(o.weight_decay), mask=decay_mask(param_axes)))
     return optax.chain(*chain)
-
-
-def current_learning_rate(config, opt_step) -> jax.Array:
-    return learning_rate_schedule(config)(jnp.asarray(opt_step))

@@ -14,6 +14,7 @@ micro-batching, device count or process count. A non-finite loss or gradient nor
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -28,6 +29,7 @@ from llada_jax import sharding
 from llada_jax.config import LLaDAConfig
 from llada_jax.diffusion import forward_process, pretraining_loss, random_length_valid, sft_loss
 from llada_jax.model import LLaDAForMaskedLM
+from llada_jax.train.checkpoint import abstract_model
 from llada_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -70,8 +72,7 @@ class Trainer:
         self.mesh = mesh
         self.rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
         self.step_config = StepConfig.from_config(config, model_config)
-        abstract = nnx.eval_shape(lambda: LLaDAForMaskedLM(model_config, rngs=nnx.Rngs(0)))
-        self.graphdef, abstract_state = nnx.split(abstract)
+        self.graphdef, abstract_state = abstract_model(model_config)
         self.param_axes = nnx.to_pure_dict(jax.tree.map(
             sharding.param_logical_axes, abstract_state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
         self.param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh, self.rules))
@@ -87,18 +88,14 @@ class Trainer:
                                           nonfinite_streak=replicated, nonfinite_total=replicated)
         batch_axes = sharding.batch_spec(self.rules, mesh)[0]
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes))  # [accum, batch, ...]
-        self._step_fn = None
 
     # --- state ------------------------------------------------------------------------------------------
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
-        shapes = jax.eval_shape(lambda: self._fresh_state(self.abstract_params_zeros()))
+        shapes = jax.eval_shape(self._fresh_state, self.abstract_params)
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                             self.state_shardings)
-
-    def abstract_params_zeros(self):
-        return jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), self.abstract_params)
 
     def _fresh_state(self, params) -> TrainState:
         zero = jnp.zeros((), jnp.int32)
@@ -123,20 +120,19 @@ class Trainer:
 
     # --- the step ---------------------------------------------------------------------------------------
 
+    @functools.cached_property
+    def _step_fn(self):
+        return jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        if self._step_fn is None:
-            self._step_fn = jax.jit(
-                self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                out_shardings=(self.state_shardings, None), donate_argnums=(0,))
         with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
             return self._step_fn(state, batch)
 
     def lower(self, state, batch):
         """The lowered (not yet compiled) step, for ahead-of-time compilation and memory/FLOPs analysis."""
-        fn = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                     out_shardings=(self.state_shardings, None), donate_argnums=(0,))
         with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
-            return fn.lower(state, batch)
+            return self._step_fn.lower(state, batch)
 
     def length_mask(self, step) -> jax.Array | None:
         """[micro_batch, length] bool mask of the positions step `step` keeps (the random-length cut of
@@ -267,7 +263,3 @@ def peak_flops_per_device(device=None) -> float | None:
         if name.lower() in kind.lower():
             return flops
     return None
-
-
-def numpy_metrics(metrics: dict) -> dict:
-    return {k: np.asarray(v).item() for k, v in metrics.items()}
