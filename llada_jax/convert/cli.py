@@ -50,9 +50,7 @@ def _run(fn, **kwargs) -> int:
     start = time.time()
     try:
         out = fn(**kwargs)
-    except input_errors() as e:
-        raise UsageError(str(e)) from e
-    except ValueError as e:  # bad flag values (dtype, shard size) and inputs that do not fit together
+    except (*input_errors(), ValueError) as e:  # ValueError: bad flag values, inputs that do not fit together
         raise UsageError(str(e)) from e
     print(f"wrote {out} ({time.time() - start:.1f} s)")
     return 0

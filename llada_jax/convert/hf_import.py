@@ -18,7 +18,7 @@ from llada_jax.config import LLaDAConfig
 from llada_jax.convert import keys
 from llada_jax.convert.hf_config import CONFIG_FILE, from_hf_config, read_hf_config
 from llada_jax.convert.layout import atomic_output_dir, copy_tokenizer_files
-from llada_jax.convert.safetensors_io import TensorReader
+from llada_jax.convert.safetensors_io import TensorReader, _short
 
 FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -81,11 +81,6 @@ def check_weights(reader: TensorReader, config: LLaDAConfig, directory: str) -> 
         if info.dtype not in FLOAT_DTYPES:
             raise WeightsError(f"{info.path}: {key} has dtype {info.dtype}; expected one of "
                                f"{sorted(FLOAT_DTYPES)}")
-
-
-def _short(items, n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def iter_param_leaves(ck: HFCheckpoint, *, scan_layers: bool | None = None) -> Iterator[tuple[tuple, np.ndarray]]:

@@ -44,10 +44,6 @@ def hf_entries(config: LLaDAConfig) -> list[tuple[str, str, int | None]]:
     return out
 
 
-def expected_hf_keys(config: LLaDAConfig) -> list[str]:
-    return [key for key, _, _ in hf_entries(config)]
-
-
 def jax_shape(name: str, config: LLaDAConfig, in_block: bool) -> tuple[int, ...]:
     d, n, k, hd, m = (config.d_model, config.n_heads, config.effective_n_kv_heads, config.head_dim,
                       config.mlp_hidden_size)
@@ -86,9 +82,7 @@ def from_hf_layout(name: str, tensor: np.ndarray, config: LLaDAConfig, in_block:
     """An official PyTorch tensor in this project's JAX layout."""
     if tensor.ndim == 1 or (name == "wte" and not in_block):
         return tensor
-    if name in ("q_proj", "k_proj", "v_proj"):
-        return tensor.T.reshape(jax_shape(name, config, in_block))
-    if name == "attn_out":
+    if name in ("q_proj", "k_proj", "v_proj", "attn_out"):  # [out, in] -> heads split out of the 2-D transpose
         return tensor.T.reshape(jax_shape(name, config, in_block))
     return tensor.T
 

@@ -189,10 +189,6 @@ class TensorReader:
                 got += n
         return out
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
 
 def _short(items: Sequence[str], n: int = 5) -> str:
     shown = ", ".join(items[:n])
