@@ -214,18 +214,24 @@ def sample_all(out: str, paths: dict, times: dict) -> list[dict]:
     return rows
 
 
-def analyse(out: str, paths: dict) -> dict:
-    """The seed's ModelAnalyzer on the fine-tuned model: faster decoders (threshold commits, KV caches) against
-    the one-token-per-step sampler on the held-out set, and the attention maps of one prompt."""
-    import numpy as np
-
+def load_trained(out: str, paths: dict) -> tuple:
+    """(the fine-tuned model, its tokenizer, the held-out records): what the analysis and the reload check use."""
     from llada_jax import LLaDAForMaskedLM
     from llada_jax.data.tokenizer import TokenizerHelper
-    from llada_jax.eval.analysis import ModelAnalyzer, default_settings
 
     model = LLaDAForMaskedLM.from_pretrained(os.path.join(out, "sft"))
     tok = TokenizerHelper(os.path.join(out, "sft", "tokenizer"))
     records = [json.loads(line) for line in open(paths["test"], encoding="utf-8")]
+    return model, tok, records
+
+
+def analyse(out: str, model, tok, records: list[dict]) -> dict:
+    """The seed's ModelAnalyzer on the fine-tuned model: faster decoders (threshold commits, KV caches) against
+    the one-token-per-step sampler on the held-out set, and the attention maps of one prompt."""
+    import numpy as np
+
+    from llada_jax.eval.analysis import ModelAnalyzer, default_settings
+
     dataset = [(tok.apply_chat_template(r["messages"]), r["answer"]) for r in records]
     analyzer = ModelAnalyzer(os.path.join(out, "analysis"))
     settings = default_settings(gen_length=SAMPLING["gen_length"], block_length=SAMPLING["block_length"])
@@ -234,20 +240,17 @@ def analyse(out: str, paths: dict) -> dict:
     return {"comparison": rows, "attention_plots": os.path.join(out, "analysis", "attention")}
 
 
-def export_and_reload(out: str, paths: dict) -> dict:
+def export_and_reload(out: str, trained, tok, records: list[dict]) -> dict:
     """Export to HF, reload it both in JAX and (if torch is installed) in PyTorch, and compare logits."""
     import numpy as np
 
     from llada_jax import LLaDAForMaskedLM
-    from llada_jax.data.tokenizer import TokenizerHelper
 
     hf = os.path.join(out, "hf")
     if not os.path.exists(os.path.join(hf, "config.json")):
         _command(["convert", "to-hf", "--input", os.path.join(out, "sft"), "--output", hf])
-    trained = LLaDAForMaskedLM.from_pretrained(os.path.join(out, "sft"))
-    tok = TokenizerHelper(os.path.join(out, "sft", "tokenizer"))
-    prompts = [json.loads(line)["messages"] for line in open(paths["test"], encoding="utf-8")][:4]
-    ids = [np.array([tok.apply_chat_template(m)]) for m in prompts]  # one prompt at a time: no padding
+    # one prompt at a time: no padding
+    ids = [np.array([tok.apply_chat_template(r["messages"])]) for r in records[:4]]
     reference = [np.asarray(trained(x)) for x in ids]
     reloaded = LLaDAForMaskedLM.from_pretrained(hf)
     diff = max(float(np.max(np.abs(np.asarray(reloaded(x)) - r))) for x, r in zip(ids, reference))
@@ -383,9 +386,10 @@ def run(a) -> int:
     rows = sample_all(out, paths, times)
     write_json_atomic(timings_path, times)
     with _timed(times, "analysis_s"):
-        analysis = analyse(out, paths)
+        trained = load_trained(out, paths)
+        analysis = analyse(out, *trained)
     with _timed(times, "export_and_reload_s"):
-        export = export_and_reload(out, paths)
+        export = export_and_reload(out, *trained)
     write_json_atomic(timings_path, times)
     loss_curve(out)
     write_report(out, a, rows, {k: v for k, v in times.items() if not k.startswith("sample_")}, export, analysis)
