@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["llada_jax", "llada_jax.*"]),
-    package_data={"llada_jax.convert": ["hf_files/*.py"]},
+    package_data={"llada_jax.checkpoints": ["hf_files/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

@@ -7,8 +7,8 @@ in a fresh process whose peak RSS (its own VmHWM at exit, file-backed pages incl
 
     from-hf           llada-jax convert from-hf  (HF -> Orbax)
     to-hf             llada-jax convert to-hf    (Orbax -> HF)
-    load_pretrained   llada_jax.convert.load_pretrained(HF dir) -> a JAX model on the CPU
-    baseline          python importing jax, orbax and llada_jax.convert (the fixed cost in every row)
+    load_pretrained   llada_jax.checkpoints.load_pretrained(HF dir) -> a JAX model on the CPU
+    baseline          python importing jax, orbax and llada_jax.checkpoints (the fixed cost in every row)
 
 and compares each peak with the size on disk of the checkpoint read (target: at most 1.5x). It also checks
 that the HF -> Orbax -> HF round trip gave back identical tensors. Prints a table, writes JSON (default
@@ -71,14 +71,13 @@ def write_random_hf(path: str, config, dtype: str) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from llada_jax.convert import keys
-    from llada_jax.convert.hf_config import to_hf_config
-    from llada_jax.convert.layout import copy_modeling_files
-    from llada_jax.convert.safetensors_io import ShardedWriter, dtype_name
+    from llada_jax.checkpoints import hf_keys
+    from llada_jax.checkpoints.hf_config import to_hf_config
+    from llada_jax.checkpoints.hf_export import HF_FILES_DIR, MODELING_FILES
+    from llada_jax.checkpoints.safetensors_io import ShardedWriter, dtype_name
 
     np_dtype = np.dtype(jnp.dtype(dtype))
-    entries = [(key, name, keys.hf_shape(name, config, layer is not None))
-               for key, name, layer in keys.hf_entries(config)]
+    entries = [(t.key, t.entry.param, t.hf_shape) for t in hf_keys.tensors(config)]
     os.makedirs(path)
     writer = ShardedWriter(path, [(k, dtype_name(np_dtype), s) for k, _, s in entries], max_shard_size="1GB")
     rng = np.random.default_rng(0)
@@ -92,11 +91,12 @@ def write_random_hf(path: str, config, dtype: str) -> None:
     writer.close()
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(to_hf_config(config, dtype), f, indent=2)
-    copy_modeling_files(path)
+    for name in MODELING_FILES:
+        shutil.copy2(os.path.join(HF_FILES_DIR, name), os.path.join(path, name))
 
 
 def same_tensors(a: str, b: str) -> bool:
-    from llada_jax.convert.safetensors_io import TensorReader
+    from llada_jax.checkpoints.safetensors_io import TensorReader
 
     ra, rb = TensorReader(a), TensorReader(b)
     if set(ra.tensors) != set(rb.tensors):
@@ -144,11 +144,11 @@ def main() -> None:
         rows.append(dict(step=step, checkpoint_read=os.path.relpath(read_path, args.workdir), checkpoint_bytes=size,
                          peak_rss_bytes=peak, peak_over_checkpoint=round(peak / size, 3), seconds=round(seconds, 1)))
 
-    baseline, _ = measure(["-c", "import jax, orbax.checkpoint, llada_jax.convert.hf_import, "
-                                 "llada_jax.convert.orbax_io; jax.devices()"])
+    baseline, _ = measure(["-c", "import jax, orbax.checkpoint, llada_jax.checkpoints.hf_import, "
+                                 "llada_jax.checkpoints.orbax_model; jax.devices()"])
     run("from-hf", ["-m", "llada_jax", "convert", "from-hf", "--input", hf, "--output", ckpt], hf)
     run("to-hf", ["-m", "llada_jax", "convert", "to-hf", "--input", ckpt, "--output", back], ckpt)
-    run("load_pretrained", ["-c", f"from llada_jax.convert import load_pretrained; load_pretrained({hf!r})"], hf)
+    run("load_pretrained", ["-c", f"from llada_jax.checkpoints import load_pretrained; load_pretrained({hf!r})"], hf)
     identical = same_tensors(hf, back)
 
     print(f"\n{n_params:,} parameters, {args.dtype}; baseline RSS (imports) {baseline / 1e9:.2f} GB")

@@ -81,7 +81,7 @@ def train(args, config, permutation):
             print(f"step {step}: loss {loss:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     from flax import nnx
 
-    from llada_jax.train.checkpoint import abstract_model
+    from llada_jax.model import abstract_model
 
     graphdef, abstract = abstract_model(config)
     nnx.replace_by_pure_dict(abstract, jax.device_get(state.params))
@@ -133,13 +133,13 @@ def main():
     permutation = np.random.RandomState(1234).permutation(ALPHABET).astype(np.int32) + 0
     training = None
     if args.load:
-        from llada_jax.convert import load_pretrained
+        from llada_jax.checkpoints import load_pretrained
 
         model = load_pretrained(args.load)
     else:
         model, training = train(args, config, permutation)
         if args.save:
-            from llada_jax.train.checkpoint import save_model
+            from llada_jax.checkpoints import save_model
 
             save_model(model, args.save, step=training["steps"])
     prompts, answers = make_examples(np.random.RandomState(10_000 + args.seed), args.examples, args.n, permutation,

@@ -118,7 +118,7 @@ def run_train(cfg: LLaDAConfig, batch: int, length: int, steps: int, peak) -> di
     except Exception:  # noqa: BLE001
         pass
     times, losses = [], []
-    with jax.set_mesh(trainer.mesh), sharding.axis_rules(trainer.rules):
+    with jax.set_mesh(trainer.mesh), nnx.logical_axis_rules(trainer.rules):
         for i in range(steps + 1):  # the first run is a warm-up
             t = time.perf_counter()
             state, m = compiled(state, b)

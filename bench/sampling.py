@@ -7,7 +7,7 @@ attention-mask argument, and a batch of 2B with CFG), timed as forward_calls pas
 (compile) run, the sampler and the forward pass measured in alternation (noise on a shared machine only
 adds time, and a change of load hits both alike). Not a test: run it by hand and record the figures in docs/BENCHMARKS.md.
 
-PyTorch baseline (unless --no_torch): the JAX model is exported with `save_pretrained` (llada_jax.convert) and
+PyTorch baseline (unless --no_torch): the JAX model is exported with `save_pretrained` (llada_jax.checkpoints) and
 loaded by the project's PyTorch modeling file; `bench/torch_baseline.official_generate` runs the official
 algorithm as ML-GSAI/LLaDA's generate.py does (a Python loop over blocks and steps, one model call per step,
 float64 softmax confidence, per-row torch.topk), at temperature 0 with low-confidence remasking, for the
@@ -179,11 +179,11 @@ def compare_with_torch(args, model, prompt) -> list[dict]:
     import torch
 
     from bench.torch_baseline import official_generate
-    from llada_jax.convert.hf_files.modeling_llada import LLaDAModelLM
+    from llada_jax.checkpoints.hf_files.modeling_llada import LLaDAModelLM
 
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(os.path.join(tmp, "hf"))  # llada_jax.convert: official layout + modeling files
+        model.save_pretrained(os.path.join(tmp, "hf"))  # llada_jax.checkpoints: official layout + modeling files
         torch_model = LLaDAModelLM.from_pretrained(os.path.join(tmp, "hf"), dtype=torch.float32).eval()
     torch_prompt = torch.from_numpy(np.asarray(prompt).astype(np.int64))
     b, mask_id = prompt.shape[0], model.config.mask_token_id

@@ -1,4 +1,4 @@
-"""PyTorch baselines for the benchmarks: the project's own PyTorch LLaDA (`llada_jax/convert/hf_files/
+"""PyTorch baselines for the benchmarks: the project's own PyTorch LLaDA (`llada_jax/checkpoints/hf_files/
 modeling_llada.py`, the file every HF export ships) with the same weights as a JAX model, the LLaDA
 pretraining step (forward process, CE / p_mask, / (B * L), clipping, AdamW) and the official per-step sampler.
 
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from llada_jax.config import LLaDAConfig
-from llada_jax.convert.hf_config import to_hf_config
-from llada_jax.convert.hf_files import configuration_llada, modeling_llada
+from llada_jax.checkpoints.hf_config import to_hf_config
+from llada_jax.checkpoints.hf_files import configuration_llada, modeling_llada
 
 
 def torch_model(config: LLaDAConfig, state_dict: dict[str, np.ndarray] | None = None,

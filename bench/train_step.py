@@ -4,7 +4,7 @@ For each model width, in one process and on the same model shapes and dtype:
 
 - jax:           `llada_jax.train.step.Trainer.step` (forward process, model, pretraining loss, gradient,
                  clipping, AdamW, the non-finite guard and the step metrics), one jitted program.
-- torch_eager:   the project's PyTorch modeling file (`llada_jax/convert/hf_files/modeling_llada.py`) with the
+- torch_eager:   the project's PyTorch modeling file (`llada_jax/checkpoints/hf_files/modeling_llada.py`) with the
                  same initial weights, the same forward process and loss (CE / p_mask over masked tokens,
                  / (B * L)), global-norm clipping and AdamW with the same hyperparameters
                  (`bench/torch_baseline.PretrainStep`).
@@ -149,7 +149,7 @@ def torch_step(cfg: LLaDAConfig, train_cfg, ids: np.ndarray, compile: bool):
     import torch
 
     from bench.torch_baseline import PretrainStep, torch_model
-    from llada_jax.convert.keys import hf_state_dict
+    from llada_jax.checkpoints.hf_keys import hf_state_dict
     from llada_jax.model import LLaDAForMaskedLM
 
     jax_model = LLaDAForMaskedLM(cfg, rngs=nnx.Rngs(0))  # the JAX step's initial weights (init_state(0))

@@ -1,6 +1,6 @@
 """llada-jax: LLaDA, the large language diffusion model, in JAX / Flax NNX.
 
-The seed project's public names are here: `LLaDAForMaskedLM` (with `from_pretrained`), `create_sampler`,
+The public API: `LLaDAForMaskedLM` (with `from_pretrained`), `create_sampler`,
 `TokenizerHelper`, `DatasetConverter`, `ModelAnalyzer` (the last three load their modules on first use).
 """
 
@@ -10,7 +10,7 @@ from llada_jax.config import LLaDAConfig
 from llada_jax.model import LLaDAForMaskedLM
 from llada_jax.sampling import create_sampler, generate
 
-_LAZY = {"TokenizerHelper": "llada_jax.data.tokenizer", "DatasetConverter": "llada_jax.data.converters",
+_LAZY = {"TokenizerHelper": "llada_jax.tokenizer", "DatasetConverter": "llada_jax.data.converters",
          "ModelAnalyzer": "llada_jax.eval.analysis"}
 
 __version__ = "0.1.0"

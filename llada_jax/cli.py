@@ -10,20 +10,18 @@ import argparse
 import importlib
 import sys
 
+from llada_jax.errors import LLaDAError
+
 # Modules that define `register(subparsers)`, in the order their commands are listed.
 COMMAND_MODULES = (
     "llada_jax.cli_model",
     "llada_jax.train.cli",
     "llada_jax.data.cli",
-    "llada_jax.convert.cli",
+    "llada_jax.checkpoints.cli",
     "llada_jax.sampling.cli",
     "llada_jax.eval.cli",
     "llada_jax.demo",
 )
-
-
-class UsageError(Exception):
-    """A bad flag or input detected before any work: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,18 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and not getattr(args, "accepts_config_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.extra = unknown
-    _mark_absl_flags_parsed()
+    from llada_jax.data.settings import mark_absl_flags_parsed
+
+    mark_absl_flags_parsed()
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
+    except LLaDAError as e:  # one line, no traceback; see llada_jax.errors for the exit codes
         print(f"llada-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _mark_absl_flags_parsed() -> None:
-    # Grain (and other Google libraries) read absl flags; in a non-absl program they must be marked parsed
-    # before worker processes start, or every worker fails with UnparsedFlagAccessError.
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+        return e.exit_code

@@ -16,7 +16,7 @@ def run(args) -> int:
     try:
         config = LLaDAConfig.preset(args.preset)
     except ValueError as e:
-        from llada_jax.cli import UsageError
+        from llada_jax.errors import UsageError
 
         raise UsageError(str(e)) from e
     n = count_params(config)

@@ -5,7 +5,7 @@ GSAI-ML/LLaDA-8B (OLMo-style names) where one exists, plus the JAX-side knobs (d
 It is hashable, so it can be a static argument of jitted functions.
 
 `train_config()` returns the `ml_collections.ConfigDict` that every experiment file in `configs/` starts
-from. The seed project's flat field names (learning_rate, batch_size, ...) stay at the top level; the rest is
+from. The names the pretrain / sft flags set (learning_rate, batch_size, ...) sit at the top level; the rest is
 grouped (model, optimizer, mesh, checkpoint, ...). The logical-axis sharding rules live here, in config,
 not in code.
 """
@@ -137,9 +137,6 @@ class LLaDAConfig:
             raise ValueError(f"{source}: unknown LLaDAConfig field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
 
 # The logical-axis rules: logical name -> mesh axis, tuple of mesh axes, or None (replicated).
 # Parameters and activations name their dimensions with these logical names (see model.py); the mesh has
@@ -170,7 +167,7 @@ def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") ->
     c = ml_collections.ConfigDict()
     c.task = task  # "pretrain" | "sft"
     c.model = ml_collections.ConfigDict(model.to_dict())
-    # The seed project's flat names.
+    # Set by the pretrain / sft flags of the same names.
     c.model_name_or_path = ""  # initialise params only from an Orbax checkpoint or an HF directory
     c.output_dir = ""
     c.data_path = ""  # JSONL file(s), glob, directory, or tfds:NAME[/CONFIG]:SPLIT
@@ -186,6 +183,11 @@ def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") ->
     c.save_steps = 1000
     c.logging_steps = 10
     c.seed = 0
+    # Evaluation: the mean loss over the first eval_batches batches of eval_data_path (same format and task
+    # as data_path), every eval_steps steps and at the end; logged as eval_loss. "" : no evaluation.
+    c.eval_data_path = ""
+    c.eval_steps = 1000
+    c.eval_batches = 8
 
     c.data = ml_collections.ConfigDict()
     c.data.tokenizer = ""  # HF tokenizer directory, needed for {"text"} / chat records
@@ -252,13 +254,13 @@ def model_config_from(c: ml_collections.ConfigDict) -> LLaDAConfig:
 # Loading experiment files and command-line overrides
 # ----------------------------------------------------------------------------------------------------
 
-# Seed-style JSON keys that live elsewhere in the schema.
+# Keys of a create-configs JSON that live elsewhere in the schema.
 _JSON_ALIASES = {"mask_token_id": ("model", "mask_token_id")}
 _JSON_SECTIONS = {"pretraining": "pretrain", "sft": "sft"}
 
 
 def load_config(path: str, task: str | None = None) -> ml_collections.ConfigDict:
-    """Load an experiment: a `configs/*.py` file with `get_config()`, or a seed-style JSON file.
+    """Load an experiment: a `configs/*.py` file with `get_config()`, or a JSON file (as `llada-jax create-configs` writes).
 
     A JSON file holds {"pretraining": {...}} and/or {"sft": {...}} sections of flat seed keys
     (learning_rate, batch_size, ...) and optional nested groups ("model", "optimizer", "mesh", ...); `task`

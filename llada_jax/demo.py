@@ -8,7 +8,7 @@
    Grain pipeline, sharded jitted step, Orbax checkpoints);
 4. `llada-jax sample` on the held-out prompts with every method and remasking strategy, and the exact-match
    accuracy of each;
-5. the seed's `ModelAnalyzer`: threshold decoding and KV caches against the plain sampler, attention maps;
+5. `ModelAnalyzer`: threshold decoding and KV caches against the plain sampler, attention maps;
 6. `llada-jax convert to-hf` and a reload check (the JAX model from the HF directory, and the PyTorch model
    through transformers when torch is installed, against the trained model's logits);
 7. `report.md`, `loss_curve.png` and `results.json` in the output directory.
@@ -27,10 +27,10 @@ import random
 import re
 import time
 
+from llada_jax.sampling.options import METHODS, REMASKING
+
 DEFAULTS = dict(d_model=128, n_layers=4, n_heads=4, pretrain_steps=200, sft_steps=1500, batch_size=32,
                 test_size=200, digits=5, seed=0)
-METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
-REMASKING = ("low_confidence", "random")
 SAMPLING = dict(gen_length=16, block_length=8, steps=16)
 PRETRAIN_LENGTH, SFT_LENGTH = 128, 48
 
@@ -92,11 +92,11 @@ def task_split(n_train: int, n_test: int, digits: int, seed: int):
 
 
 def _write_jsonl(path: str, records) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    from llada_jax.checkpoints.atomic import atomic_file
+
+    with atomic_file(path) as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def prepare_data(out: str, a) -> dict:
@@ -116,7 +116,7 @@ def prepare_data(out: str, a) -> dict:
 
 
 def prepare_tokenizer(out: str, paths: dict) -> str:
-    from llada_jax.data.tokenizer import build_bpe_tokenizer
+    from llada_jax.data.bpe import build_bpe_tokenizer
 
     directory = os.path.join(out, "tokenizer")
     if not os.path.exists(os.path.join(directory, "tokenizer.json")):
@@ -140,8 +140,8 @@ def _command(argv: list[str]) -> None:
 
 
 def _train_config(out: str, name: str, a, task: str) -> str:
+    from llada_jax.checkpoints.atomic import write_json
     from llada_jax.config import LLaDAConfig, sft_defaults, train_config
-    from llada_jax.train.checkpoint import write_json_atomic
 
     model = LLaDAConfig.tiny(d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_heads,
                              mlp_hidden_size=3 * a.d_model)
@@ -159,7 +159,7 @@ def _train_config(out: str, name: str, a, task: str) -> str:
     path = os.path.join(out, f"{name}_config.json")
     body = c.to_dict()
     body.pop("task")
-    write_json_atomic(path, {"pretraining" if task == "pretrain" else "sft": body})
+    write_json(path, {"pretraining" if task == "pretrain" else "sft": body})
     return path
 
 
@@ -173,7 +173,7 @@ def train(out: str, paths: dict, tokenizer: str, a, times: dict) -> None:
 
 
 def _trained(out: str, name: str, steps: int) -> bool:
-    from llada_jax.train.checkpoint import latest_finished_step
+    from llada_jax.checkpoints.layout import latest_finished_step
 
     return (latest_finished_step(os.path.join(out, name)) or 0) >= steps
 
@@ -216,17 +216,15 @@ def sample_all(out: str, paths: dict, times: dict) -> list[dict]:
 
 def load_trained(out: str, paths: dict) -> tuple:
     """(the fine-tuned model, its tokenizer, the held-out records): what the analysis and the reload check use."""
-    from llada_jax import LLaDAForMaskedLM
-    from llada_jax.data.tokenizer import TokenizerHelper
+    from llada_jax.checkpoints import load_model_and_tokenizer
 
-    model = LLaDAForMaskedLM.from_pretrained(os.path.join(out, "sft"))
-    tok = TokenizerHelper(os.path.join(out, "sft", "tokenizer"))
+    model, tok = load_model_and_tokenizer(os.path.join(out, "sft"))
     records = [json.loads(line) for line in open(paths["test"], encoding="utf-8")]
     return model, tok, records
 
 
 def analyse(out: str, model, tok, records: list[dict]) -> dict:
-    """The seed's ModelAnalyzer on the fine-tuned model: faster decoders (threshold commits, KV caches) against
+    """ModelAnalyzer on the fine-tuned model: faster decoders (threshold commits, KV caches) against
     the one-token-per-step sampler on the held-out set, and the attention maps of one prompt."""
     import numpy as np
 
@@ -279,9 +277,10 @@ def loss_curve(out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llada_jax.train.metrics import read_metrics
-
     import numpy as np
+
+    from llada_jax.checkpoints.atomic import atomic_file
+    from llada_jax.train.metrics import read_metrics
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, name in zip(axes, ("pretrain", "sft")):
@@ -298,9 +297,9 @@ def loss_curve(out: str) -> str:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(out, "loss_curve.png")
-    fig.savefig(path + ".tmp.png", dpi=100)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return path
 
 
@@ -315,8 +314,8 @@ def target_check(rows: list[dict]) -> dict:
 
 
 def write_report(out: str, a, rows: list[dict], times: dict, export: dict, analysis: dict) -> None:
+    from llada_jax.checkpoints.atomic import atomic_file, write_json
     from llada_jax.eval.analysis import format_table
-    from llada_jax.train.checkpoint import write_json_atomic
     from llada_jax.train.metrics import read_metrics
 
     pre, sft = read_metrics(os.path.join(out, "pretrain")), read_metrics(os.path.join(out, "sft"))
@@ -327,7 +326,7 @@ def write_report(out: str, a, rows: list[dict], times: dict, export: dict, analy
                "target": target_check(rows), "timings_s": times, "export": export,
                "final_loss": {"pretrain": pre[-1]["loss"], "sft": sft[-1]["loss"]},
                "settings": {**{k: getattr(a, k) for k in DEFAULTS}, **SAMPLING}}
-    write_json_atomic(os.path.join(out, "results.json"), results)
+    write_json(os.path.join(out, "results.json"), results)
     lines = [
         "# llada-jax demo",
         "",
@@ -364,14 +363,12 @@ def write_report(out: str, a, rows: list[dict], times: dict, export: dict, analy
                      f"{export['torch_max_abs_diff']:.2e}.")
     else:
         lines.append(f"PyTorch: {export['torch']}.")
-    tmp = os.path.join(out, "report.md.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(os.path.join(out, "report.md")) as f:
         f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(out, "report.md"))
 
 
 def run(a) -> int:
-    from llada_jax.train.checkpoint import write_json_atomic
+    from llada_jax.checkpoints.atomic import write_json
 
     out = os.path.abspath(a.output_dir)
     os.makedirs(out, exist_ok=True)
@@ -380,17 +377,17 @@ def run(a) -> int:
     with _timed(times, "data_and_tokenizer_s", done=os.path.exists(os.path.join(out, "tokenizer", "tokenizer.json"))):
         paths = prepare_data(out, a)
         tokenizer = prepare_tokenizer(out, paths)
-    write_json_atomic(timings_path, times)
+    write_json(timings_path, times)
     train(out, paths, tokenizer, a, times)
-    write_json_atomic(timings_path, times)
+    write_json(timings_path, times)
     rows = sample_all(out, paths, times)
-    write_json_atomic(timings_path, times)
+    write_json(timings_path, times)
     with _timed(times, "analysis_s"):
         trained = load_trained(out, paths)
         analysis = analyse(out, *trained)
     with _timed(times, "export_and_reload_s"):
         export = export_and_reload(out, *trained)
-    write_json_atomic(timings_path, times)
+    write_json(timings_path, times)
     loss_curve(out)
     write_report(out, a, rows, {k: v for k, v in times.items() if not k.startswith("sample_")}, export, analysis)
     print(open(os.path.join(out, "report.md"), encoding="utf-8").read())

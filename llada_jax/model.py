@@ -8,12 +8,12 @@ One block (the official `LLaDALlamaBlock`):
 with RMSNorm computed in float32, half-rotation ("rotate_half") rotary embeddings computed in float32,
 attention without a causal mask (optionally grouped-query), and no biases. The model is the embedding
 `wte`, the blocks, a final `ln_f`, and an untied output head `ff_out` (or the transposed embedding when
-`weight_tying`). Parameter names are the official module names, so the Hugging Face key table in
-`llada_jax.convert` is a short list.
+`weight_tying`). Parameter names are the official module names, so the Hugging Face key table
+(`llada_jax.checkpoints.hf_keys`) is a short list.
 
 Parameters keep per-head shapes ([embed, heads, head_dim] for q/k/v, [heads, head_dim, embed] for the
-output projection) so that heads can be sharded directly, and every one carries `logical_axes` metadata
-for the sharding rules.
+output projection) so that heads can be sharded directly, and every one carries its logical axis names as
+Flax `out_sharding` metadata for the sharding rules (`llada_jax.sharding`).
 
 KV cache (for the cached samplers). `hidden_states_and_kv` runs the whole sequence like `hidden_states` and
 also returns every layer's keys (before RoPE) and values (`KVCache`); `hidden_states_from_kv` runs only a
@@ -223,7 +223,10 @@ def _remat(fn, policy: str, *, in_scan: bool):
 
 
 def _param(value: Array, logical_axes: tuple[str, ...]) -> nnx.Param:
-    return nnx.Param(value, logical_axes=logical_axes)
+    """A parameter whose `out_sharding` metadata names its dimensions logically. Eager sharding is off: Flax
+    would otherwise shard the value at creation with the names as-is, without fitting them to the mesh and
+    shape (`sharding.state_shardings` does that, and the trainer creates parameters straight into it)."""
+    return nnx.Param(value, out_sharding=logical_axes, eager_sharding=False)
 
 
 def _trunc_normal(rngs: nnx.Rngs, shape, std, dtype) -> Array:
@@ -337,16 +340,17 @@ class LLaDAForMaskedLM(nnx.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None, **overrides) -> "LLaDAForMaskedLM":
         """Load an Orbax checkpoint or a Hugging Face directory (auto-detected); see
-        `llada_jax.convert.load_pretrained` for the keyword arguments (param_dtype, mesh, scan_layers, ...)."""
-        from llada_jax.convert import load_pretrained
+        `llada_jax.checkpoints.load_pretrained` for the keyword arguments (param_dtype, mesh, scan_layers, ...).
+        (The one import of the checkpoint layer from below it: the convention users expect.)"""
+        from llada_jax.checkpoints import load_pretrained
 
         return load_pretrained(path, dtype, **overrides)
 
     def save_pretrained(self, path: str, *, dtype: str | None = None, max_shard_size: int | str = "5GB",
                         tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
         """Write this model as a Hugging Face directory in the official LLaDA layout (safetensors, config.json
-        and this project's PyTorch modeling code); see `llada_jax.convert.save_pretrained`."""
-        from llada_jax.convert import save_pretrained
+        and this project's PyTorch modeling code); see `llada_jax.checkpoints.save_pretrained`."""
+        from llada_jax.checkpoints import save_pretrained
 
         return save_pretrained(self, path, dtype=dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
                                overwrite=overwrite)
@@ -425,14 +429,20 @@ def _stacked_blocks(config: LLaDAConfig, rngs: nnx.Rngs) -> LLaDABlock:
 
     @nnx.split_rngs(splits=config.n_layers)
     @nnx.vmap(in_axes=(0, 0), out_axes=0,
-              transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
     def create(rngs: nnx.Rngs, layer_id):
         return LLaDABlock(config, layer_id, rngs=rngs)
 
     return create(rngs, jnp.arange(config.n_layers))
 
 
+def abstract_model(config: LLaDAConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, parameter state of ShapeDtypeStructs) of a model, built with `nnx.eval_shape`: the shapes
+    and dtypes without allocating anything (restore targets, shardings, sizes)."""
+    return nnx.split(nnx.eval_shape(lambda: LLaDAForMaskedLM(config, rngs=nnx.Rngs(0))))
+
+
 def count_params(config: LLaDAConfig) -> int:
     """Number of parameters of a model with this config, counted abstractly (nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: LLaDAForMaskedLM(config, rngs=nnx.Rngs(0)))
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+    _, state = abstract_model(config)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

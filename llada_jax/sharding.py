@@ -1,49 +1,39 @@
 """Logical-axis sharding: names on arrays, a rules table from config, and the device mesh.
 
-Every parameter carries a `logical_axes` tuple in its metadata (e.g. ("embed", "mlp")) and large
-activations are constrained with logical names (`constrain(x, ("batch", "length", "embed"))`). A rules
-table (config.mesh.logical_axis_rules) maps each logical name to mesh axes; this module turns the two into
-`PartitionSpec`s. Without an active mesh the constraints are no-ops, so the model runs unchanged on one
-device.
+Every parameter carries its logical axis names (e.g. ("embed", "mlp")) in Flax's `out_sharding` variable
+metadata, which `nnx.vmap(transform_metadata={nnx.PARTITION_NAME: "layers"})` extends with the stacked
+"layers" axis. Large activations are constrained by logical names (`constrain(x, ("batch", "length",
+"embed"))`). A rules table (config.mesh.logical_axis_rules) maps each logical name to mesh axes; Flax
+resolves names through it (`flax.linen.logical_to_mesh_axes`: earlier rules take precedence and a mesh axis
+shards at most one dimension of an array) and holds the active table (`nnx.logical_axis_rules`).
+
+What Flax does not do, and this module adds before handing the rules to Flax, is fit each rule to the
+mesh and the array: a mesh axis absent from the mesh or of size 1 is dropped, and a dimension is sharded
+only over the mesh axes whose product divides it (8 kv heads over a tensor axis of 16 stay replicated),
+so one rules table serves every mesh and model size. Without an active mesh the constraints are no-ops,
+so the model runs unchanged on one device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from flax import linen
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES
+from llada_jax.errors import MeshError
 
 Rules = Sequence[tuple[str, Any]]
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class _RulesContext(threading.local):
-    rules: Rules = DEFAULT_LOGICAL_AXIS_RULES
-
-
-_context = _RulesContext()
-
-
-@contextlib.contextmanager
-def axis_rules(rules: Rules):
-    """Use `rules` for activation constraints traced inside this context."""
-    previous = _context.rules
-    _context.rules = tuple((name, _as_tuple(axes)) for name, axes in rules)
-    try:
-        yield
-    finally:
-        _context.rules = previous
-
-
 def current_rules() -> Rules:
-    return _context.rules
+    """The rules table set with `nnx.logical_axis_rules(...)`, else DEFAULT_LOGICAL_AXIS_RULES."""
+    return linen.get_logical_axis_rules() or DEFAULT_LOGICAL_AXIS_RULES
 
 
 def _as_tuple(axes) -> tuple[str, ...]:
@@ -54,60 +44,63 @@ def _as_tuple(axes) -> tuple[str, ...]:
     return tuple(axes)
 
 
+def _fit(axes, mesh_shape: dict[str, int] | None, size: int | None):
+    """One rule's mesh axes as Flax takes them (None, a name or a tuple of names). With `mesh_shape`, axes
+    missing from the mesh or of size 1 are dropped; with `size` too, trailing axes are dropped until the
+    product of the rest divides the dimension."""
+    axes = list(_as_tuple(axes))
+    if mesh_shape is not None:
+        axes = [a for a in axes if mesh_shape.get(a, 1) > 1]
+        if size is not None:
+            while axes and size % math.prod(mesh_shape[a] for a in axes):
+                axes.pop()
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
 def logical_to_spec(
     logical_axes: Sequence[str | None],
     rules: Rules | None = None,
     mesh_shape: dict[str, int] | None = None,
     shape: Sequence[int] | None = None,
 ) -> PartitionSpec:
-    """Map logical dimension names to a PartitionSpec.
+    """Map logical dimension names to a PartitionSpec through `rules` (default: `current_rules()`).
 
-    A mesh axis is used at most once per array (first dimension wins). With `mesh_shape`, axes missing
-    from the mesh or of size 1 are dropped; with `shape` too, a dimension is sharded only over the mesh
-    axes whose product divides it (e.g. 8 kv heads over a tensor axis of 16 stay replicated).
+    Each rule is first fitted to `mesh_shape` and, given the array's `shape`, to the size of the dimension
+    it names (see `_fit`); Flax's `logical_to_mesh_axes` then assigns the fitted rules in table order,
+    leaving a dimension replicated when its mesh axes already shard an earlier-ruled dimension. So a batch
+    of 2 on a data=2 x fsdp=2 mesh takes only "data", and the embedding dimension of the same activation
+    takes "fsdp". A logical name without a rule is an error (a typo would otherwise replicate silently).
     """
-    table = {name: _as_tuple(axes) for name, axes in (rules if rules is not None else current_rules())}
-    used: set[str] = set()
-    spec = []
-    for dim, name in enumerate(logical_axes):
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in table:
-            raise ValueError(f"logical axis {name!r} has no rule; rules cover {sorted(table)}")
-        axes = [a for a in table[name] if a not in used]
-        if mesh_shape is not None:
-            axes = [a for a in axes if mesh_shape.get(a, 1) > 1]
-            if shape is not None:
-                while axes and shape[dim] % math.prod(mesh_shape[a] for a in axes):
-                    axes.pop()
-        used.update(axes)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-    return PartitionSpec(*spec)
-
-
-def _active_mesh():
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty else mesh
+    logical_axes = tuple(logical_axes)
+    rules = tuple(rules if rules is not None else current_rules())
+    named = {name for name, _ in rules}
+    missing = [name for name in logical_axes if name is not None and name not in named]
+    if missing:
+        raise ValueError(f"logical axis {missing[0]!r} has no rule; rules cover {sorted(named)}")
+    size = {name: None if shape is None else shape[dim] for dim, name in enumerate(logical_axes)}
+    fitted = tuple((name, _fit(axes, mesh_shape, size[name])) for name, axes in rules if name in size)
+    return linen.logical_to_mesh_axes(logical_axes, fitted)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """`with_sharding_constraint` by logical names under the active mesh (`jax.set_mesh`); else identity."""
-    mesh = _active_mesh()
-    if mesh is None:
+    """`with_sharding_constraint` by logical names under the active mesh (`jax.set_mesh`) and rules
+    (`nnx.logical_axis_rules`, else the defaults); the identity when no mesh is active."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return x
     spec = logical_to_spec(logical_axes, mesh_shape=dict(mesh.shape), shape=x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def param_logical_axes(variable) -> tuple[str | None, ...]:
-    """The `logical_axes` metadata of an nnx.Variable (replicated when it has none)."""
-    axes = variable.get_metadata().get("logical_axes")
+    """The logical axis names of an nnx.Variable (its `out_sharding` metadata; replicated when it has none)."""
+    axes = variable.get_metadata().get("out_sharding")
     return tuple(axes) if axes is not None else (None,) * len(variable.shape)
 
 
 def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
-    """NamedShardings for an nnx.State (abstract or concrete) from each variable's logical axes."""
+    """NamedShardings for an nnx.State (abstract or concrete) from each variable's logical axes, fitted to
+    the mesh and the variable's shape; anything that is not a Variable is replicated."""
     from flax import nnx
 
     mesh_shape = dict(mesh.shape)
@@ -132,14 +125,9 @@ def data_parallel_size(rules: Rules, mesh: jax.sharding.Mesh) -> int:
     return math.prod(mesh.shape[a] for a in _as_tuple(spec))
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # The device mesh
 # ----------------------------------------------------------------------------------------------------
-
-
-class MeshError(ValueError):
-    pass
 
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
@@ -201,7 +189,8 @@ def device_grid(sizes: dict[str, int], devices: Sequence[Any]) -> np.ndarray:
 
 def check_rules(rules: Rules) -> None:
     """Check a rules table: it maps every logical name the model uses (those of DEFAULT_LOGICAL_AXIS_RULES)
-    to None, a mesh axis or a tuple of mesh axes."""
+    to None, a mesh axis or a tuple of mesh axes. A name may appear more than once; as in Flax, the first
+    of its entries whose mesh axes (fitted to the mesh and dimension) are still free in the array is used."""
     table = {}
     for entry in rules:
         if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str):

@@ -11,11 +11,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_pretrain.py")
 
 
-def cli(*args, env=None, devices=8, check=True):
+def command(kill_after_step: int | None = None, process: int | None = None) -> list[str]:
+    """The `llada-jax` command line; with `kill_after_step`, one whose process (or only process `process`)
+    kills itself after that training step (tests/fault.py)."""
+    if kill_after_step is None:
+        return [sys.executable, "-m", "llada_jax"]
+    return [sys.executable, "-m", "tests.fault", str(kill_after_step)] + ([] if process is None else [str(process)]) + [
+        "--"]
+
+
+def cli(*args, env=None, devices=8, check=True, kill_after_step=None):
     full_env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "llada_jax", *args], env=full_env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([*command(kill_after_step), *args], env=full_env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM
-from llada_jax.train.checkpoint import (CheckpointNotFoundError, find_checkpoint, load_model, save_model,
-                                        tokenizer_path)
+from llada_jax.checkpoints.layout import find_checkpoint, tokenizer_path
+from llada_jax.checkpoints.orbax_model import load_model, save_model
+from llada_jax.errors import CheckpointNotFoundError
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,14 @@ from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, sharding  # noqa: E402
-from llada_jax.convert import convert_from_hf, convert_to_hf, load_pretrained  # noqa: E402
-from llada_jax.convert.hf_config import HFConfigError, to_hf_config  # noqa: E402
-from llada_jax.convert.hf_import import WeightsError  # noqa: E402
-from llada_jax.convert.keys import hf_state_dict  # noqa: E402
-from llada_jax.convert.safetensors_io import (INDEX_FILE, SafetensorsError, ShardedWriter, TensorReader,  # noqa: E402
+from llada_jax.checkpoints import convert_from_hf, convert_to_hf, load_pretrained  # noqa: E402
+from llada_jax.checkpoints.hf_config import to_hf_config  # noqa: E402
+from llada_jax.errors import CheckpointNotFoundError, HFConfigError, SafetensorsError, WeightsError  # noqa: E402
+from llada_jax.checkpoints.hf_keys import hf_state_dict  # noqa: E402
+from llada_jax.checkpoints.safetensors_io import (INDEX_FILE, ShardedWriter, TensorReader,  # noqa: E402
                                               parse_size)
-from llada_jax.train.checkpoint import CheckpointNotFoundError, save_model, tokenizer_path  # noqa: E402
+from llada_jax.checkpoints.layout import tokenizer_path  # noqa: E402
+from llada_jax.checkpoints.orbax_model import save_model  # noqa: E402
 from tests.torch_reference import llada_logits  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -247,7 +248,7 @@ def test_fresh_pytorch_model_uses_the_official_initialisation(exports):
 
 
 def test_the_official_8b_config_maps_both_ways():
-    from llada_jax.convert.hf_config import from_hf_config
+    from llada_jax.checkpoints.hf_config import from_hf_config
     from llada_jax.model import count_params
 
     config = from_hf_config(LLADA_8B_CONFIG)
@@ -449,13 +450,13 @@ def test_bad_checkpoint_input_is_a_clear_error_and_writes_nothing(tmp_path, expo
 
 
 def test_a_failure_midway_leaves_nothing(tmp_path, exports, monkeypatch):
-    from llada_jax.convert import orbax_io
+    from llada_jax.checkpoints import orbax_model
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
     out = str(tmp_path / "out")
-    monkeypatch.setattr(orbax_io.ParamReader, "read", boom)
+    monkeypatch.setattr(orbax_model.ParamReader, "read", boom)
     ckpt = str(tmp_path / "ckpt")
     convert_from_hf(exports["gqa"][1], ckpt)
     with pytest.raises(RuntimeError, match="disk full"):

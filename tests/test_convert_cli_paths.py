@@ -15,12 +15,14 @@ from safetensors.numpy import load_file
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate
 from llada_jax.cli import main
-from llada_jax.convert.keys import hf_state_dict
-from llada_jax.convert.safetensors_io import TensorReader
-from llada_jax.data.tokenizer import TokenizerHelper, build_bpe_tokenizer, config_overrides
+from llada_jax.checkpoints.hf_keys import hf_state_dict
+from llada_jax.checkpoints.safetensors_io import TensorReader
+from llada_jax.data.bpe import build_bpe_tokenizer
+from llada_jax.tokenizer import TokenizerHelper, config_overrides
 from llada_jax.eval import log_likelihood
 from llada_jax.eval.likelihood import encode_pair
-from llada_jax.train.checkpoint import save_model, tokenizer_path
+from llada_jax.checkpoints.layout import tokenizer_path
+from llada_jax.checkpoints.orbax_model import save_model
 
 FLAGS = ["--gen_length", "8", "--block_length", "4", "--steps", "4", "--no_progress"]
 TEXTS = [

@@ -12,7 +12,7 @@ def test_demo_small_end_to_end_and_resume(tmp_path):
     small = ["demo", "--output_dir", out, "--d_model", "32", "--n_layers", "1", "--n_heads", "2",
              "--pretrain_steps", "3", "--sft_steps", "6", "--batch_size", "8", "--test_size", "6"]
     # the first run is killed (SIGKILL) right after SFT step 4; the same command then resumes it
-    killed = cli(*small, devices=1, env={"LLADA_JAX_FAULT_AFTER_STEP": "4"}, check=False)
+    killed = cli(*small, devices=1, kill_after_step=4, check=False)
     assert killed.returncode == -9 and not os.path.exists(os.path.join(out, "results.json"))
     first = cli(*small, devices=1)
     # from step 4, or from step 2 when the asynchronous save of step 4 was still in flight at the kill

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate
-from llada_jax.convert.keys import hf_state_dict
+from llada_jax.checkpoints.hf_keys import hf_state_dict
 from llada_jax.eval.analysis import ModelAnalyzer, compare_sampling_methods, format_table
 from tests.torch_reference import llada_logits
 

@@ -14,11 +14,12 @@ from flax import nnx
 pytest.importorskip("lm_eval", reason="lm_eval is not installed (pip install -e '.[eval]')")
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate  # noqa: E402
-from llada_jax.data.tokenizer import build_bpe_tokenizer, config_overrides  # noqa: E402
+from llada_jax.data.bpe import build_bpe_tokenizer  # noqa: E402
+from llada_jax.tokenizer import config_overrides  # noqa: E402
 from llada_jax.eval import log_likelihood  # noqa: E402
 from llada_jax.eval.likelihood import encode_pair  # noqa: E402
 from llada_jax.sampling.prompts import left_pad, padded_length  # noqa: E402
-from llada_jax.train.checkpoint import save_model  # noqa: E402
+from llada_jax.checkpoints.orbax_model import save_model  # noqa: E402
 
 TEXTS = ["two plus two is four.", "three plus three is six.", "the sky is blue.", "grass is green.",
          "Question: what colour is the sky? Answer: blue"] * 4
@@ -63,7 +64,7 @@ def write(path, text):
 
 
 def test_lm_eval_runs_llada_jax_on_local_tasks(tmp_path, monkeypatch):
-    from llada_jax.data.tokenizer import TokenizerHelper
+    from llada_jax.tokenizer import TokenizerHelper
 
     helper = build_bpe_tokenizer(TEXTS, str(tmp_path / "tok"), vocab_size=300)
     model = LLaDAForMaskedLM(LLaDAConfig.tiny(**config_overrides(helper), max_sequence_length=64), rngs=nnx.Rngs(1))

@@ -39,12 +39,42 @@ def test_local_launcher_rejects_a_bad_process_count():
     assert proc.returncode == 2 and "N must be a positive integer" in proc.stderr
 
 
-def test_slurm_script_parses_and_runs_one_task_per_gpu():
-    path = os.path.join(LAUNCH, "slurm_multi_gpu.sbatch")
-    assert run("bash", "-n", path).returncode == 0
-    text = open(path).read()
-    assert "#SBATCH --ntasks-per-node=8" in text and "srun" in text
-    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in text
+def test_slurm_script_starts_each_task_on_its_gpu(tmp_path):
+    """Run the sbatch script under a fake `srun` that plays task 9 of 16 (node 2, local id 1): the task must
+    activate the venv and run `llada-jax pretrain ARGS` with the script's XLA flags, and the start-up plan
+    that llada_jax.distributed makes from the task's SLURM variables must put it on its own GPU."""
+    import sys
+
+    fake_bin, venv = tmp_path / "bin", tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake_bin.mkdir()
+    log = tmp_path / "srun_args"
+    (fake_bin / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" > {log}\n'
+        'while [[ "$1" == --* ]]; do shift; done\n'  # srun's own options
+        "SLURM_PROCID=9 SLURM_LOCALID=1 SLURM_NODEID=1 SLURM_STEP_TASKS_PER_NODE='8(x2)' \"$@\"\n")
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv / "bin"}:$PATH"\n')
+    (venv / "bin" / "llada-jax").write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "ARGS $*"\necho "XLA $XLA_FLAGS"\n'
+        f"exec {sys.executable} -c 'from llada_jax.distributed import plan; print(\"PLAN\", plan())'\n")
+    for f in (fake_bin / "srun", venv / "bin" / "llada-jax"):
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "LLADA_VENV": str(venv), "PYTHONPATH": ROOT,
+           "SLURM_JOB_ID": "1234", "SLURM_NTASKS": "16", "SLURM_CPUS_PER_TASK": "12",
+           "SLURM_STEP_NODELIST": "gpu[007-008]"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "slurm_multi_gpu.sbatch"), "--config", "c.py",
+                           "--output_dir", "/ckpt/run"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text().startswith("--kill-on-bad-exit=1 --cpus-per-task=12 bash -c")
+    out = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+    assert out["ARGS"] == "pretrain --config c.py --output_dir /ckpt/run"
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in out["XLA"]
+    # the coordinator on the first node, its port from the job id; process 9 of 16 drives its node's GPU 1
+    assert out["PLAN"] == str(dict(coordinator_address=f"gpu007:{61440 + 1234 % 4096}", num_processes=16,
+                                   process_id=9, local_device_ids=[1], cluster_detection_method="deactivate"))
 
 
 def test_gke_jobsets_are_valid_yaml_with_one_process_per_host():

@@ -10,17 +10,19 @@ import numpy as np
 import pytest
 
 from llada_jax.train.metrics import read_metrics
-from tests.runs import ROOT, TINY, cli
+from tests.runs import ROOT, TINY, cli, command
 
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 
 
-def launch(n, devices, *args, env=None, timeout=600):
+def launch(n, devices, *args, env=None, timeout=600, kill=None):
+    """`llada-jax ARGS` as n processes of `devices` devices; `kill` = (step, process) kills that process after
+    that training step."""
     full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     full_env.pop("XLA_FLAGS", None)  # the launcher sets the per-process device count
     return subprocess.run([LAUNCH, "--devices_per_process", str(devices), "--heartbeat_timeout", "10", str(n), "--",
-                           sys.executable, "-m", "llada_jax", *args], env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+                           *command(*(kill or ())), *args], env=full_env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
 
 
 def run_args(data, out, steps, *extra):
@@ -60,7 +62,7 @@ def test_a_killed_process_makes_its_peer_exit_with_an_error(tmp_path, pretrain_d
     # a hybrid mesh (mesh.dcn_data 2: the data axis across the two processes), whose gradient all-reduce
     # is the collective process 0 would wait in
     proc = launch(2, 1, *run_args(pretrain_data, out, 50, "--config.mesh.dcn_data=2"),
-                  env={"LLADA_JAX_FAULT_AFTER_STEP": "2", "LLADA_JAX_FAULT_PROCESS": "1"}, timeout=300)
+                  kill=(2, 1), timeout=300)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     # process 1 was killed after step 2; process 0 must not hang in its next collective: the coordination

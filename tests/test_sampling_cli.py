@@ -12,9 +12,10 @@ from flax import nnx
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate
 from llada_jax.cli import main
-from llada_jax.sampling import chat, cli as sampling_cli, samplers
-from llada_jax.train.checkpoint import save_model
-from llada_jax.data.tokenizer import build_bpe_tokenizer, config_overrides
+from llada_jax.sampling import chat
+from llada_jax.checkpoints.orbax_model import save_model
+from llada_jax.data.bpe import build_bpe_tokenizer
+from llada_jax.tokenizer import config_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--gen_length", "8", "--block_length", "4", "--steps", "4"]
@@ -162,11 +163,6 @@ def test_bad_input_is_a_clear_error(saved, tmp_path, capsys):
     fails(["--input", str(tmp_path / "missing.jsonl"), *FLAGS], "--input: ")
     assert main(["inference", "--model", str(tmp_path / "nope"), "--prompt", "x", *FLAGS]) == 2
     assert "--model: " in capsys.readouterr().err
-
-
-def test_cli_choices_match_the_samplers():
-    assert sampling_cli.METHODS == samplers.METHODS and sampling_cli.REMASKING == samplers.REMASKING
-    assert sampling_cli.CACHES == samplers.CACHES
 
 
 def test_sample_with_threshold_and_cache_equals_the_api(saved, tmp_path, capsys):

@@ -21,7 +21,7 @@ def common(data, out, steps, *extra):
 
 
 def losses(run):
-    return [(m["step"], m["loss"], m["batch_checksum"]) for m in read_metrics(run)]
+    return [(m["step"], m["loss"], m["batch_checksum"]) for m in read_metrics(run) if "loss" in m]
 
 
 def checkpoint_steps(run):
@@ -49,11 +49,17 @@ def tensorboard_scalars(run) -> dict:
 
 def test_resume_after_a_kill_is_bitwise_identical(tmp_path, pretrain_data):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    cli(*common(pretrain_data, straight, 30, "--config.checkpoint.keep=2"))
-    killed = cli(*common(pretrain_data, resumed, 30), env={"LLADA_JAX_FAULT_AFTER_STEP": "15"}, check=False)
+    evaluation = (f"--config.eval_data_path={pretrain_data}", "--config.eval_steps=6", "--config.eval_batches=2")
+    cli(*common(pretrain_data, straight, 30, "--config.checkpoint.keep=2", *evaluation))
+    killed = cli(*common(pretrain_data, resumed, 30, *evaluation), kill_after_step=15, check=False)
     assert killed.returncode == -signal.SIGKILL
     assert checkpoint_steps(resumed) == [10]
-    cli(*common(pretrain_data, resumed, 30))  # the same command again: resumes from step 10
+    cli(*common(pretrain_data, resumed, 30, *evaluation))  # the same command again: resumes from step 10
+    # evaluation every 6 steps and at the end, on the same batches with the same noise: equal in both runs, and
+    # falling as the model learns
+    evals = [[(m["step"], m["eval_loss"]) for m in read_metrics(run) if "eval_loss" in m] for run in (straight, resumed)]
+    assert [s for s, _ in evals[0]] == [6, 12, 18, 24, 30] and evals[0] == evals[1]
+    assert evals[0][-1][1] < evals[0][0][1]
     a, b = losses(straight), losses(resumed)
     assert [s for s, _, _ in b] == list(range(1, 31))
     assert a == b  # same losses bit for bit, and the same data (checksums) in the same order
@@ -63,6 +69,9 @@ def test_resume_after_a_kill_is_bitwise_identical(tmp_path, pretrain_data):
     assert checkpoint_steps(straight) == [20, 30] and checkpoint_steps(resumed) == [10, 20, 30]
     # metrics.jsonl: the documented fields on every logged step
     for row in read_metrics(straight):
+        if "eval_loss" in row:  # an evaluation's own row: {"step", "eval_loss"}
+            assert set(row) == {"step", "eval_loss"}
+            continue
         for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time", "tflops_per_sec",
                     "masked_tokens", "skipped_updates", "batch_checksum"):
             assert key in row and np.isfinite(row[key]), (key, row)
@@ -154,7 +163,8 @@ def test_cli_errors_before_any_work(tmp_path, pretrain_data, args, message):
 ])
 def test_validate_names_the_bad_setting(pretrain_data, key, value, message):
     from llada_jax.config import train_config
-    from llada_jax.train.loop import ConfigError, validate
+    from llada_jax.errors import ConfigError
+    from llada_jax.train.loop import validate
 
     c = train_config()
     c.output_dir, c.data_path, c.max_length = "unused", pretrain_data, 32
@@ -174,15 +184,14 @@ def test_resume_needs_a_training_checkpoint(tmp_path):
 
     from llada_jax import LLaDAConfig, LLaDAForMaskedLM
     from llada_jax.config import train_config
-    from llada_jax.train.checkpoint import save_model
-    from llada_jax.train.loop import ResumeError, check_resume
+    from llada_jax.checkpoints.orbax_model import save_model
+    from llada_jax.errors import ResumeError
+    from llada_jax.train.checkpoint import check_resumable
 
-    c = train_config()
-    c.output_dir = str(tmp_path)
-    assert check_resume(c) is None  # an empty output_dir: a new run
+    assert check_resumable(str(tmp_path), seed=0) is None  # an empty output_dir: a new run
     save_model(LLaDAForMaskedLM(LLaDAConfig.tiny(), rngs=nnx.Rngs(0)), str(tmp_path), step=3)
     with pytest.raises(ResumeError, match="is a model checkpoint, not a training run's .* --model_name_or_path"):
-        check_resume(c)
+        check_resumable(str(tmp_path), seed=0)
 
 
 def test_missing_data_and_unknown_flag(tmp_path):
@@ -205,7 +214,7 @@ def test_create_configs_round_trip(tmp_path, pretrain_data):
 
 
 def test_pretrain_text_then_sft_chat_from_orbax_and_from_hf(tmp_path):
-    from llada_jax.data.tokenizer import build_bpe_tokenizer
+    from llada_jax.data.bpe import build_bpe_tokenizer
 
     sentences = [f"The {a} cat sat on the {b} mat number {i}." for i, (a, b) in
                  enumerate([("black", "red"), ("white", "blue"), ("small", "green")] * 20)]

@@ -2,12 +2,13 @@
 
     sources.py     random-access JSONL (cached line index) and TFDS array_record sources
     formats.py     records -> validated tokens (pretraining documents, SFT examples, chats)
-    tokenizer.py   TokenizerHelper, the LLaDA chat template, an offline BPE tokenizer builder
     batching.py    concat / pad / sft rows and batches with an exact, small iterator state
-    pipeline.py    make_train_iterator, global_batch, pipeline_stats
+    settings.py    check_config (the data settings of a run config), mark_absl_flags_parsed
+    pipeline.py    make_train_iterator, global_batch, pipeline_stats, close_open_iterators
     converters.py  DatasetConverter (ShareGPT, Alpaca, OpenAI -> pre-tokenized SFT JSONL)
     check.py       check_files (`llada-jax data check`)
-    errors.py      DataError (names file, line and field) and skip reports
+    skips.py       skip events and reports (bad records raise llada_jax.errors.DataError)
+    bpe.py         build_bpe_tokenizer: an offline byte-level BPE tokenizer with the LLaDA special tokens
     cli.py         `llada-jax data convert` / `llada-jax data check`
 
 Importing this package is light; the names below load their module on first use.
@@ -16,13 +17,12 @@ Importing this package is light; the names below load their module on first use.
 import importlib
 
 _EXPORTS = {
-    "DataError": "errors",
+    "build_bpe_tokenizer": "bpe",
     "JsonlSource": "sources", "TfdsSource": "sources", "open_source": "sources",
     "PretrainFormat": "formats", "SftFormat": "formats",
-    "TokenizerHelper": "tokenizer", "build_bpe_tokenizer": "tokenizer", "config_overrides": "tokenizer",
-    "check_compatible": "tokenizer", "LLADA_CHAT_TEMPLATE": "tokenizer",
     "make_train_iterator": "pipeline", "make_dataset": "pipeline", "global_batch": "pipeline",
-    "pipeline_stats": "pipeline",
+    "pipeline_stats": "pipeline", "close_open_iterators": "pipeline",
+    "check_config": "settings", "mark_absl_flags_parsed": "settings",
     "DatasetConverter": "converters",
     "check_files": "check",
 }

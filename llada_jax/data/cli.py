@@ -11,6 +11,8 @@ problem, listed up to --max_problems); 2 a usage error (a missing tokenizer, a b
 
 from __future__ import annotations
 
+from llada_jax.errors import UsageError
+
 import sys
 
 FORMATS = ("sharegpt", "alpaca", "openai")
@@ -49,21 +51,15 @@ def register(sub) -> None:
     k.set_defaults(func=run_check)
 
 
-def _usage(e: Exception):
-    from llada_jax.cli import UsageError
-
-    return UsageError(str(e))
-
-
 def run_convert(args) -> int:
     from llada_jax.data.converters import DatasetConverter
-    from llada_jax.data.errors import DataError
+    from llada_jax.errors import DataError
 
     try:
         converter = DatasetConverter(args.tokenizer, max_length=args.max_length, too_long=args.too_long,
                                      skip_invalid=args.skip_invalid)
     except (FileNotFoundError, ValueError) as e:
-        raise _usage(e) from e
+        raise UsageError(str(e)) from e
     try:
         report = converter.convert(args.format, args.input, args.output)
     except DataError as e:
@@ -71,7 +67,7 @@ def run_convert(args) -> int:
         print("nothing written (use --skip_invalid to skip bad records)", file=sys.stderr)
         return 1
     except ValueError as e:
-        raise _usage(e) from e
+        raise UsageError(str(e)) from e
     print(report.summary())
     for line in report.skipped.examples:
         print(f"  {line}")
@@ -82,13 +78,13 @@ def run_check(args) -> int:
     from llada_jax.data.check import check_files
 
     if args.max_problems < 1:
-        raise _usage(ValueError("--max_problems must be at least 1"))
+        raise UsageError("--max_problems must be at least 1")
     try:
         report = check_files(args.files, kind=args.kind, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                              mask_token_id=args.mask_token_id, max_length=args.max_length,
                              max_problems=args.max_problems)
     except (FileNotFoundError, ValueError) as e:
         # DataError is a ValueError too, but check_files collects those; what arrives here is a set-up problem.
-        raise _usage(e) from e
+        raise UsageError(str(e)) from e
     print("\n".join(report.lines()))
     return 0 if report.ok else 1

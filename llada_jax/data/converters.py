@@ -1,4 +1,4 @@
-"""`DatasetConverter` (the seed's name): ShareGPT, Alpaca and OpenAI-style chats -> pre-tokenized SFT JSONL.
+"""`DatasetConverter`: ShareGPT, Alpaca and OpenAI-style chats -> pre-tokenized SFT JSONL.
 
 Each output line is `{"input_ids": [...], "prompt_length": N}`: the prompt (chat template over the earlier
 turns, with the generation prompt) followed by the answer (content + `<|eot_id|>`), one line per assistant
@@ -15,10 +15,10 @@ import json
 import os
 import tempfile
 
-from llada_jax.data.errors import SkipReport
+from llada_jax.data.skips import SkipReport
 from llada_jax.data.formats import Examples, SftFormat, Skipped
 from llada_jax.data.sources import iter_records
-from llada_jax.data.tokenizer import TokenizerHelper, load_tokenizer
+from llada_jax.tokenizer import TokenizerHelper, load_tokenizer
 
 FORMATS = ("sharegpt", "alpaca", "openai")
 

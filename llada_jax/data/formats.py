@@ -28,7 +28,8 @@ import json
 
 import numpy as np
 
-from llada_jax.data.errors import INVALID, TOO_LONG, TRUNCATED, DataError, Skip, TokenizerRequired
+from llada_jax.data.skips import INVALID, TOO_LONG, TRUNCATED, Skip
+from llada_jax.errors import DataError, TokenizerRequired
 from llada_jax.data.sources import RawRecord
 
 PRETRAIN_MODES = ("concat", "pad")
@@ -204,7 +205,7 @@ class _Format:
     @property
     def tokenizer(self):
         if isinstance(self._tokenizer, str) and self._tokenizer:
-            from llada_jax.data.tokenizer import TokenizerHelper
+            from llada_jax.tokenizer import TokenizerHelper
 
             self._tokenizer = TokenizerHelper(self._tokenizer)
         return self._tokenizer or None

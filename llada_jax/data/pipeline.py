@@ -14,12 +14,20 @@
 `next()` is this process's slice of one global micro-batch as numpy int32 arrays. Its `get_state()` /
 `set_state()` (and Grain's Orbax `CheckpointSave` / `CheckpointRestore`) restore the stream exactly, mid-epoch
 and mid-document. `global_batch(local, mesh, spec)` assembles the global `jax.Array`s on a device mesh.
-`pipeline_stats(iterator)` gives the records read and what was skipped.
+`pipeline_stats(iterator)` gives the records read and what was skipped. The config is checked first, by
+`settings.check_config`.
+
+Closing: `it.close()` (or `with make_train_iterator(...) as it:`) stops the prefetch threads and worker
+processes and lets go of the Grain iterators. Iterators still open at exit are closed by an atexit hook,
+`close_open_iterators`, while the interpreter is intact: a Grain thread-prefetch iterator that lives on into
+interpreter shutdown closes itself from `__del__` after its module's globals are gone and prints an
+AttributeError (grain 0.2.18), and worker processes left running leak their shared memory.
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import weakref
 
@@ -28,26 +36,13 @@ import ml_collections
 import numpy as np
 
 from llada_jax.config import LLaDAConfig
-from llada_jax.data.batching import RowBatcher, RowBatcherIterator
-from llada_jax.data.formats import PRETRAIN_MODES, TOO_LONG_POLICIES, PretrainFormat, SftFormat
+from llada_jax.data.batching import RowBatcher
+from llada_jax.data.formats import PretrainFormat, SftFormat
+from llada_jax.data.settings import check_batch_size, check_config, mark_absl_flags_parsed
 from llada_jax.data.sources import open_source
-from llada_jax.data.tokenizer import check_compatible, load_tokenizer
+from llada_jax.tokenizer import check_compatible, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-TASKS = ("pretrain", "sft")
-
-
-def num_shards(config: ml_collections.ConfigDict, process_count: int) -> int:
-    """The number of independent row streams: `data.num_shards`, or one per process when it is 0."""
-    shards = int(config.data.num_shards) or process_count
-    if shards <= 0 or shards % process_count:
-        raise ValueError(f"data.num_shards {shards} must be a positive multiple of the process count {process_count}")
-    if config.batch_size <= 0 or config.batch_size % shards:
-        raise ValueError(f"batch_size {config.batch_size} (global) must be a positive multiple of the "
-                         f"{shards} data shards (data.num_shards, or the process count)")
-    return shards
-
 
 _LOAD = object()  # make_dataset's default tokenizer: load data.tokenizer
 
@@ -62,25 +57,24 @@ def _checked_tokenizer(config: ml_collections.ConfigDict, model_config: LLaDACon
 
 def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *, shard: int = 0,
                  shards: int = 1, source=None, tokenizer=_LOAD) -> grain.IterDataset:
-    """One shard's Grain dataset: records [shard::shards], batches of batch_size / shards rows (see the
-    module docstring). `source` and `tokenizer` reuse an opened source and a loaded, checked tokenizer
-    (every shard of a process shares them)."""
-    data = config.data
-    task = config.task
-    if task not in TASKS:
-        raise ValueError(f"config.task must be one of {TASKS}, got {task!r}")
+    """One shard's Grain dataset: records [shard::shards], batches of batch_size / shards rows, read ahead
+    by a thread when data.prefetch_buffer_size > 0 (see the module docstring). `source` and `tokenizer`
+    reuse an opened source and a loaded, checked tokenizer (every shard of a process shares them)."""
+    ds = _row_batches(config, model_config, shard=shard, shards=shards, source=source, tokenizer=tokenizer)
+    if config.data.prefetch_buffer_size > 0:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=config.data.prefetch_buffer_size)
+    return ds
+
+
+def _row_batches(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *, shard: int, shards: int,
+                 source, tokenizer) -> RowBatcher:
+    """make_dataset's pipeline up to the RowBatcher (without the prefetch thread)."""
+    check_config(config, model_config)
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is not in [0, {shards})")
-    if config.batch_size <= 0 or config.batch_size % shards:
-        raise ValueError(f"batch_size {config.batch_size} (global) must be a positive multiple of the "
-                         f"{shards} data shards (data.num_shards, or the process count)")
-    if data.pretrain_mode not in PRETRAIN_MODES:
-        raise ValueError(f"data.pretrain_mode must be one of {PRETRAIN_MODES}, got {data.pretrain_mode!r}")
-    if data.too_long not in TOO_LONG_POLICIES:
-        raise ValueError(f"data.too_long must be one of {TOO_LONG_POLICIES}, got {data.too_long!r}")
-    if config.max_length > model_config.max_sequence_length:
-        raise ValueError(f"max_length {config.max_length} exceeds the model's max_sequence_length "
-                         f"{model_config.max_sequence_length}")
+    check_batch_size(config.batch_size, shards)
+    data = config.data
+    task = config.task
 
     helper = _checked_tokenizer(config, model_config) if tokenizer is _LOAD else tokenizer
     source = source if source is not None else open_data_source(config)
@@ -115,8 +109,6 @@ def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *
                     signature={"mode": mode, "num_workers": data.num_workers, "shard": shard, "num_shards": shards,
                                "data_path": config.data_path, "records": len(source),
                                "seed": int(config.seed), "shuffle": bool(data.shuffle)})
-    if data.prefetch_buffer_size > 0:
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data.prefetch_buffer_size)
     return ds
 
 
@@ -145,28 +137,35 @@ def make_train_iterator(config: ml_collections.ConfigDict, model_config: LLaDACo
     Save and restore it with `get_state()` / `set_state()` (a dict of per-shard states, which another
     process layout over the same shards can restore), or inside an Orbax composite with
     `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` (per-process files). Close it
-    (`it.close()`) when done if it has worker processes.
+    (`it.close()`, or use it as a context manager) when done; one left open is closed at exit.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
-    shards = num_shards(config, process_count)
+    shards = check_config(config, model_config, process_count=process_count)
     per_process = shards // process_count
     source = open_data_source(config)
     helper = _checked_tokenizer(config, model_config)
     mine = range(process_index * per_process, (process_index + 1) * per_process)
-    iterators = {s: iter(make_dataset(config, model_config, shard=s, shards=shards, source=source, tokenizer=helper))
-                 for s in mine}
-    iterator = ShardedIterator(iterators)
-    _LIVE_ITERATORS.add(iterator)
-    return iterator
+    batchers = {s: iter(_row_batches(config, model_config, shard=s, shards=shards, source=source, tokenizer=helper))
+                for s in mine}
+    return ShardedIterator(batchers, prefetch_buffer_size=config.data.prefetch_buffer_size)
 
 
 class ShardedIterator(grain.DatasetIterator):
-    """Concatenates one micro-batch from each of this process's shard iterators, in shard order."""
+    """Concatenates one micro-batch from each of this process's shard iterators, in shard order.
 
-    def __init__(self, shard_iterators: dict):
-        super().__init__(list(shard_iterators.values()))
-        self._shards = dict(shard_iterators)
+    `batchers`: {shard: RowBatcherIterator}; with `prefetch_buffer_size` > 0 each is read ahead by a Grain
+    thread-prefetch iterator. The shard iterators are held here only (not as Grain parents), so `close()` can
+    let go of them: they are freed while the interpreter is intact, not during its shutdown.
+    """
+
+    def __init__(self, batchers: dict, *, prefetch_buffer_size: int = 0):
+        super().__init__()
+        self._batchers = dict(batchers)  # read directly by `stats`
+        self._shards = {s: grain.experimental.ThreadPrefetchDatasetIterator(b, prefetch_buffer_size)
+                        if prefetch_buffer_size > 0 else b for s, b in self._batchers.items()}
+        self._final_stats = None  # the stats when it was closed
+        _OPEN_ITERATORS.add(self)
 
     def __next__(self) -> dict:
         self._assert_not_closed()
@@ -174,6 +173,32 @@ class ShardedIterator(grain.DatasetIterator):
         if len(parts) == 1:
             return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def __enter__(self) -> "ShardedIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> dict:
+        """Records read, batches made and skip events so far, summed over the shards (see `pipeline_stats`)."""
+        if self._closed:
+            return self._final_stats
+        found = [b.stats for b in self._batchers.values()]
+        if len(found) == 1:
+            return found[0]
+        total = {"records": sum(f["records"] for f in found), "batches": found[0]["batches"], "skipped": {},
+                 "skip_examples": [e for f in found for e in f["skip_examples"]],
+                 "empty_files": found[0]["empty_files"]}
+        for f in found:
+            for reason, n in f["skipped"].items():
+                total["skipped"][reason] = total["skipped"].get(reason, 0) + n
+        return total
+
+    def start_prefetch(self) -> None:
+        for it in self._shards.values():
+            it.start_prefetch()
 
     def get_state(self) -> dict:
         return {"shards": {str(s): it.get_state() for s, it in self._shards.items()}}
@@ -188,41 +213,34 @@ class ShardedIterator(grain.DatasetIterator):
             it.set_state(saved[str(s)])
 
     def close(self) -> None:
-        for it in self._shards.values():
+        """Stops the prefetch threads and worker processes and drops the shard iterators (`stats` keeps
+        their last counts). Idempotent: Grain's `DatasetIterator.__del__` calls it again."""
+        if self._closed:
+            return
+        self._final_stats = self.stats
+        self._closed = True
+        shards, self._shards, self._batchers = self._shards, {}, {}
+        for it in shards.values():
             it.close()
 
 
-# Iterators still open at exit are closed while the interpreter is intact. Grain's ThreadPrefetchDatasetIterator
-# (ours, and the ones its interleave makes per worker) closes again from __del__ during interpreter shutdown,
-# when its module globals are gone, and prints an AttributeError; a closed one is made to return at once.
-_LIVE_ITERATORS: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
+# Every ShardedIterator still alive, held weakly: one nobody refers to any more is closed by Grain's
+# DatasetIterator.__del__ when it is collected; the others are closed by close_open_iterators at exit.
+_OPEN_ITERATORS: "weakref.WeakSet[ShardedIterator]" = weakref.WeakSet()
 
 
 @atexit.register
-def _close_live_iterators() -> None:
-    for iterator in list(_LIVE_ITERATORS):
+def close_open_iterators() -> None:
+    """Closes every iterator from `make_train_iterator` (every ShardedIterator) that is still open. The Grain
+    iterators they held are freed as they let go of them (a collection frees any kept alive by a reference
+    cycle). Registered with atexit: at exit it runs before the interpreter tears its modules down (see the
+    module docstring)."""
+    for iterator in list(_OPEN_ITERATORS):
         try:
             iterator.close()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
-
-
-def _make_close_idempotent(cls) -> None:
-    close = cls.close
-    if getattr(close, "_idempotent", False):
-        return
-
-    def idempotent_close(self):
-        if getattr(self, "_llada_closed", False):
-            return
-        self._llada_closed = True
-        close(self)
-
-    idempotent_close._idempotent = True
-    cls.close = idempotent_close
-
-
-_make_close_idempotent(grain.experimental.ThreadPrefetchDatasetIterator)
+        except Exception:  # noqa: BLE001 - closing the others matters more than one failure
+            log.warning("data: closing %s failed", iterator, exc_info=True)
+    gc.collect()
 
 
 def global_batch(local_batch: dict, mesh, spec) -> dict:
@@ -243,32 +261,9 @@ def global_batch(local_batch: dict, mesh, spec) -> dict:
     return out
 
 
-def pipeline_stats(iterator: grain.DatasetIterator) -> dict:
+def pipeline_stats(iterator) -> dict:
     """Records read, batches made and skip events so far (counts and the first locations) of an iterator
     from `make_train_iterator` (read-ahead by prefetching included), summed over its shards."""
-    found, todo = [], [iterator]
-    while todo:
-        it = todo.pop()
-        if isinstance(it, RowBatcherIterator):
-            found.append(it.stats)
-        else:
-            todo.extend(getattr(it, "_parents", ()))
-    if not found:
+    if not isinstance(iterator, ShardedIterator):
         raise ValueError(f"{iterator} is not a make_train_iterator iterator")
-    if len(found) == 1:
-        return found[0]
-    total = {"records": sum(f["records"] for f in found), "batches": found[0]["batches"], "skipped": {},
-             "skip_examples": [e for f in found for e in f["skip_examples"]], "empty_files": found[0]["empty_files"]}
-    for f in found:
-        for reason, n in f["skipped"].items():
-            total["skipped"][reason] = total["skipped"].get(reason, 0) + n
-    return total
-
-
-def mark_absl_flags_parsed() -> None:
-    """Grain reads absl flags; outside an absl program they must be marked parsed before worker processes
-    start, or they fail with UnparsedFlagAccessError (the CLI does this too)."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+    return iterator.stats

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from llada_jax.data.errors import DataError
+from llada_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Analysis tools (the seed's `ModelAnalyzer`): attention maps with heatmaps, and a sampler comparison table.
+"""Analysis tools (`ModelAnalyzer`): attention maps with heatmaps, and a sampler comparison table.
 
     analyzer = ModelAnalyzer(output_dir="analysis")
     maps = analyzer.analyze_attention_patterns(model, input_ids)        # float32 [layers, B, heads, L, L]
@@ -146,9 +146,9 @@ def _cut(ids, stop_ids) -> list[int]:
 def compare_sampling_methods(model, dataset, settings: list[dict] | None = None, *, tokenizer=None,
                              batch_size: int = 8, seed: int = 0) -> list[dict]:
     """Accuracy, NFE and tokens/s of each sampler setting on `dataset` (see the module docstring)."""
-    from llada_jax.data.tokenizer import load_tokenizer
     from llada_jax.sampling import create_sampler
     from llada_jax.sampling import prompts as prompt_io
+    from llada_jax.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer  # or any .decode / .eot_id
     settings = default_settings() if settings is None else settings
@@ -216,7 +216,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 class ModelAnalyzer:
-    """The seed's analysis API: attention heatmaps and sampler comparisons, written under `output_dir`."""
+    """Attention heatmaps and sampler comparisons, written under `output_dir`."""
 
     def __init__(self, output_dir: str = "analysis"):
         self.output_dir = output_dir
@@ -229,7 +229,7 @@ class ModelAnalyzer:
         if save_plots:
             tokens = None
             if tokenizer is not None:
-                from llada_jax.data.tokenizer import load_tokenizer
+                from llada_jax.tokenizer import load_tokenizer
 
                 helper = load_tokenizer(tokenizer)
                 ids = np.asarray(input_ids).reshape(maps.shape[1], -1)[example]
@@ -240,10 +240,8 @@ class ModelAnalyzer:
 
     def compare_sampling_methods(self, model, dataset, settings: list[dict] | None = None, **kwargs) -> list[dict]:
         """`compare_sampling_methods` (module function); also writes `output_dir/sampling_comparison.json`."""
-        import json
+        from llada_jax.checkpoints.atomic import write_json
 
         rows = compare_sampling_methods(model, dataset, settings, **kwargs)
-        os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "sampling_comparison.json"), "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        write_json(os.path.join(self.output_dir, "sampling_comparison.json"), rows)
         return rows

@@ -14,6 +14,7 @@ import sys
 
 from llada_jax import distributed
 from llada_jax.config import DTYPES
+from llada_jax.errors import UsageError
 from llada_jax.sampling.prompts import json_object
 
 
@@ -35,12 +36,6 @@ def register(sub) -> None:
                    help="compute and parameter dtype (default: as the checkpoint)")
     distributed.add_flags(p)
     p.set_defaults(func=run)
-
-
-def _usage(message: str):
-    from llada_jax.cli import UsageError
-
-    return UsageError(message)
 
 
 def read_pairs(path: str) -> list[dict]:
@@ -71,29 +66,33 @@ def read_pairs(path: str) -> list[dict]:
 def run(args) -> int:
     for name in ("mc_num", "batch_size", "examples_per_call"):
         if getattr(args, name) <= 0:
-            raise _usage(f"--{name} must be a positive integer, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.mc_num % args.batch_size:
-        raise _usage(f"--mc_num {args.mc_num} must be a multiple of --batch_size {args.batch_size}")
+        raise UsageError(f"--mc_num {args.mc_num} must be a multiple of --batch_size {args.batch_size}")
     if not args.cfg_scale >= 0:
-        raise _usage(f"--cfg_scale must be >= 0, got {args.cfg_scale}")
+        raise UsageError(f"--cfg_scale must be >= 0, got {args.cfg_scale}")
     if not os.path.isfile(args.input):
-        raise _usage(f"--input: {args.input}: no such file")
+        raise UsageError(f"--input: {args.input}: no such file")
     try:
         records = read_pairs(args.input)
     except ValueError as e:
-        raise _usage(str(e)) from e
+        raise UsageError(str(e)) from e
 
     distributed.start(args)
     from llada_jax.eval import likelihood
-    from llada_jax.sampling.cli import _load
+    from llada_jax.checkpoints import load_model_and_tokenizer
+    from llada_jax.errors import CheckpointNotFoundError
 
-    model, tokenizer = _load(args)
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    except CheckpointNotFoundError as e:
+        raise UsageError(f"--model: {e}") from e
     prompts, answers = [], []
     for number, record in enumerate(records, 1):
         if "prompt_ids" in record:
             prompt, answer = record["prompt_ids"], record["answer_ids"]
         elif tokenizer is None:
-            raise _usage(f"{args.input} line {number}: text pairs need a tokenizer, and none is stored with "
+            raise UsageError(f"{args.input} line {number}: text pairs need a tokenizer, and none is stored with "
                          f"{args.model} (give 'prompt_ids' / 'answer_ids' instead)")
         else:
             prompt, answer = likelihood.encode_pair(tokenizer, record["prompt"], record["answer"])
@@ -106,9 +105,10 @@ def run(args) -> int:
         greedy = likelihood.greedy_check(model, prompts, answers, args.cfg_scale,
                                          examples_per_call=args.examples_per_call) if args.greedy else None
     except ValueError as e:
-        raise _usage(f"{args.input}: {e}") from e
-    tmp = args.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as out:
+        raise UsageError(f"{args.input}: {e}") from e
+    from llada_jax.checkpoints.atomic import atomic_file
+
+    with atomic_file(args.output) as out:
         for i, record in enumerate(records):
             line = {"id": record["id"]} if "id" in record else {}
             line.update(log_likelihood=float(result.log_likelihood[i]), stderr=float(result.stderr[i]),
@@ -116,6 +116,5 @@ def run(args) -> int:
             if greedy is not None:
                 line["greedy"] = bool(greedy[i])
             out.write(json.dumps(line) + "\n")
-    os.replace(tmp, args.output)
     print(f"wrote {len(records)} lines to {args.output}", file=sys.stderr)
     return 0

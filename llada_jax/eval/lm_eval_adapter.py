@@ -64,8 +64,8 @@ class LLaDAJaxLM(LM):
                  gen_batch_size: int = 8, model=None, tokenizer=None, device=None, max_batch_size=None,
                  **sampler_args):
         super().__init__()
-        from llada_jax.data.tokenizer import TokenizerHelper, load_tokenizer
         from llada_jax.sampling import create_sampler
+        from llada_jax.tokenizer import TokenizerHelper, load_tokenizer
 
         unknown = sorted(set(sampler_args) - set(_SAMPLER_ARGS))
         if unknown:
@@ -73,13 +73,10 @@ class LLaDAJaxLM(LM):
         if model is None:
             if pretrained is None:
                 raise ValueError("llada_jax: give pretrained=PATH (an Orbax checkpoint or HF model directory)")
-            from llada_jax.convert import load_pretrained
-            from llada_jax.train.checkpoint import tokenizer_path
+            from llada_jax.checkpoints import load_model_and_tokenizer
 
-            overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
-            model = load_pretrained(pretrained, **overrides)
-            if tokenizer is None:
-                tokenizer = tokenizer_path(pretrained)
+            model, stored = load_model_and_tokenizer(pretrained, dtype=dtype)
+            tokenizer = stored if tokenizer is None else tokenizer
         self.model = model
         self.helper = load_tokenizer(tokenizer) if not isinstance(tokenizer, TokenizerHelper) else tokenizer
         if self.helper is None:

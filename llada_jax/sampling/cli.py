@@ -12,11 +12,8 @@ import sys
 
 from llada_jax import distributed
 from llada_jax.config import DTYPES
-
-# Kept equal to llada_jax.sampling.samplers.METHODS / REMASKING / CACHES (tested), without importing JAX here.
-METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
-REMASKING = ("low_confidence", "random")
-CACHES = ("none", "prefix", "dual")
+from llada_jax.errors import UsageError
+from llada_jax.sampling.options import CACHES, METHODS, REMASKING
 
 
 def register(sub) -> None:
@@ -71,12 +68,6 @@ def _sampling_flags(p) -> None:
                    help="compute and parameter dtype (default: as the checkpoint)")
 
 
-def _usage(message: str):
-    from llada_jax.cli import UsageError
-
-    return UsageError(message)
-
-
 def _sampler(args, tokenizer=None):
     """The sampler the flags describe (validated before anything is loaded)."""
     from llada_jax.sampling import create_sampler
@@ -89,24 +80,19 @@ def _sampler(args, tokenizer=None):
             eot_id=tokenizer.eot_id if tokenizer is not None else None, threshold=args.threshold,
             cache=args.cache, cache_refresh=args.cache_refresh)
     except ValueError as e:
-        raise _usage(f"--{e}" if str(e).split()[0] in ("gen_length", "block_length", "steps", "temperature",
+        raise UsageError(f"--{e}" if str(e).split()[0] in ("gen_length", "block_length", "steps", "temperature",
                                                        "cfg_scale", "threshold", "cache_refresh") else str(e)) from e
 
 
-def _load(args):
-    from llada_jax.convert import load_pretrained
-    from llada_jax.data.tokenizer import TokenizerHelper
-    from llada_jax.train.checkpoint import tokenizer_path
+def load(args):
+    """(model, tokenizer or None) of --model, with --dtype applied."""
+    from llada_jax.checkpoints import load_model_and_tokenizer
+    from llada_jax.errors import CheckpointNotFoundError
 
-    if not os.path.isdir(args.model):
-        raise _usage(f"--model: {args.model}: no such model directory")
-    overrides = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
     try:
-        model = load_pretrained(args.model, **overrides)
-    except FileNotFoundError as e:
-        raise _usage(f"--model: {e}") from e
-    directory = tokenizer_path(args.model)
-    return model, TokenizerHelper(directory) if directory else None
+        return load_model_and_tokenizer(args.model, dtype=args.dtype)
+    except CheckpointNotFoundError as e:
+        raise UsageError(f"--model: {e}") from e
 
 
 def run_sample(args) -> int:
@@ -114,21 +100,21 @@ def run_sample(args) -> int:
 
     _sampler(args)  # flags first: a bad --gen_length fails before anything is read or loaded
     if args.batch_size <= 0:
-        raise _usage(f"--batch_size must be a positive integer, got {args.batch_size}")
+        raise UsageError(f"--batch_size must be a positive integer, got {args.batch_size}")
     if not os.path.isfile(args.input):
-        raise _usage(f"--input: {args.input}: no such file")
+        raise UsageError(f"--input: {args.input}: no such file")
     try:
         records = prompts.read_records(args.input)
     except ValueError as e:
-        raise _usage(str(e)) from e
+        raise UsageError(str(e)) from e
     start = 0
     if os.path.exists(args.output) and os.path.getsize(args.output) > 0:
         if not args.resume:
-            raise _usage(f"--output {args.output} already exists; pass --resume to continue it, or remove it")
+            raise UsageError(f"--output {args.output} already exists; pass --resume to continue it, or remove it")
         try:
             start = batch.read_done(args.output, records)
         except ValueError as e:
-            raise _usage(f"--resume: {e}") from e
+            raise UsageError(f"--resume: {e}") from e
     if start == len(records):
         print(f"{args.output}: all {len(records)} lines are already done", file=sys.stderr)
         return 0
@@ -137,24 +123,24 @@ def run_sample(args) -> int:
     import jax
 
     if jax.process_count() > 1:
-        raise _usage("sample runs in one process (it writes one output file); on a pod, run one sample per host "
+        raise UsageError("sample runs in one process (it writes one output file); on a pod, run one sample per host "
                      "on its own part of the input")
-    model, tokenizer = _load(args)
+    model, tokenizer = load(args)
     sampler = _sampler(args, tokenizer)
     encoded = []
     limit = model.config.max_sequence_length - args.gen_length
     for number, record in enumerate(records, 1):
         where = f"{args.input} line {number}"
         if prompts.needs_tokenizer(record) and tokenizer is None:
-            raise _usage(f"{where}: a text prompt needs a tokenizer, and none is stored with {args.model} "
+            raise UsageError(f"{where}: a text prompt needs a tokenizer, and none is stored with {args.model} "
                          f"(give 'input_ids' instead)")
         ids = prompts.encode(record, tokenizer) if number > start else []
         if len(ids) > limit:
-            raise _usage(f"{where}: the prompt has {len(ids)} tokens; with --gen_length {args.gen_length} at most "
+            raise UsageError(f"{where}: the prompt has {len(ids)} tokens; with --gen_length {args.gen_length} at most "
                          f"{limit} fit the model's max_sequence_length {model.config.max_sequence_length}")
         vocab = model.config.padded_vocab_size
         if ids and max(ids) >= vocab:
-            raise _usage(f"{where}: token id {max(ids)} is outside the model's vocabulary [0, {vocab})")
+            raise UsageError(f"{where}: token id {max(ids)} is outside the model's vocabulary [0, {vocab})")
         encoded.append(ids)
     written = batch.sample_file(model, tokenizer, sampler, records, encoded, args.output,
                                 batch_size=args.batch_size, seed=args.seed, start=start,
@@ -171,11 +157,11 @@ def run_inference(args) -> int:
     import jax
 
     if jax.process_count() > 1:
-        raise _usage("inference runs in one process (one prompt or one terminal chat); on a pod, run it on one "
+        raise UsageError("inference runs in one process (one prompt or one terminal chat); on a pod, run it on one "
                      "host without the multi-process flags")
-    model, tokenizer = _load(args)
+    model, tokenizer = load(args)
     if tokenizer is None:
-        raise _usage(f"--model: no tokenizer is stored with {args.model}; inference needs one")
+        raise UsageError(f"--model: no tokenizer is stored with {args.model}; inference needs one")
     use_template = tokenizer.declares_chat_template and not args.no_chat_template
     session = chat.Chat(model, tokenizer, _sampler(args, tokenizer), use_template=use_template, seed=args.seed)
     if args.interactive:
@@ -183,6 +169,6 @@ def run_inference(args) -> int:
     try:
         answer, _ = session.reply(args.prompt)
     except ValueError as e:
-        raise _usage(f"--prompt: {e}") from e
+        raise UsageError(f"--prompt: {e}") from e
     print(answer)
     return 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 from llada_jax import distributed
+from llada_jax.errors import LLaDAError, UsageError
 
-# The seed project's flags, written into the config after the config file and --config.* overrides.
+# The pretrain / sft flags, written into the config after the config file and --config.* overrides.
 SEED_FLAGS = (
     ("model_name_or_path", str), ("data_path", str), ("output_dir", str), ("batch_size", int),
     ("learning_rate", float), ("max_steps", int), ("gradient_accumulation_steps", int), ("warmup_steps", int),
@@ -22,7 +23,7 @@ def register(sub) -> None:
                             ("sft", "supervised fine-tuning (prompts never masked)")):
         p = sub.add_parser(task, help=help_text,
                            description=f"{help_text}. Settings come from --config (a configs/*.py file or a "
-                                       "seed-style JSON), then --config.key=value overrides, then the flags below.")
+                                       "JSON from create-configs), then --config.key=value overrides, then the flags below.")
         p.add_argument("--config", help="configs/*.py with get_config(), or a JSON from create-configs")
         for name, kind in SEED_FLAGS:
             p.add_argument(f"--{name}", type=kind, default=None)
@@ -45,10 +46,6 @@ def register_compile_check(sub) -> None:
 
 
 def run_compile_check(args) -> int:
-    import json
-
-    from llada_jax.cli import UsageError
-
     if args.num_devices <= 0:
         raise UsageError("--num_devices must be positive")
     # Fake devices must be requested before JAX starts its backends.
@@ -59,7 +56,7 @@ def run_compile_check(args) -> int:
 
     from llada_jax.config import apply_overrides, load_config, model_config_from
     from llada_jax.train.aot import compile_train_step, format_report
-    from llada_jax.train.loop import ConfigError, make_run_mesh
+    from llada_jax.train.loop import make_run_mesh
 
     try:
         config = load_config(args.config, task=args.task)
@@ -69,13 +66,15 @@ def run_compile_check(args) -> int:
             raise UsageError(f"only {len(devices)} devices available (JAX was started before the flag could apply)")
         mesh = make_run_mesh(config, devices[: args.num_devices])
         report = compile_train_step(config, model_config_from(config), mesh)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except LLaDAError:
+        raise
+    except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
     print(format_report(report))
     if args.json:
-        from llada_jax.train.checkpoint import write_json_atomic
+        from llada_jax.checkpoints.atomic import write_json
 
-        write_json_atomic(args.json, report)
+        write_json(args.json, report)
     return 0
 
 
@@ -97,33 +96,25 @@ def build_config(args):
 
 
 def run_train(args) -> int:
-    import sys
-
-    from llada_jax.cli import UsageError
-    from llada_jax.data.errors import DataError, TokenizerRequired
-    from llada_jax.train.loop import ConfigError, TrainingStopped, train
+    from llada_jax.train.loop import train
 
     try:
         config = build_config(args)
+        distributed.start(args)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
     try:
-        distributed.start(args)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    try:
         train(config)
-    except (ConfigError, FileNotFoundError) as e:
+    except LLaDAError:
+        raise  # reported by the command line: config errors exit 2, data errors and stops exit 1
+    except FileNotFoundError as e:
         raise UsageError(str(e)) from e
-    except (TrainingStopped, DataError, TokenizerRequired) as e:
-        print(f"llada-jax {args.task}: error: {e}", file=sys.stderr)
-        return 1
     return 0
 
 
 def run_create_configs(args) -> int:
+    from llada_jax.checkpoints.atomic import write_json
     from llada_jax.config import LLaDAConfig, sft_defaults, train_config
-    from llada_jax.train.checkpoint import write_json_atomic
 
     os.makedirs(args.output_dir, exist_ok=True)
     pretrain = train_config(LLaDAConfig.llada_8b(), task="pretrain")
@@ -135,6 +126,6 @@ def run_create_configs(args) -> int:
         body = config.to_dict()
         body.pop("task")
         path = os.path.join(args.output_dir, name)
-        write_json_atomic(path, {section: body})
+        write_json(path, {section: body})
         print(f"wrote {path}")
     return 0

@@ -1,97 +1,85 @@
 """The training loop behind `llada-jax pretrain` and `llada-jax sft`.
 
-Start-up checks everything that can be wrong before any work (config values, the model config, the
-learning-rate schedule, data path and shards, mesh, batch divisibility, the seed of a run being resumed).
-The run then resumes from the latest checkpoint in `output_dir` when there is one (parameters, optimizer
-state, step and every process's data-iterator position; the step's randomness comes from (seed, step), so
-the seed must be the checkpoint's), else starts from
-`model_name_or_path` (parameters only) or from a fresh initialisation. Each step consumes
-`gradient_accumulation_steps` global micro-batches. Checkpoints are written every `save_steps` and at the
-end (asynchronously; a SIGTERM finishes the current step, saves and exits).
+    validate(config)        every check that needs no device: config values, model, schedule, data, rules
+    TrainingRun.open(...)   the run set up: mesh, train step, data, checkpoint manager, and the state
+                            (resumed from output_dir, or started from model_name_or_path, or initialised)
+    train(config)           the loop: step, log, evaluate if due, save if due, stop if asked
+
+A run resumes from the latest checkpoint in `output_dir` when there is one (parameters, optimizer state, step
+and every process's data-iterator position; the step's randomness comes from (seed, step), so the seed must
+be the checkpoint's). Each step consumes `gradient_accumulation_steps` global micro-batches. Checkpoints are
+written every `save_steps` and at the end (asynchronously); a SIGTERM finishes the current step, saves and
+exits. `train(config, on_step=f)` calls f(step) after every step (tests inject faults there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
-import json
 import logging
 import os
 import signal
+import sys
 import time
+from typing import Callable
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from llada_jax import sharding
+from llada_jax.checkpoints import layout
+from llada_jax.checkpoints.atomic import copy_dir, write_json
+from llada_jax.checkpoints.orbax_model import checkpoint_manager
 from llada_jax.config import LLaDAConfig, model_config_from
-from llada_jax.train import checkpoint as ckpt
+from llada_jax.errors import ConfigError, MeshError, TrainingStopped
+from llada_jax.train import checkpoint
 from llada_jax.train.metrics import MetricsLogger
-from llada_jax.train.step import Trainer, flops_per_token, params_all_finite, peak_flops_per_device
+from llada_jax.train.step import Trainer, flops_per_token, host_scalar, params_all_finite, peak_flops_per_device
 
 log = logging.getLogger("llada_jax")
 
-# Fault injection for the resume tests: the process kills itself (SIGKILL) right after this step (only the
-# process of index LLADA_JAX_FAULT_PROCESS when that is set).
-FAULT_ENV = "LLADA_JAX_FAULT_AFTER_STEP"
-FAULT_PROCESS_ENV = "LLADA_JAX_FAULT_PROCESS"
 # Architecture fields taken from a checkpoint given as model_name_or_path (compute settings stay as configured).
 ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
                        "embedding_size", "max_sequence_length", "rope_theta", "rms_norm_eps", "weight_tying",
                        "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
 
 
-class ConfigError(ValueError):
-    """A problem with the run's configuration, found before any work."""
-
-
-class ResumeError(ConfigError):
-    """The checkpoint in output_dir cannot be continued with this configuration."""
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped itself (e.g. too many non-finite steps in a row)."""
+# ----------------------------------------------------------------------------------------------------
+# Start-up checks
+# ----------------------------------------------------------------------------------------------------
 
 
 def validate(config) -> None:
+    """Raise ConfigError naming the first bad setting (nothing touches a device or writes a file)."""
+    from llada_jax.data.settings import check_config
+    from llada_jax.train.optimizer import learning_rate_schedule
+
     def fail(msg):
         raise ConfigError(msg)
 
-    if config.task not in ("pretrain", "sft"):
-        fail(f"task: expected 'pretrain' or 'sft', got {config.task!r}")
     if not config.output_dir:
         fail("output_dir is required (--output_dir DIR)")
-    if not config.data_path:
-        fail("data_path is required (--data_path FILE|GLOB|DIR|tfds:NAME:SPLIT)")
-    if not config.data_path.startswith("tfds:") and not glob.glob(config.data_path):
-        fail(f"data_path {config.data_path!r}: no such file, directory or glob match")
+    for name in ("data_path", "eval_data_path"):
+        path = config[name]
+        if name == "data_path" and not path:
+            fail("data_path is required (--data_path FILE|GLOB|DIR|tfds:NAME:SPLIT)")
+        if path and not path.startswith("tfds:") and not glob.glob(path):
+            fail(f"{name} {path!r}: no such file, directory or glob match")
     for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_length", "save_steps",
                  "logging_steps"):
         if int(config[name]) <= 0:
             fail(f"{name} must be a positive integer, got {config[name]}")
-    if int(config.warmup_steps) < 0:
-        fail(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    for name in ("warmup_steps", "eval_steps", "eval_batches"):
+        if int(config[name]) < 0:
+            fail(f"{name} must be >= 0, got {config[name]}")
+    if config.eval_data_path and (config.eval_steps == 0 or config.eval_batches == 0):
+        fail("eval_data_path is set: eval_steps and eval_batches must be positive")
     if not 0 < config.eps < 1 or not 0 <= config.random_length_prob <= 1:
         fail("eps must be in (0, 1) and random_length_prob in [0, 1]")
-    if config.max_length > config.model.max_sequence_length:
-        fail(f"max_length {config.max_length} exceeds the model's max_sequence_length "
-             f"{config.model.max_sequence_length}")
     for name, value in (("checkpoint.keep", config.checkpoint.keep),
                         ("max_consecutive_nonfinite", config.max_consecutive_nonfinite)):
         if not isinstance(value, int) or value <= 0:
             fail(f"{name} must be a positive integer, got {value!r}")
-    _check_optimizer(config, fail)
-    _check_model(config)
-    _check_data(config, fail)
-    try:
-        sharding.check_rules(config.mesh.logical_axis_rules)
-    except sharding.MeshError as e:
-        fail(str(e))
-
-
-def _check_optimizer(config, fail) -> None:
-    from llada_jax.train.optimizer import learning_rate_schedule
-
     o = config.optimizer
     if not config.learning_rate >= 0 or not np.isfinite(config.learning_rate):
         fail(f"learning_rate must be a finite number >= 0, got {config.learning_rate}")
@@ -103,78 +91,51 @@ def _check_optimizer(config, fail) -> None:
              f"eps={o.eps} weight_decay={o.weight_decay}")
     try:
         learning_rate_schedule(config)  # the schedule the step will use: a bad lr_scheduler_type fails here
+        # task, the data.* choices, max_length against config.model and the shard layout
+        check_config(config, process_count=jax.process_count())
     except ValueError as e:
         fail(str(e))
+    checked_model_config(config)
+    sharding.check_rules(config.mesh.logical_axis_rules)
 
 
-def _check_model(config) -> LLaDAConfig:
+def checked_model_config(config) -> LLaDAConfig:
     try:
         return model_config_from(config)
     except (ValueError, TypeError) as e:  # LLaDAConfig's own checks, e.g. "LLaDAConfig.remat_policy: ..."
         raise ConfigError(str(e).replace("LLaDAConfig.", "model.", 1)) from e
 
 
-def _check_data(config, fail) -> None:
-    from llada_jax.data.formats import PRETRAIN_MODES, TOO_LONG_POLICIES
-    from llada_jax.data.pipeline import num_shards
-
-    if config.data.pretrain_mode not in PRETRAIN_MODES:
-        fail(f"data.pretrain_mode: expected one of {PRETRAIN_MODES}, got {config.data.pretrain_mode!r}")
-    if config.data.too_long not in TOO_LONG_POLICIES:
-        fail(f"data.too_long: expected one of {TOO_LONG_POLICIES}, got {config.data.too_long!r}")
-    try:
-        num_shards(config, jax.process_count())
-    except ValueError as e:
-        fail(str(e))
-
-
 def resolve_model_config(config) -> LLaDAConfig:
     """The model config of the run: config.model, with the architecture of `model_name_or_path` if given."""
-    model_config = _check_model(config)
+    model_config = checked_model_config(config)
     if config.model_name_or_path:
-        from llada_jax.convert import read_model_config
+        from llada_jax.checkpoints import read_model_config
 
         try:
             pretrained = read_model_config(config.model_name_or_path)
-            model_config = model_config.replace(**{f: getattr(pretrained, f) for f in ARCHITECTURE_FIELDS})
         except ValueError as e:
             raise ConfigError(f"model_name_or_path {config.model_name_or_path}: {e}") from e
+        model_config = model_config.replace(**{f: getattr(pretrained, f) for f in ARCHITECTURE_FIELDS})
     return model_config
 
 
-def check_resume(config) -> int | None:
-    """The step of the checkpoint in `output_dir` the run will resume from (None: no checkpoint), after
-    checking that it can be resumed with this config: a training checkpoint saved with the same seed."""
-    if not os.path.isdir(config.output_dir):
-        return None
-    step = ckpt.latest_finished_step(config.output_dir)
-    if step is None:
-        return None
-    where = os.path.join(config.output_dir, ckpt.CHECKPOINTS, str(step))
-    if not os.path.isdir(os.path.join(where, "train_state")):
-        raise ResumeError(f"{where} is a model checkpoint, not a training run's (no train_state): start from it "
-                          f"with --model_name_or_path and another --output_dir")
-    saved = ckpt.restore_items(config.output_dir, step, train_state=ocp.args.JsonRestore()).train_state
-    if "seed" in saved and int(saved["seed"]) != int(config.seed):
-        raise ResumeError(f"{where} was trained with seed {saved['seed']}, but this run has seed {config.seed}: "
-                          f"the noise of every step comes from (seed, step), so resuming needs --seed "
-                          f"{saved['seed']} (or start a new run in another --output_dir)")
-    return step
-
-
-def make_run_mesh(config, devices=None):
-    try:
-        mesh = sharding.make_mesh(config.mesh, devices)
-    except sharding.MeshError as e:
-        raise ConfigError(str(e)) from e
+def make_run_mesh(config, devices=None) -> jax.sharding.Mesh:
+    """The run's mesh, after checking that the global batch splits over its data axes and the processes."""
+    mesh = sharding.make_mesh(config.mesh, devices)
     rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
     dp = sharding.data_parallel_size(rules, mesh)
     if config.batch_size % dp:
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel shards of "
-                          f"mesh {dict(mesh.shape)}")
+        raise MeshError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel shards of "
+                        f"mesh {dict(mesh.shape)}")
     if config.batch_size % jax.process_count():
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
+        raise MeshError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     return mesh
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------
 
 
 class _Preemption:
@@ -191,205 +152,209 @@ class _Preemption:
         self.requested = True
 
 
-def train(config) -> dict:
-    """Run (or resume) training as configured; returns the last logged metrics."""
-    validate(config)
-    from llada_jax.data.pipeline import global_batch, make_train_iterator
+@dataclasses.dataclass
+class TrainingRun:
+    """Everything a running training job holds, and the named pieces of one iteration of its loop."""
 
-    if not config.data.tokenizer:  # the tokenizer stored with the run or with the starting checkpoint
-        stored = ckpt.tokenizer_path(config.output_dir) if os.path.isdir(config.output_dir) else None
-        if stored is None and config.model_name_or_path:
-            stored = ckpt.tokenizer_path(config.model_name_or_path)
-        config.data.tokenizer = stored or ""
+    config: object
+    model_config: LLaDAConfig
+    mesh: jax.sharding.Mesh
+    trainer: Trainer
+    data: object  # the training iterator (llada_jax.data.pipeline)
+    manager: object  # the Orbax CheckpointManager of output_dir
+    logger: MetricsLogger
+    state: object  # TrainState
+    start: int  # the step the run starts after (0, or the resumed step)
 
-    check_resume(config)
-    model_config = resolve_model_config(config)
-    config.model.update(model_config.to_dict())
-    mesh = make_run_mesh(config)
-    is_main = jax.process_index() == 0
-    os.makedirs(config.output_dir, exist_ok=True)
+    @classmethod
+    def open(cls, config) -> "TrainingRun":
+        validate(config)
+        from llada_jax.data.pipeline import make_train_iterator
 
-    trainer = Trainer(config, model_config, mesh)
-    data = make_train_iterator(config, model_config, process_index=jax.process_index(),
-                               process_count=jax.process_count())
-    manager = ckpt.checkpoint_manager(config.output_dir, keep=config.checkpoint.keep,
-                                      async_save=config.checkpoint.async_save)
-    start = manager.latest_step()
-    if start is not None:
-        state = _restore(manager, start, trainer, data)
-        log.info("resumed from %s step %d", config.output_dir, start)
-    elif config.model_name_or_path:
-        from llada_jax.convert import load_pretrained
+        if not config.data.tokenizer:  # the tokenizer stored with the run or with the starting checkpoint
+            stored = layout.tokenizer_path(config.output_dir) if os.path.isdir(config.output_dir) else None
+            if stored is None and config.model_name_or_path:
+                stored = layout.tokenizer_path(config.model_name_or_path)
+            config.data.tokenizer = stored or ""
+        checkpoint.check_resumable(config.output_dir, config.seed)
+        model_config = resolve_model_config(config)
+        config.model.update(model_config.to_dict())
+        mesh = make_run_mesh(config)
+        os.makedirs(config.output_dir, exist_ok=True)
+        trainer = Trainer(config, model_config, mesh)
+        data = make_train_iterator(config, model_config, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+        manager = checkpoint_manager(config.output_dir, keep=config.checkpoint.keep,
+                                     async_save=config.checkpoint.async_save)
+        start = manager.latest_step()
+        if start is not None:
+            state = checkpoint.restore(manager, start, trainer.abstract_state(), data)
+            log.info("resumed from %s step %d", config.output_dir, start)
+        elif config.model_name_or_path:
+            from flax import nnx
 
-        start = 0
-        model = load_pretrained(config.model_name_or_path, mesh=mesh, rules=trainer.rules,
-                                param_dtype=model_config.param_dtype, scan_layers=model_config.scan_layers)
-        from flax import nnx
+            from llada_jax.checkpoints import load_pretrained
 
-        state = trainer.state_from_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-        log.info("initialised parameters from %s", config.model_name_or_path)
-    else:
-        start = 0
-        state = trainer.init_state(int(config.seed))
-    if is_main:
-        ckpt.write_json_atomic(os.path.join(config.output_dir, "config.json"), config.to_dict())
-        if config.data.tokenizer:
-            ckpt.copy_tokenizer(config.data.tokenizer, config.output_dir)
+            start = 0
+            model = load_pretrained(config.model_name_or_path, mesh=mesh, rules=trainer.rules,
+                                    param_dtype=model_config.param_dtype, scan_layers=model_config.scan_layers)
+            state = trainer.state_from_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+            log.info("initialised parameters from %s", config.model_name_or_path)
+        else:
+            start = 0
+            state = trainer.init_state(int(config.seed))
+        is_main = jax.process_index() == 0
+        if is_main:
+            write_json(os.path.join(config.output_dir, layout.RUN_CONFIG), config.to_dict())
+            if config.data.tokenizer:
+                copy_dir(config.data.tokenizer, os.path.join(config.output_dir, layout.TOKENIZER))
+        logger = MetricsLogger(config.output_dir, enabled=is_main, wandb_config=config.wandb,
+                               run_config=config.to_dict())
+        logger.truncate_after(start)
+        return cls(config, model_config, mesh, trainer, data, manager, logger, state, start)
 
-    logger = MetricsLogger(config.output_dir, enabled=is_main, wandb_config=config.wandb,
-                           run_config=config.to_dict())
-    logger.truncate_after(start)
-    max_steps = int(config.max_steps)
-    if start >= max_steps:
-        log.info("%s is already at step %d >= max_steps %d: nothing to do", config.output_dir, start, max_steps)
-        manager.close()
-        logger.close()
-        return {}
+    def step(self) -> dict:
+        """One optimizer step over the next `gradient_accumulation_steps` micro-batches; returns its metrics
+        (device arrays, not waited for)."""
+        from llada_jax.data.pipeline import global_batch
 
-    tokens_per_step = config.gradient_accumulation_steps * config.batch_size * config.max_length
-    flops_per_step = flops_per_token(model_config, config.max_length) * tokens_per_step
-    peak = peak_flops_per_device()
-    fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
-    if os.environ.get(FAULT_PROCESS_ENV, "") not in ("", str(jax.process_index())):
-        fault_step = 0
-    preemption = _Preemption()
-    progress = _progress_bar(is_main, start, max_steps)
-    last = {}
-    pending = None  # (step, metrics) of the step before the one in flight: read once the next is dispatched
-    window_start, window_steps = time.perf_counter(), 0
+        micro = [next(self.data) for _ in range(self.config.gradient_accumulation_steps)]
+        local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+        batch = global_batch(local, self.mesh, self.trainer.batch_sharding.spec)
+        self.state, metrics = self.trainer.step(self.state, batch)
+        return metrics
 
-    def finish(step_done, metrics, step_seconds):
-        nonlocal last
+    def evaluate(self, step: int) -> None:
+        """The mean loss over the first `eval_batches` batches of `eval_data_path` (the same batches and the same
+        noise every time, so evaluations are comparable), logged as `eval_loss`."""
+        from llada_jax.data.pipeline import global_batch, make_train_iterator
+
+        c = self.config
+        eval_config = c.copy_and_resolve_references()
+        eval_config.data_path, eval_config.data.shuffle, eval_config.gradient_accumulation_steps = (
+            c.eval_data_path, False, 1)
+        data = make_train_iterator(eval_config, self.model_config, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+        try:
+            losses = []
+            for index in range(c.eval_batches):
+                local = {k: v[None] for k, v in next(data).items()}
+                batch = global_batch(local, self.mesh, self.trainer.batch_sharding.spec)
+                losses.append(self.trainer.eval_loss(self.state.params, batch, index))
+            value = float(np.mean([host_scalar(x) for x in losses]))
+        finally:
+            data.close()
+        log.info("step %d: eval_loss %.4f", step, value)
+        self.logger.log(step, {"eval_loss": value})
+
+    def save(self, step: int) -> None:
+        if not params_all_finite(self.state.params):
+            log.error("step %d: parameters are not finite; checkpoint NOT written", step)
+            return
+        checkpoint.save(self.manager, self.state, model_config=self.model_config, config=self.config, data=self.data)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+        self.logger.close()
+        self.data.close()
+
+
+class StepLog:
+    """Reads and logs step metrics without stalling the device: a step's metrics are read once the next step
+    has been dispatched, except on logging steps, which are waited for so the timing covers whole steps."""
+
+    def __init__(self, run: TrainingRun, max_steps: int):
+        c = run.config
+        self.run, self.max_steps = run, max_steps
+        self.tokens_per_step = c.gradient_accumulation_steps * c.batch_size * c.max_length
+        self.flops_per_step = flops_per_token(run.model_config, c.max_length) * self.tokens_per_step
+        self.peak = peak_flops_per_device()
+        self.pending = None  # (step, metrics, seconds per step) not read yet
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.last: dict = {}
+        self.progress = _progress_bar(jax.process_index() == 0, run.start, max_steps)
+
+    def record(self, step: int, metrics: dict) -> None:
+        self.window_steps += 1
+        if self.pending is not None:
+            self._read(*self.pending)
+            self.pending = None
+        due = step % self.run.config.logging_steps == 0 or step == self.max_steps
+        if due:
+            jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - self.window_start) / self.window_steps
+        if due:
+            self._read(step, metrics, seconds)
+            self.window_start, self.window_steps = time.perf_counter(), 0
+        else:
+            self.pending = (step, metrics, seconds)
+        self.progress.update(1)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self._read(*self.pending)
+            self.pending = None
+
+    def _read(self, step: int, metrics: dict, seconds: float) -> None:
+        c = self.run.config
         m = {k: host_scalar(v) for k, v in metrics.items()}
         if m["update_skipped"]:
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step_done,
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
                         m["nonfinite_streak"])
-        if step_done % config.logging_steps == 0 or step_done == max_steps:
+        if step % c.logging_steps == 0 or step == self.max_steps:
             row = {"loss": m["loss"], "learning_rate": m["learning_rate"], "grad_norm": m["grad_norm"],
-                   "tokens_per_sec": tokens_per_step / step_seconds, "step_time": step_seconds,
-                   "tflops_per_sec": flops_per_step / step_seconds / 1e12,
+                   "tokens_per_sec": self.tokens_per_step / seconds, "step_time": seconds,
+                   "tflops_per_sec": self.flops_per_step / seconds / 1e12,
                    "masked_tokens": m["masked_tokens"], "skipped_updates": m["nonfinite_total"],
                    "batch_checksum": m["batch_checksum"]}
-            if peak:
-                row["mfu"] = flops_per_step / step_seconds / (peak * jax.device_count())
-            logger.log(step_done, row)
-            last = {"step": step_done, **row}
-            progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}", refresh=False)
-        if m["nonfinite_streak"] >= config.max_consecutive_nonfinite:
+            if self.peak:
+                row["mfu"] = self.flops_per_step / seconds / (self.peak * jax.device_count())
+            self.run.logger.log(step, row)
+            self.last = {"step": step, **row}
+            self.progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}", refresh=False)
+        if m["nonfinite_streak"] >= c.max_consecutive_nonfinite:
             raise TrainingStopped(
-                f"stopping at step {step_done}: {m['nonfinite_streak']} consecutive steps had a non-finite loss or "
-                f"gradient (max_consecutive_nonfinite={config.max_consecutive_nonfinite}); the last checkpoint "
-                f"holds the last finite parameters")
+                f"stopping at step {step}: {m['nonfinite_streak']} consecutive steps had a non-finite loss or "
+                f"gradient (max_consecutive_nonfinite={c.max_consecutive_nonfinite}); the last checkpoint holds "
+                f"the last finite parameters")
 
+    def close(self) -> None:
+        self.progress.close()
+
+
+def train(config, *, on_step: Callable[[int], None] | None = None) -> dict:
+    """Run (or resume) training as configured; returns the last logged metrics."""
+    run = TrainingRun.open(config)
+    max_steps = int(config.max_steps)
+    if run.start >= max_steps:
+        log.info("%s is already at step %d >= max_steps %d: nothing to do", config.output_dir, run.start, max_steps)
+        run.close()
+        return {}
+    steps = StepLog(run, max_steps)
+    preemption = _Preemption()
     try:
-        for step in range(start + 1, max_steps + 1):
-            micro = [next(data) for _ in range(config.gradient_accumulation_steps)]
-            local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
-            batch = global_batch(local, mesh, trainer.batch_sharding.spec)
-            state, metrics = trainer.step(state, batch)
-            window_steps += 1
-            if pending is not None:
-                finish(*pending)
-            now = time.perf_counter()
-            if step % config.logging_steps == 0 or step == max_steps:
-                jax.block_until_ready(metrics)  # time whole steps: the window ends when this one is done
-                now = time.perf_counter()
-            pending = (step, metrics, (now - window_start) / window_steps)
-            if step % config.logging_steps == 0 or step == max_steps:
-                finish(*pending)
-                pending = None
-                window_start, window_steps = time.perf_counter(), 0
-            progress.update(1)
+        for step in range(run.start + 1, max_steps + 1):
+            steps.record(step, run.step())
+            if config.eval_data_path and (step % config.eval_steps == 0 or step == max_steps):
+                steps.flush()
+                run.evaluate(step)
             if step % config.save_steps == 0 or step == max_steps or preemption.requested:
-                _save(manager, step, state, trainer, data, config)
-            if step == fault_step:
-                os.kill(os.getpid(), signal.SIGKILL)
+                run.save(step)
+            if on_step is not None:
+                on_step(step)
             if preemption.requested:
                 log.warning("SIGTERM: saved step %d and stopping", step)
                 break
-        if pending is not None:
-            finish(*pending)
+        steps.flush()
     finally:
-        progress.close()
-        manager.wait_until_finished()
-        manager.close()
-        logger.close()
-    return last
-
-
-def host_scalar(x):
-    """A replicated scalar as a Python number (from this process's copy: works across processes)."""
-    return np.asarray(x.addressable_shards[0].data if isinstance(x, jax.Array) else x).item()
-
-
-def _state_json(state) -> dict:
-    return {"step": host_scalar(state.step), "nonfinite_streak": host_scalar(state.nonfinite_streak),
-            "nonfinite_total": host_scalar(state.nonfinite_total)}
-
-
-def _data_state(data) -> dict:
-    """Every process's data-iterator state merged into one dict of per-shard states (process-count free)."""
-    local = data.get_state()
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    blob = np.frombuffer(json.dumps(local).encode(), np.uint8)
-    longest = int(np.max(multihost_utils.process_allgather(np.array([blob.size]))))
-    padded = np.zeros(longest, np.uint8)
-    padded[: blob.size] = blob
-    merged = {"shards": {}}
-    for row in np.asarray(multihost_utils.process_allgather(padded)):
-        merged["shards"].update(json.loads(bytes(row).rstrip(b"\0").decode())["shards"])
-    return merged
-
-
-def _save(manager, step, state, trainer, data, config) -> None:
-    if not params_all_finite(state.params):
-        log.error("step %d: parameters are not finite; checkpoint NOT written", step)
-        return
-    manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        train_state=ocp.args.JsonSave({**_state_json(state), "seed": int(config.seed)}),
-        model_config=ocp.args.JsonSave(trainer.model_config.to_dict()),
-        config=ocp.args.JsonSave(config.to_dict()),
-        data=ocp.args.JsonSave(_data_state(data)),
-    ), force=True)
-
-
-def _restore(manager, step, trainer, data):
-    import jax.numpy as jnp
-
-    from llada_jax.train.step import TrainState
-
-    abstract = trainer.abstract_state()
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract.params),
-        opt_state=ocp.args.StandardRestore(abstract.opt_state),
-        train_state=ocp.args.JsonRestore(),
-        data=ocp.args.JsonRestore(),
-    ))
-    try:
-        data.set_state(restored.data)
-    except ValueError as e:  # e.g. saved with another data.num_shards
-        raise ResumeError(f"{manager.directory / str(step)}: {e}") from e
-    meta = restored.train_state
-    if meta["step"] != step:
-        raise ResumeError(f"{manager.directory / str(step)} holds train_state.step {meta['step']}")
-
-    def scalar(v):
-        return jax.device_put(jnp.asarray(v, jnp.int32), trainer.state_shardings.step)
-
-    return TrainState(step=scalar(meta["step"]), params=restored.params, opt_state=restored.opt_state,
-                      nonfinite_streak=scalar(meta["nonfinite_streak"]),
-                      nonfinite_total=scalar(meta["nonfinite_total"]))
+        steps.close()
+        run.close()
+    return steps.last
 
 
 def _progress_bar(enabled: bool, start: int, total: int):
     from tqdm.auto import tqdm
-
-    import sys
 
     # On a terminal the bar redraws in place; in a log file (no TTY) an update every 30 s is plenty.
     interval = 0.1 if sys.stderr.isatty() else 30.0

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 
+from llada_jax.checkpoints.atomic import atomic_file
+
 log = logging.getLogger("llada_jax")
 
 METRICS_FILE = "metrics.jsonl"
@@ -50,10 +52,8 @@ class MetricsLogger:
                         kept.append(line)
                 except (ValueError, KeyError):
                     break  # a line cut short by a crash ends the file
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(self.path) as f:
             f.writelines(kept)
-        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

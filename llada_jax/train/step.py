@@ -28,8 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llada_jax import sharding
 from llada_jax.config import LLaDAConfig
 from llada_jax.diffusion import forward_process, pretraining_loss, random_length_valid, sft_loss
-from llada_jax.model import LLaDAForMaskedLM
-from llada_jax.train.checkpoint import abstract_model
+from llada_jax.model import LLaDAForMaskedLM, abstract_model
 from llada_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -109,7 +108,7 @@ class Trainer:
             model = LLaDAForMaskedLM(self.model_config, rngs=nnx.Rngs(seed))
             return self._fresh_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
-        with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
             return jax.jit(init, out_shardings=self.state_shardings)()
 
     def state_from_params(self, params) -> TrainState:
@@ -126,13 +125,31 @@ class Trainer:
                        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
             return self._step_fn(state, batch)
 
     def lower(self, state, batch):
         """The lowered (not yet compiled) step, for ahead-of-time compilation and memory/FLOPs analysis."""
-        with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
             return self._step_fn.lower(state, batch)
+
+    @functools.cached_property
+    def _eval_fn(self):
+        def eval_loss(params, batch, index):
+            c = self.step_config
+            micro = jax.tree.map(lambda x: x[0], batch)
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), EVAL_STREAM), index)
+            row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(c.micro_batch))
+            return self._loss(params, micro, row_keys, None)[0]
+
+        return jax.jit(eval_loss, in_shardings=(self.param_shardings, self.batch_sharding, None))
+
+    def eval_loss(self, params, batch: dict, index: int) -> jax.Array:
+        """The loss of one [1, batch, length] batch without a gradient; its noise is keyed by (seed, `index`)
+        alone, so evaluating the same batches twice gives the same number for the same parameters. No
+        random-length cut: the whole sequence is scored."""
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            return self._eval_fn(params, batch, jnp.int32(index))
 
     def length_mask(self, step) -> jax.Array | None:
         """[micro_batch, length] bool mask of the positions step `step` keeps (the random-length cut of
@@ -218,6 +235,11 @@ class Trainer:
         return new_state, metrics
 
 
+# fold_in(key(seed), EVAL_STREAM) keys evaluation noise: apart from every training step's key (steps count up
+# from 1 and fold in directly, so a step would have to reach 2^31 - 1 to collide).
+EVAL_STREAM = 2**31 - 1
+
+
 def step_keys(seed: int, step) -> tuple[jax.Array, jax.Array]:
     """(noise key, length-cut key) of a step: all of a step's randomness comes from (seed, step) alone, so
     checkpoints store the seed and the step, not a key."""
@@ -229,6 +251,11 @@ def batch_checksum(ids: jax.Array) -> jax.Array:
     the same data in the same order, whatever the sharding."""
     weights = (jnp.arange(ids.size, dtype=jnp.int32) % 9973 + 1).reshape(ids.shape)
     return jnp.sum(ids.astype(jnp.int32) * weights, dtype=jnp.int32)
+
+
+def host_scalar(x):
+    """A replicated scalar as a Python number (from this process's copy: works across processes)."""
+    return np.asarray(x.addressable_shards[0].data if isinstance(x, jax.Array) else x).item()
 
 
 def params_all_finite(params) -> bool:

@@ -14,7 +14,7 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from llada_jax.data.tokenizer import build_bpe_tokenizer
+    from llada_jax.data.bpe import build_bpe_tokenizer
 
     out = str(tmp_path_factory.mktemp("tok") / "tiny_tokenizer")
     build_bpe_tokenizer(CORPUS, out, vocab_size=512)
@@ -23,7 +23,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def helper(tokenizer_dir):
-    from llada_jax.data.tokenizer import TokenizerHelper
+    from llada_jax.tokenizer import TokenizerHelper
 
     return TokenizerHelper(tokenizer_dir)
 
@@ -34,6 +34,6 @@ def close_iterators_after_each_test():
     etils' lazy-import context, which swaps the global import hook: a thread importing a module inside that
     window gets a LazyModule instead (the TFDS test also collects garbage first, for the same reason)."""
     yield
-    from llada_jax.data.pipeline import _close_live_iterators
+    from llada_jax.data.pipeline import close_open_iterators
 
-    _close_live_iterators()
+    close_open_iterators()

@@ -12,7 +12,7 @@ from datahelpers import tiny_train_config, write_jsonl
 from llada_jax.cli import main
 from llada_jax.config import LLaDAConfig
 from llada_jax.data.converters import DatasetConverter
-from llada_jax.data.errors import DataError
+from llada_jax.errors import DataError
 from llada_jax.data.pipeline import make_train_iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))

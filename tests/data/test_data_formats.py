@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from llada_jax.data.errors import INVALID, TOO_LONG, TRUNCATED, DataError
+from llada_jax.data.skips import INVALID, TOO_LONG, TRUNCATED
+from llada_jax.errors import DataError
 from llada_jax.data.formats import Document, Examples, PretrainFormat, SftFormat, Skipped
 from llada_jax.data.sources import RawRecord
 

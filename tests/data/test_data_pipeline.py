@@ -1,16 +1,26 @@
 """The Grain pipeline: token streams against naive computations, shuffling, exact resume (state dicts and
 Orbax), per-process slices, worker processes, skipped records, and the global batch on a device mesh."""
 
+import gc
 import json
 import logging
+import os
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
 from datahelpers import tiny_train_config, write_jsonl
 
 from llada_jax.config import LLaDAConfig
-from llada_jax.data.errors import DataError
+from llada_jax.data.batching import RowBatcherIterator
+from llada_jax.errors import DataError
 from llada_jax.data.pipeline import global_batch, make_train_iterator, pipeline_stats
+from llada_jax.data.settings import check_config
+
+HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 TINY = LLaDAConfig.tiny()
 EOS = 510
@@ -319,11 +329,11 @@ def test_every_record_invalid_is_an_error_not_a_hang(tmp_path):
 def test_configuration_errors(tmp_path, tokenizer_dir):
     path, _ = docs_file(tmp_path, [3])
     cases = [
-        (dict(task="rl"), "config.task must be one of"),
+        (dict(task="rl"), "task: expected one of \\('pretrain', 'sft'\\), got 'rl'"),
         (dict(data_path=""), "config.data_path is empty"),
         (dict(max_length=1024), "exceeds the model's max_sequence_length 512"),
-        (dict(pretrain_mode="pack"), "data.pretrain_mode must be one of"),
-        (dict(too_long="cut"), "data.too_long must be one of"),
+        (dict(pretrain_mode="pack"), "data.pretrain_mode: expected one of"),
+        (dict(too_long="cut"), "data.too_long: expected one of"),
     ]
     for change, message in cases:
         c = tiny_train_config(path, tmp_path)
@@ -369,3 +379,72 @@ def test_bad_record_in_a_worker_process_is_reported_the_same(tmp_path):
                 next(it)
     finally:
         it.close()
+
+
+def test_check_config_returns_the_shard_count_and_names_the_field(tmp_path):
+    c = tiny_train_config("unused.jsonl", tmp_path, batch_size=4)
+    assert check_config(c) == 1 and check_config(c, process_count=2) == 2
+    c.data.num_shards = 4
+    assert check_config(c, process_count=2) == 4
+    c.max_length = 1024  # the model of the config (config.model) has max_sequence_length 512
+    with pytest.raises(ValueError, match="^max_length 1024 exceeds the model's max_sequence_length 512$"):
+        check_config(c)
+    assert check_config(c, LLaDAConfig.tiny(max_sequence_length=1024)) == 4
+    c.batch_size = 6
+    with pytest.raises(ValueError, match="batch_size 6 \\(global\\) must be a positive multiple of the 4 data shards"):
+        check_config(c, LLaDAConfig.tiny(max_sequence_length=1024))
+
+
+def live_batchers() -> int:
+    gc.collect()
+    return sum(isinstance(o, RowBatcherIterator) for o in gc.get_objects())
+
+
+def prefetch_threads() -> list:
+    return [t for t in threading.enumerate() if t.name.startswith("grain-thread-prefetch")]
+
+
+def test_close_stops_the_prefetch_thread_and_lets_go_of_the_pipeline(tmp_path):
+    path, _ = docs_file(tmp_path, [3, 5, 7])
+    baseline = live_batchers()
+    with make_train_iterator(tiny_train_config(path, tmp_path, prefetch_buffer_size=2), TINY) as it:
+        next(it)
+        assert live_batchers() == baseline + 1 and prefetch_threads()
+        read = pipeline_stats(it)["records"]
+    assert not prefetch_threads() and live_batchers() == baseline
+    stats = pipeline_stats(it)  # the counts when it was closed
+    assert stats["records"] >= read and stats["batches"] >= 1
+    it.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        next(it)
+
+
+EXIT_SCRIPT = """
+import sys
+
+sys.path.insert(0, sys.argv[1])
+from datahelpers import tiny_train_config, write_jsonl
+
+from llada_jax.config import LLaDAConfig
+from llada_jax.data.pipeline import make_train_iterator
+
+if __name__ == "__main__":
+    tmp, workers = sys.argv[2], int(sys.argv[3])
+    path = write_jsonl(f"{tmp}/docs.jsonl", [{"input_ids": [i + 1] * (3 + i % 7)} for i in range(50)])
+    config = tiny_train_config(path, tmp, prefetch_buffer_size=2, num_workers=workers)
+    it = make_train_iterator(config, LLaDAConfig.tiny())  # a module global, never closed
+    print(next(it)["input_ids"].shape, flush=True)
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_exit_without_closing_the_iterator_is_silent(tmp_path, workers):
+    """An iterator left open lives until the interpreter shuts down: its prefetch thread and worker processes
+    are stopped at exit without an error, a warning or leaked shared memory on stderr."""
+    script = tmp_path / "leave_open.py"
+    script.write_text(EXIT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, str(script), HERE, str(tmp_path), str(workers)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "(4, 16)", r.stdout + r.stderr
+    assert r.stderr == "", r.stderr

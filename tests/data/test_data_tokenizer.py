@@ -7,8 +7,8 @@ import pickle
 import pytest
 
 from llada_jax.config import LLaDAConfig
-from llada_jax.data.tokenizer import (LLADA_SPECIAL_TOKENS, TokenizerHelper, build_bpe_tokenizer, check_compatible,
-                                      config_overrides)
+from llada_jax.data.bpe import build_bpe_tokenizer
+from llada_jax.tokenizer import LLADA_SPECIAL_TOKENS, TokenizerHelper, check_compatible, config_overrides
 
 
 def test_built_tokenizer_is_a_normal_hf_directory_with_llada_ids(tokenizer_dir, helper):

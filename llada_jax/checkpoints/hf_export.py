@@ -10,26 +10,29 @@ their offsets), so host memory holds one parameter and one tensor, never the mod
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 from typing import Callable, Iterable
 
 import numpy as np
+from flax import traverse_util
 
-from llada_jax.config import LLaDAConfig
-from llada_jax.convert import keys
-from llada_jax.convert.hf_config import CONFIG_FILE, TORCH_DTYPES, to_hf_config
-from llada_jax.convert.layout import atomic_output_dir, copy_modeling_files, copy_tokenizer_files
-from llada_jax.convert.safetensors_io import ShardedWriter, dtype_name, parse_size
+from llada_jax.checkpoints import hf_keys, layout
+from llada_jax.checkpoints.atomic import atomic_dir, write_json
+from llada_jax.checkpoints.hf_config import to_hf_config
+from llada_jax.checkpoints.safetensors_io import ShardedWriter, dtype_name, parse_size
+from llada_jax.config import DTYPES, LLaDAConfig
 
 LeafLoader = Callable[[], np.ndarray]
+HF_FILES_DIR = os.path.join(os.path.dirname(__file__), "hf_files")
+MODELING_FILES = ("configuration_llada.py", "modeling_llada.py")
 
 
 def _np_dtype(name: str) -> np.dtype:
     import jax.numpy as jnp
 
-    if name not in TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {TORCH_DTYPES}, got {name!r}")
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
     return np.dtype(jnp.dtype(name))
 
 
@@ -43,22 +46,19 @@ def write_weights(directory: str | None, config: LLaDAConfig, leaves: Iterable[t
     np_dtype = _np_dtype(dtype)
     writer = None
     if directory is not None:
-        entries = [(key, dtype_name(np_dtype), keys.hf_shape(name, config, layer is not None))
-                   for key, name, layer in keys.hf_entries(config)]
+        entries = [(t.key, dtype_name(np_dtype), t.hf_shape) for t in hf_keys.tensors(config)]
         writer = ShardedWriter(directory, entries, max_shard_size=max_shard_size)
     try:
         for path, load in leaves:
-            try:
-                tensors = keys.leaf_tensors(path, config.n_layers)
-            except KeyError as e:
-                raise ValueError(str(e).strip("'\"")) from None
+            tensors = hf_keys.leaf_tensors(path, config)
+            if not tensors:
+                raise ValueError(f"parameter {'.'.join(map(str, path))} has no Hugging Face counterpart")
             array = load()
             if writer is None:
                 continue
-            for key, name, layer, index in tensors:
+            for tensor, index in tensors:
                 part = array if index is None else array[index]
-                writer.write(key, np.ascontiguousarray(keys.to_hf_layout(name, part, layer is not None),
-                                                       dtype=np_dtype))
+                writer.write(tensor.key, np.ascontiguousarray(tensor.to_hf(part), dtype=np_dtype))
             del array
         if writer is not None:
             writer.close()
@@ -72,24 +72,21 @@ def write_hf_dir(directory: str, config: LLaDAConfig, leaves: Iterable[tuple[tup
                  dtype: str, max_shard_size: int | str = "5GB", hf_config_base: dict | None = None,
                  tokenizer_dir: str | None = None) -> None:
     write_weights(directory, config, leaves, dtype=dtype, max_shard_size=max_shard_size)
-    hf_config = to_hf_config(config, dtype, base=hf_config_base)
-    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(hf_config, f, indent=2)
-        f.write("\n")
-    copy_modeling_files(directory)
+    write_json(os.path.join(directory, layout.HF_CONFIG_FILE), to_hf_config(config, dtype, base=hf_config_base))
+    for f in MODELING_FILES:  # this project's PyTorch code, loaded with trust_remote_code=True
+        shutil.copy2(os.path.join(HF_FILES_DIR, f), os.path.join(directory, f))
     if tokenizer_dir:
-        copy_tokenizer_files(tokenizer_dir, directory)
+        layout.copy_tokenizer_files(tokenizer_dir, directory)
 
 
-def convert_orbax_to_hf(input_path: str, output_dir: str, *, dtype: str | None = None,
+def convert_to_hf(input_path: str, output_dir: str, *, dtype: str | None = None,
                         max_shard_size: int | str = "5GB", overwrite: bool = False) -> str:
     """Export an Orbax model checkpoint (run dir, its checkpoints/ dir, or a step dir) as an HF directory.
 
     `dtype` (float32 | bfloat16 | float16) defaults to the checkpoint's parameter dtype. A checkpoint that
     was imported from Hugging Face is written back with its original config.json fields.
     """
-    from llada_jax.convert.orbax_io import ParamReader
-    from llada_jax.train.checkpoint import tokenizer_path
+    from llada_jax.checkpoints.orbax_model import ParamReader
 
     parse_size(max_shard_size)
     reader = ParamReader(input_path)
@@ -97,14 +94,14 @@ def convert_orbax_to_hf(input_path: str, output_dir: str, *, dtype: str | None =
     _np_dtype(dtype)
     if os.path.abspath(output_dir.rstrip("/")) in (os.path.abspath(input_path.rstrip("/")), reader.run_dir):
         raise ValueError(f"{output_dir}: the output must differ from the input checkpoint")
-    leaves = [(path, (lambda p=path: reader.read(p))) for path, _ in reader.leaves()]
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+    leaves = [(path, (lambda p=path: reader.read(p))) for path in reader.paths()]
+    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         write_hf_dir(tmp, reader.config, leaves, dtype=dtype, max_shard_size=max_shard_size,
-                     hf_config_base=reader.hf_config(), tokenizer_dir=tokenizer_path(input_path))
+                     hf_config_base=reader.hf_config(), tokenizer_dir=layout.tokenizer_path(input_path))
     return os.path.abspath(output_dir)
 
 
-def save_hf_model(model, output_dir: str, *, dtype: str | None = None, max_shard_size: int | str = "5GB",
+def save_pretrained(model, output_dir: str, *, dtype: str | None = None, max_shard_size: int | str = "5GB",
                   tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
     """Write an `LLaDAForMaskedLM` as an HF directory (`dtype` defaults to its parameter dtype).
 
@@ -118,14 +115,7 @@ def save_hf_model(model, output_dir: str, *, dtype: str | None = None, max_shard
     config = model.config
     dtype = dtype or config.param_dtype
     _np_dtype(dtype)
-    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    def flatten(tree, prefix=()):
-        for k, v in tree.items():
-            if isinstance(v, dict):
-                yield from flatten(v, prefix + (k,))
-            else:
-                yield prefix + (k,), v
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
     def loader(value):
         def load():
@@ -134,11 +124,11 @@ def save_hf_model(model, output_dir: str, *, dtype: str | None = None, max_shard
             return np.asarray(jax.device_get(value))
         return load
 
-    leaves = [(path, loader(value)) for path, value in flatten(state)]
+    leaves = [(path, loader(value)) for path, value in params.items()]
     if jax.process_index() != 0:
         write_weights(None, config, leaves, dtype=dtype)
         return os.path.abspath(output_dir)
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         write_hf_dir(tmp, config, leaves, dtype=dtype, max_shard_size=max_shard_size,
                      tokenizer_dir=tokenizer_dir)
     return os.path.abspath(output_dir)

@@ -1,11 +1,14 @@
-"""Streaming reads and writes of (sharded) safetensors files, one tensor at a time.
+"""Reading and writing (sharded) safetensors files, one tensor at a time.
 
-The format is an 8-byte little-endian header length, a JSON header mapping each tensor name to its dtype,
-shape and [begin, end) byte offsets into the data section, then the data. The `safetensors` package reads
-through a memory map (every page touched stays resident in this process while the file is open) and writes
-only whole state dicts, so conversion uses this small reader and writer instead: a tensor is read with one
-`readinto` into its own array, and a shard is laid out from the list of tensors first and then filled at the
-planned offsets in any order. Files written here are checked against the `safetensors` package in the tests.
+Reading goes through the `safetensors` package (`safe_open`): it parses and checks the header, and a tensor
+is copied out of the memory-mapped file when asked for; the file is opened per tensor, so what the map
+touched is released before the next one and host memory holds the tensors being converted plus one.
+
+Writing is this module's own `ShardedWriter`: the package writes only whole state dicts (every tensor in
+memory at once, in one call), while a conversion must write a model far larger than host memory one tensor
+at a time. The writer lays the shards out from the list of (name, dtype, shape) first, creates each file
+with its final header and size, and then fills tensors at their planned offsets in any order. Files written
+here are read back with the package in the tests.
 
 A sharded checkpoint is `model-00001-of-0000N.safetensors` ... plus `model.safetensors.index.json`
 ({"metadata": {"total_size": bytes}, "weight_map": {name: file}}), as transformers writes it.
@@ -23,10 +26,12 @@ from typing import Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from llada_jax.errors import SafetensorsError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_MAX_HEADER = 100 * 1024 * 1024
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -41,10 +46,6 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class SafetensorsError(ValueError):
-    """A malformed or inconsistent safetensors file or index."""
 
 
 def dtype_name(dtype) -> str:
@@ -82,45 +83,22 @@ class TensorInfo:
     path: str
     dtype: str  # safetensors name, e.g. "BF16"
     shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in the file
-    nbytes: int
-
-    @property
-    def np_dtype(self) -> np.dtype:
-        return DTYPES[self.dtype]
 
 
-def read_header(path: str) -> tuple[dict, int]:
-    """(header without __metadata__, absolute offset of the data section) of one safetensors file."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise SafetensorsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(_MAX_HEADER, size - 8):
-            raise SafetensorsError(f"{path}: not a safetensors file (header length {n} is invalid)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsError(f"{path}: not a safetensors file (unreadable header: {e})") from e
-    if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
-    header.pop("__metadata__", None)
-    data_start = 8 + n
-    for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            dtype, shape = entry["dtype"], tuple(int(s) for s in entry["shape"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise SafetensorsError(f"{path}: malformed header entry for {name!r}") from e
-        if dtype not in DTYPES:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        expected = math.prod(shape) * DTYPES[dtype].itemsize
-        if end - begin != expected or begin < 0 or data_start + end > size:
-            raise SafetensorsError(f"{path}: tensor {name!r} has inconsistent offsets {begin}..{end} "
-                                   f"for shape {list(shape)} {dtype} (file size {size})")
-    return header, data_start
+def read_infos(path: str) -> list[TensorInfo]:
+    """The tensors of one safetensors file (name, dtype, shape), from its header."""
+    try:
+        with safe_open(path, framework="np") as f:
+            infos = []
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                infos.append(TensorInfo(name, path, tensor.get_dtype(), tuple(tensor.get_shape())))
+    except (SafetensorError, OSError) as e:
+        raise SafetensorsError(f"{path}: not a safetensors file ({e})") from e
+    for info in infos:
+        if info.dtype not in DTYPES:
+            raise SafetensorsError(f"{path}: tensor {info.name!r} has unsupported dtype {info.dtype}")
+    return infos
 
 
 class TensorReader:
@@ -130,10 +108,11 @@ class TensorReader:
         self.directory = directory
         index_path = os.path.join(directory, INDEX_FILE)
         single_path = os.path.join(directory, SINGLE_FILE)
+        self._weight_map: dict[str, str] | None = None
         if os.path.exists(index_path):
             self.files = self._files_from_index(index_path)
         elif os.path.exists(single_path):
-            self.files, self._weight_map = [SINGLE_FILE], None
+            self.files = [SINGLE_FILE]
         else:
             others = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".safetensors")))
             hint = f" (found {', '.join(others)}; only safetensors weights are supported)" if others else ""
@@ -141,22 +120,19 @@ class TensorReader:
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             path = os.path.join(directory, file)
-            header, data_start = read_header(path)
-            for name, entry in header.items():
-                if self._weight_map is not None and self._weight_map.get(name) != file:
-                    listed = self._weight_map.get(name)
+            for info in read_infos(path):
+                if self._weight_map is not None and self._weight_map.get(info.name) != file:
+                    listed = self._weight_map.get(info.name)
                     raise SafetensorsError(
-                        f"{path}: holds tensor {name!r}, which {INDEX_FILE} "
+                        f"{path}: holds tensor {info.name!r}, which {INDEX_FILE} "
                         + (f"places in {listed}" if listed else "does not list"))
-                if name in self.tensors:
-                    raise SafetensorsError(f"{path}: tensor {name!r} is also in {self.tensors[name].path}")
-                begin, end = entry["data_offsets"]
-                self.tensors[name] = TensorInfo(name, path, entry["dtype"], tuple(entry["shape"]),
-                                                data_start + begin, end - begin)
+                if info.name in self.tensors:
+                    raise SafetensorsError(f"{path}: tensor {info.name!r} is also in {self.tensors[info.name].path}")
+                self.tensors[info.name] = info
         if self._weight_map is not None:
             absent = sorted(set(self._weight_map) - set(self.tensors))
             if absent:
-                raise SafetensorsError(f"{index_path}: lists tensors that are in no shard: {_short(absent)}")
+                raise SafetensorsError(f"{index_path}: lists tensors that are in no shard: {short_list(absent)}")
 
     def _files_from_index(self, index_path: str) -> list[str]:
         try:
@@ -175,22 +151,16 @@ class TensorReader:
         return name in self.tensors
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a new numpy array (nothing else of the file is kept in memory)."""
+        """The tensor as a new numpy array (the file is closed again: nothing else of it stays in memory)."""
         info = self.tensors[name]
-        out = np.empty(info.shape, info.np_dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        with open(info.path, "rb", buffering=0) as f:
-            f.seek(info.offset)
-            got = 0
-            while got < info.nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise SafetensorsError(f"{info.path}: truncated while reading tensor {name!r}")
-                got += n
-        return out
+        try:
+            with safe_open(info.path, framework="np") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise SafetensorsError(f"{info.path}: cannot read tensor {name!r} ({e})") from e
 
 
-def _short(items: Sequence[str], n: int = 5) -> str:
+def short_list(items: Sequence[str], n: int = 5) -> str:
     shown = ", ".join(items[:n])
     return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
@@ -287,7 +257,7 @@ class ShardedWriter:
             os.close(fd)
         self._fds = {}
         if missing:
-            raise ValueError(f"tensors never written: {_short(missing)}")
+            raise ValueError(f"tensors never written: {short_list(missing)}")
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {name: shard.file for shard in self.shards for name in shard.names}}

@@ -14,16 +14,16 @@ import json
 import os
 from typing import Any
 
-from llada_jax.config import LLaDAConfig
+from llada_jax.checkpoints.layout import HF_CONFIG_FILE
+from llada_jax.config import DTYPES, LLaDAConfig
+from llada_jax.errors import HFConfigError
 
-CONFIG_FILE = "config.json"
 MODEL_TYPE = "llada"
 AUTO_MAP = {
     "AutoConfig": "configuration_llada.LLaDAConfig",
     "AutoModel": "modeling_llada.LLaDAModelLM",
     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
 }
-TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 # Fields of the official config that do not depend on the model's shape, with the official 8B values.
 FIXED_FIELDS: dict[str, Any] = {
@@ -85,18 +85,14 @@ _REQUIRED_VALUES = (
 )
 
 
-class HFConfigError(ValueError):
-    """config.json describes something this project cannot load."""
-
-
 def to_hf_config(config: LLaDAConfig, torch_dtype: str, base: dict | None = None) -> dict[str, Any]:
     """The official config.json for `config`, with weights stored in `torch_dtype`.
 
     `base` (the config.json a model was imported from) keeps its other fields and their spelling, so an
     HF -> Orbax -> HF round trip writes the same file; the shape fields always come from `config`.
     """
-    if torch_dtype not in TORCH_DTYPES:
-        raise ValueError(f"torch_dtype must be one of {TORCH_DTYPES}, got {torch_dtype!r}")
+    if torch_dtype not in DTYPES:
+        raise ValueError(f"torch_dtype must be one of {DTYPES}, got {torch_dtype!r}")
     if base is None:
         out = dict(FIXED_FIELDS)
         out["tie_word_embeddings"] = config.weight_tying  # the generic transformers name of weight_tying
@@ -125,7 +121,7 @@ def to_hf_config(config: LLaDAConfig, torch_dtype: str, base: dict | None = None
     return dict(sorted(out.items()))
 
 
-def from_hf_config(d: dict[str, Any], *, source: str = CONFIG_FILE, **overrides) -> LLaDAConfig:
+def from_hf_config(d: dict[str, Any], *, source: str = HF_CONFIG_FILE, **overrides) -> LLaDAConfig:
     """The LLaDAConfig of an official config.json (dict). `overrides` set the JAX-side fields."""
     model_type = d.get("model_type")
     if model_type != MODEL_TYPE:
@@ -172,9 +168,9 @@ def from_hf_config(d: dict[str, Any], *, source: str = CONFIG_FILE, **overrides)
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, CONFIG_FILE)
+    path = os.path.join(directory, HF_CONFIG_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (not a Hugging Face model directory)")
+        raise FileNotFoundError(f"{directory}: no {HF_CONFIG_FILE} (not a Hugging Face model directory)")
     with open(path, encoding="utf-8") as f:
         try:
             d = json.load(f)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-DTYPE_CHOICES = ("bfloat16", "float32", "float16")
+from llada_jax.config import DTYPES
+from llada_jax.errors import CheckpointError, UsageError
 
 
 def register(sub) -> None:
@@ -20,7 +21,7 @@ def register(sub) -> None:
     to_hf.add_argument("--input", required=True, metavar="CKPT_DIR",
                        help="a run directory (its latest finished step), its checkpoints/ directory, or a step")
     to_hf.add_argument("--output", required=True, metavar="HF_DIR", help="the Hugging Face directory to create")
-    to_hf.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+    to_hf.add_argument("--dtype", choices=DTYPES, default=None,
                        help="dtype of the saved weights (default: the checkpoint's parameter dtype)")
     to_hf.add_argument("--max_shard_size", default="5GB",
                        help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
@@ -35,7 +36,7 @@ def register(sub) -> None:
                     "Tensors are converted one at a time.")
     from_hf.add_argument("--input", required=True, metavar="HF_DIR", help="the Hugging Face model directory")
     from_hf.add_argument("--output", required=True, metavar="CKPT_DIR", help="the run directory to create")
-    from_hf.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+    from_hf.add_argument("--dtype", choices=DTYPES, default=None,
                          help="parameter dtype of the checkpoint (default: the dtype of the HF weights)")
     from_hf.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     from_hf.set_defaults(func=run_from_hf)
@@ -44,27 +45,26 @@ def register(sub) -> None:
 def _run(fn, **kwargs) -> int:
     import time
 
-    from llada_jax.cli import UsageError
-    from llada_jax.convert import input_errors
-
     start = time.time()
     try:
         out = fn(**kwargs)
-    except (*input_errors(), ValueError) as e:  # ValueError: bad flag values, inputs that do not fit together
+    except CheckpointError:
+        raise
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # bad paths, flag values that do not fit
         raise UsageError(str(e)) from e
     print(f"wrote {out} ({time.time() - start:.1f} s)")
     return 0
 
 
 def run_to_hf(args) -> int:
-    from llada_jax.convert import convert_to_hf
+    from llada_jax.checkpoints.hf_export import convert_to_hf
 
     return _run(convert_to_hf, input_path=args.input, output_dir=args.output, dtype=args.dtype,
                 max_shard_size=args.max_shard_size, overwrite=args.overwrite)
 
 
 def run_from_hf(args) -> int:
-    from llada_jax.convert import convert_from_hf
+    from llada_jax.checkpoints.hf_import import convert_from_hf
 
     return _run(convert_from_hf, input_dir=args.input, output_dir=args.output, dtype=args.dtype,
                 overwrite=args.overwrite)

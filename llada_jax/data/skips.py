@@ -1,8 +1,7 @@
-"""Bad input: the error every data problem raises, and the record of what was skipped instead.
+"""What a data pipeline left out instead of stopping: skip events, counted and reported.
 
-A `DataError` names where the problem is (file and line, or a TFDS split and record index) and the field
-(`input_ids`, `conversations[2].from`, ...). By default any bad record stops the run with one; with
-`skip_invalid` the record is skipped and a `Skip` event is counted and kept (the first few locations) in a
+A bad record raises `llada_jax.errors.DataError` (naming file, line and field). With `skip_invalid` the
+record is skipped instead, and a `Skip` event is counted and kept (the first few locations) in a
 `SkipReport`, so nothing is dropped silently.
 """
 
@@ -10,30 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from llada_jax.errors import DataError, describe
+
 # Kinds of events a record can produce besides its tokens.
 INVALID = "invalid"  # a malformed record, skipped because skip_invalid is on
 TOO_LONG = "too_long"  # an SFT example longer than max_length, skipped by the too_long=skip policy
 TRUNCATED = "truncated"  # an SFT example whose prompt was cut from the left (too_long=truncate_prompt)
 EVENT_KINDS = (INVALID, TOO_LONG, TRUNCATED)
-
-
-class DataError(ValueError):
-    """A bad record or file. `where` is "path, line N" (or "tfds:NAME:SPLIT, record N"); `field` may be ''."""
-
-    def __init__(self, where: str, field: str, message: str):
-        self.where, self.field, self.message = where, field, message
-        super().__init__(describe(where, field, message))
-
-    def __reduce__(self):  # exceptions cross process boundaries (Grain workers) by pickling
-        return (DataError, (self.where, self.field, self.message))
-
-
-class TokenizerRequired(ValueError):
-    """Records that need a tokenizer (text, chats) and none configured: a set-up problem, never skipped."""
-
-
-def describe(where: str, field: str, message: str) -> str:
-    return f"{where}: field '{field}': {message}" if field else f"{where}: {message}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 The directory is checked completely before anything is converted: config.json (model type, architecture
 switches, shapes), every weight key against the key table (missing and unexpected keys), every shape against
-the config, and the dtypes. Tensors are then read one at a time, transposed to the JAX layout and stacked
-into the scanned [layers, ...] parameters, so host memory holds the converted parameters plus one tensor.
+the model the config describes, and the dtypes. Tensors are then read one at a time, put in our layout and
+stacked into the scanned [layers, ...] parameters, so host memory holds the converted parameters plus one
+tensor.
 """
 
 from __future__ import annotations
@@ -14,17 +15,15 @@ from typing import Iterator
 
 import numpy as np
 
-from llada_jax.config import LLaDAConfig
-from llada_jax.convert import keys
-from llada_jax.convert.hf_config import CONFIG_FILE, from_hf_config, read_hf_config
-from llada_jax.convert.layout import atomic_output_dir, copy_tokenizer_files
-from llada_jax.convert.safetensors_io import TensorReader, _short
+from llada_jax.checkpoints import hf_keys, layout
+from llada_jax.checkpoints.atomic import atomic_dir
+from llada_jax.checkpoints.hf_config import from_hf_config, read_hf_config
+from llada_jax.checkpoints.safetensors_io import DTYPES, TensorReader, short_list
+from llada_jax.config import DTYPES as FLOAT_NAMES, LLaDAConfig
+from llada_jax.errors import WeightsError
 
-FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-class WeightsError(ValueError):
-    """The weight files do not match the config (missing, unexpected or mis-shaped tensors)."""
+# safetensors dtype codes of the float dtypes a model may be stored in -> our dtype names.
+FLOAT_CODES = {code: dtype.name for code, dtype in DTYPES.items() if dtype.name in FLOAT_NAMES}
 
 
 @dataclasses.dataclass
@@ -43,12 +42,12 @@ def open_hf_dir(path: str, *, dtype: str | None = None, param_dtype: str | None 
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{path}: no such model directory")
     hf_config = read_hf_config(directory)
-    source = os.path.join(directory, CONFIG_FILE)
+    source = os.path.join(directory, layout.HF_CONFIG_FILE)
     config = from_hf_config(hf_config, source=source)
     reader = TensorReader(directory)
     check_weights(reader, config, directory)
-    dtypes = {t.dtype for t in reader.tensors.values()}
-    stored = FLOAT_DTYPES[dtypes.pop()] if len(dtypes) == 1 else "float32"
+    codes = {t.dtype for t in reader.tensors.values()}
+    stored = FLOAT_CODES[codes.pop()] if len(codes) == 1 else "float32"
     param_dtype = param_dtype or stored
     changes = dict(overrides, param_dtype=param_dtype, dtype=dtype or param_dtype)
     try:
@@ -59,80 +58,72 @@ def open_hf_dir(path: str, *, dtype: str | None = None, param_dtype: str | None 
 
 
 def check_weights(reader: TensorReader, config: LLaDAConfig, directory: str) -> None:
-    expected = {}
-    for key, name, layer in keys.hf_entries(config):
-        expected[key] = keys.hf_shape(name, config, layer is not None)
+    expected = {t.key: t for t in hf_keys.tensors(config)}
     missing = [k for k in expected if k not in reader]
     unexpected = sorted(k for k in reader.tensors if k not in expected)
     problems = []
     if missing:
-        problems.append(f"missing weight(s) {_short(missing)}")
+        problems.append(f"missing weight(s) {short_list(missing)}")
     if unexpected:
+        head = next(e.hf for e in hf_keys.LLADA_KEYS if not e.in_block and e.param == "ff_out")
         hint = " (weight_tying is true in config.json, so there is no separate output head)" if (
-            config.weight_tying and keys.hf_key("ff_out") in unexpected) else ""
-        problems.append(f"unexpected weight(s) {_short(unexpected)}{hint}")
+            config.weight_tying and head in unexpected) else ""
+        problems.append(f"unexpected weight(s) {short_list(unexpected)}{hint}")
     if problems:
         raise WeightsError(f"{directory}: " + "; ".join(problems))
-    for key, shape in expected.items():
+    for key, tensor in expected.items():
         info = reader.tensors[key]
-        if tuple(info.shape) != tuple(shape):
+        if tuple(info.shape) != tensor.hf_shape:
             raise WeightsError(f"{info.path}: {key} has shape {list(info.shape)}, but config.json implies "
-                               f"{list(shape)}")
-        if info.dtype not in FLOAT_DTYPES:
-            raise WeightsError(f"{info.path}: {key} has dtype {info.dtype}; expected one of "
-                               f"{sorted(FLOAT_DTYPES)}")
+                               f"{list(tensor.hf_shape)}")
+        if info.dtype not in FLOAT_CODES:
+            raise WeightsError(f"{info.path}: {key} has dtype {info.dtype}; expected one of {sorted(FLOAT_CODES)}")
 
 
 def iter_param_leaves(ck: HFCheckpoint, *, scan_layers: bool | None = None) -> Iterator[tuple[tuple, np.ndarray]]:
-    """(pure-dict key path, numpy array in param_dtype and the JAX layout) for every parameter.
+    """(pure-dict key path, numpy array in param_dtype and our layout) for every parameter.
 
     Scanned layout: one stacked [n_layers, ...] array per block parameter, filled layer by layer; unrolled:
     one array per layer and parameter. Only one HF tensor is held besides the array being built.
     """
-    config = ck.config
-    scan = config.scan_layers if scan_layers is None else scan_layers
-    np_dtype = np.dtype(_jnp_dtype(config.param_dtype))
-
-    def tensor(name, layer):
-        t = ck.reader.read(keys.hf_key(name, layer))
-        return keys.from_hf_layout(name, t, config, layer is not None)
-
-    def top(name):
-        # The output head stays a transposed view of the tensor read (no copy when the dtype is kept).
-        return np.asarray(tensor(name, None), dtype=np_dtype)
-
-    yield ("wte",), top("wte")
-    if scan:
-        for name in keys.BLOCK_PARAMS:
-            stacked = np.empty((config.n_layers, *keys.jax_shape(name, config, True)), np_dtype)
-            for i in range(config.n_layers):
-                stacked[i] = tensor(name, i)
-            yield ("blocks", name), stacked
-    else:
-        for i in range(config.n_layers):
-            for name in keys.BLOCK_PARAMS:
-                yield ("blocks", i, name), np.ascontiguousarray(tensor(name, i), dtype=np_dtype)
-    yield ("ln_f",), top("ln_f")
-    if not config.weight_tying:
-        yield ("ff_out",), top("ff_out")
-
-
-def _jnp_dtype(name: str):
     import jax.numpy as jnp
 
-    return jnp.dtype(name)
+    config = ck.config
+    scan = config.scan_layers if scan_layers is None else scan_layers
+    np_dtype = np.dtype(jnp.dtype(config.param_dtype))
+    all_tensors = hf_keys.tensors(config)
+    n_head = next((i for i, t in enumerate(all_tensors) if t.layer is not None), len(all_tensors))
+    head = list(all_tensors[:n_head])
+    tail = [t for t in all_tensors[n_head:] if t.layer is None]
+    by_param: dict[str, list[hf_keys.Tensor]] = {}
+    for t in all_tensors:
+        if t.layer is not None:
+            by_param.setdefault(t.entry.param, []).append(t)
+
+    def read(tensor: hf_keys.Tensor) -> np.ndarray:
+        return tensor.from_hf(ck.reader.read(tensor.key))
+
+    # Top-level parameters stay transposed views of the tensor read (no copy when the dtype is kept).
+    for t in head:
+        yield (t.entry.param,), np.asarray(read(t), dtype=np_dtype)
+    if scan:
+        for name, layers in by_param.items():
+            stacked = np.empty((config.n_layers, *layers[0].shape), np_dtype)
+            for t in layers:
+                stacked[t.layer] = read(t)
+            yield (hf_keys.BLOCKS, name), stacked
+    else:
+        for i in range(config.n_layers):
+            for name, layers in by_param.items():
+                yield (hf_keys.BLOCKS, i, name), np.ascontiguousarray(read(layers[i]), dtype=np_dtype)
+    for t in tail:
+        yield (t.entry.param,), np.asarray(read(t), dtype=np_dtype)
 
 
 def _set(tree: dict, path: tuple, value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
-
-
-def _get(tree, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def load_hf_model(path: str, dtype: str | None = None, *, param_dtype: str | None = None, mesh=None,
@@ -144,42 +135,37 @@ def load_hf_model(path: str, dtype: str | None = None, *, param_dtype: str | Non
     arguments set LLaDAConfig fields that do not change shapes (scan_layers, remat_policy, attention_impl).
     """
     import jax
-    from flax import nnx
+    from flax import traverse_util
 
-    from llada_jax.train import checkpoint as ckpt
+    from llada_jax.checkpoints.orbax_model import merge_params, restore_target
 
     ck = open_hf_dir(path, dtype=dtype, param_dtype=param_dtype, **overrides)
-    target = ckpt._restore_target(ck.config, mesh, rules)
+    target = traverse_util.flatten_dict(restore_target(ck.config, mesh, rules))
     params: dict = {}
     for leaf_path, array in iter_param_leaves(ck):
-        spec = _get(target, leaf_path)
-        if tuple(spec.shape) != array.shape:
-            raise WeightsError(f"{ck.directory}: parameter {'.'.join(map(str, leaf_path))} has shape "
-                               f"{array.shape}, the model expects {spec.shape}")
+        spec = target[leaf_path]
         value = jax.make_array_from_callback(array.shape, spec.sharding, lambda index, a=array: a[index])
         _set(params, leaf_path, value)
         del array
-    graphdef, state = ckpt.abstract_model(ck.config)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    return merge_params(ck.config, params)
 
 
-def convert_hf_to_orbax(input_dir: str, output_dir: str, *, dtype: str | None = None,
+def convert_from_hf(input_dir: str, output_dir: str, *, dtype: str | None = None,
                         overwrite: bool = False) -> str:
     """Write an HF directory as an Orbax model checkpoint (step 0) that `load_model` / `load_pretrained`
     accept, with the tokenizer files in `<output>/tokenizer`. `dtype` sets the stored parameter dtype (and
     the compute dtype); by default the HF dtype is kept."""
-    from llada_jax.convert.orbax_io import save_params
-    from llada_jax.train.checkpoint import TOKENIZER
+    from llada_jax.checkpoints.orbax_model import save_params
 
     if os.path.abspath(input_dir.rstrip("/")) == os.path.abspath(output_dir.rstrip("/")):
         raise ValueError(f"{output_dir}: the output must differ from the input")
     ck = open_hf_dir(input_dir, param_dtype=dtype, scan_layers=True)
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         params: dict = {}
         for leaf_path, array in iter_param_leaves(ck):
             _set(params, leaf_path, array)
         save_params(tmp, params, ck.config, step=0, hf_config=ck.hf_config)
         del params
-        copy_tokenizer_files(ck.directory, os.path.join(tmp, TOKENIZER))
+        layout.copy_tokenizer_files(ck.directory, os.path.join(tmp, layout.TOKENIZER))
     return os.path.abspath(output_dir)
+

@@ -1,0 +1,32 @@
+"""The checkpoint I/O layer: every file a model or a run is saved in, read and written in one place.
+
+    layout         the run-directory layout: names, finished steps, Orbax run vs Hugging Face directory,
+                   the tokenizer's place
+    atomic         files and directories written under a temporary name and renamed when complete
+    orbax_model    models in Orbax checkpoints: save, sharded restore, one parameter at a time
+    hf_keys        the key table between our parameters and the official Hugging Face state dict
+    hf_config      config.json of the official layout <-> LLaDAConfig
+    safetensors_io (sharded) safetensors read and written one tensor at a time
+    hf_import      Hugging Face directory -> a model in memory or an Orbax checkpoint
+    hf_export      a model or an Orbax checkpoint -> Hugging Face directory (with hf_files/, the PyTorch code)
+    loading        load_model_and_tokenizer / load_pretrained / read_model_config for either format
+    cli            `llada-jax convert to-hf | from-hf`
+
+Training, data, sampling and evaluation build on this layer; it builds only on the model and the config.
+Importing the package is cheap: the names below load their module on first use.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "load_model_and_tokenizer": "loading", "load_pretrained": "loading", "read_model_config": "loading",
+    "save_pretrained": "hf_export", "convert_to_hf": "hf_export", "convert_from_hf": "hf_import",
+    "load_model": "orbax_model", "save_model": "orbax_model",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"llada_jax.checkpoints.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'llada_jax.checkpoints' has no attribute {name!r}")

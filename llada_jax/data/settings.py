@@ -1,0 +1,67 @@
+"""The data settings of a run config, checked in one place, and the process set-up Grain needs.
+
+`check_config(config, model_config, process_count=)` checks everything about the data section that can be
+checked without reading data (task, pretrain_mode, too_long, max_length against the model, the shard layout)
+and returns the number of data shards. The training loop calls it at start-up, the pipeline again when it
+builds a dataset, so both report a bad setting with the same one-line message naming the field.
+
+`mark_absl_flags_parsed()` prepares a program that is not an absl app for Grain's worker processes.
+
+This module is cheap to import (no Grain, no JAX): the `llada-jax` command uses it before any work.
+"""
+
+from __future__ import annotations
+
+from llada_jax.data.formats import PRETRAIN_MODES, TOO_LONG_POLICIES
+
+TASKS = ("pretrain", "sft")
+
+
+def check_config(config, model_config=None, *, process_count: int = 1) -> int:
+    """Checks the data settings of a training config; returns the number of data shards (`num_shards`).
+
+    `model_config`: the model the batches are for (an `LLaDAConfig`; by default `config.model`), whose
+    `max_sequence_length` bounds `max_length`. `process_count`: how many processes will read the data.
+    Raises ValueError with a one-line message that names the config field.
+    """
+    if config.task not in TASKS:
+        raise ValueError(f"task: expected one of {TASKS}, got {config.task!r}")
+    data = config.data
+    if data.pretrain_mode not in PRETRAIN_MODES:
+        raise ValueError(f"data.pretrain_mode: expected one of {PRETRAIN_MODES}, got {data.pretrain_mode!r}")
+    if data.too_long not in TOO_LONG_POLICIES:
+        raise ValueError(f"data.too_long: expected one of {TOO_LONG_POLICIES}, got {data.too_long!r}")
+    model = config.model if model_config is None else model_config
+    if config.max_length > model.max_sequence_length:
+        raise ValueError(f"max_length {config.max_length} exceeds the model's max_sequence_length "
+                         f"{model.max_sequence_length}")
+    return num_shards(config, process_count)
+
+
+def num_shards(config, process_count: int) -> int:
+    """The number of independent row streams: `data.num_shards`, or one per process when it is 0."""
+    shards = int(config.data.num_shards) or process_count
+    if shards <= 0 or shards % process_count:
+        raise ValueError(f"data.num_shards {shards} must be a positive multiple of the process count {process_count}")
+    check_batch_size(config.batch_size, shards)
+    return shards
+
+
+def check_batch_size(batch_size: int, shards: int) -> None:
+    """Each shard makes an equal part of the global batch, so `batch_size` must be a multiple of `shards`."""
+    if batch_size <= 0 or batch_size % shards:
+        raise ValueError(f"batch_size {batch_size} (global) must be a positive multiple of the "
+                         f"{shards} data shards (data.num_shards, or the process count)")
+
+
+def mark_absl_flags_parsed() -> None:
+    """Marks absl's flags parsed unless they already are.
+
+    Grain reads absl flags, and in a program that is not an absl app (the `llada-jax` command, a notebook,
+    a test) they have not been parsed: every worker process would then fail with UnparsedFlagAccessError.
+    Call it before worker processes start; the pipeline does when `data.num_workers > 0`.
+    """
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,111 @@
+"""The network call of a denoising step, chosen once per sampling call: `network(model, opts, prompt)`.
+
+`Forward` runs the whole sequence at every step. `CachedForward` (Fast-dLLM's `cache` = "prefix" | "dual")
+makes the first step of each block a full pass that also fills a KV cache of the whole sequence
+(`model.hidden_states_and_kv`); the block's other steps run only a window against it
+(`model.hidden_states_from_kv`): the block and every position after it (prefix), or the block alone (dual,
+and for `semi_ar_origin`, whose later positions are hidden). `cache_refresh` = r > 0 makes every r-th step of
+a block a full, cache-refreshing pass (r = 1: every step, the uncached result). A windowed step only sees the
+block's logits, so a mask before the block (in a prompt) is filled at full steps only. With the prefix cache
+the window shrinks from block to block, so the drivers unroll the blocks (`unrolls_blocks`).
+
+Both apply classifier-free guidance the same way (`Guidance`): the unconditional input is x with the prompt
+replaced by masks, both halves run as one batch of 2B, and logits = un + (cfg_scale + 1) (cond - un).
+
+Every call returns logits aligned with the positions they predict (logits[i] is the prediction for
+position i), which is the one place a model whose prediction for i is read from output i - 1 would differ.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llada_jax.model import KVCache
+from llada_jax.sampling.options import SamplerOptions
+
+
+class Guidance(NamedTuple):
+    """Classifier-free guidance (a scale of 0: none)."""
+
+    scale: float
+    prompt: jax.Array  # bool [B, L]: the positions masked in the unconditional input
+    mask_id: int
+
+    def inputs(self, x: jax.Array, attention_mask: jax.Array | None):
+        """The rows the network sees: x, and with guidance also x with the prompt masked (one batch of 2B)."""
+        if self.scale == 0:
+            return x, attention_mask
+        both_mask = None if attention_mask is None else jnp.concatenate([attention_mask] * 2, axis=0)
+        return jnp.concatenate([x, jnp.where(self.prompt, self.mask_id, x)], axis=0), both_mask
+
+    def combine(self, logits: jax.Array) -> jax.Array:
+        if self.scale == 0:
+            return logits
+        cond, uncond = jnp.split(logits, 2, axis=0)
+        return uncond + (self.scale + 1.0) * (cond - uncond)
+
+
+class Forward:
+    """A full pass over the whole sequence at every step."""
+
+    fills_cache = False  # the first step of a block is not special
+    unrolls_blocks = False
+
+    def __init__(self, model, guidance: Guidance):
+        self.model, self.guidance = model, guidance
+
+    def full(self, x: jax.Array, attention_mask: jax.Array | None) -> tuple[jax.Array, KVCache | None]:
+        """(logits [B, L, V], no cache)."""
+        return self.guidance.combine(self.model(*self.guidance.inputs(x, attention_mask))), None
+
+    def full_at(self, i) -> bool:
+        """Whether step i of a block is a full pass."""
+        return True
+
+
+class CachedForward:
+    """A full pass that fills the KV cache at the first step of a block (and at every `refresh`-th step);
+    the block's other steps run a window against the cache."""
+
+    fills_cache = True
+
+    def __init__(self, model, guidance: Guidance, *, block_length: int, refresh: int, window_to_end: bool):
+        self.model, self.guidance = model, guidance
+        self.block_length, self.refresh = block_length, refresh
+        # The prefix cache's window is the block and everything after it: its size depends on the block, so
+        # the block index must be a Python int.
+        self.unrolls_blocks = window_to_end
+
+    def full(self, x: jax.Array, attention_mask: jax.Array | None) -> tuple[jax.Array, KVCache]:
+        """(logits [B, L, V], the KV cache of the whole sequence)."""
+        hidden, kv = self.model.hidden_states_and_kv(*self.guidance.inputs(x, attention_mask))
+        return self.guidance.combine(self.model.logits(hidden)), kv
+
+    def window(self, x: jax.Array, attention_mask: jax.Array | None, kv: KVCache, start) -> jax.Array:
+        """Logits [B, block_length, V] of the block starting at `start`, run against the cache `kv`."""
+        ids, both_mask = self.guidance.inputs(x, attention_mask)
+        size = ids.shape[1] - start if self.unrolls_blocks else self.block_length
+        window = jax.lax.dynamic_slice_in_dim(ids, start, size, axis=1)
+        hidden = self.model.hidden_states_from_kv(window, start, kv, both_mask)
+        return self.guidance.combine(self.model.logits(hidden[:, :self.block_length]))
+
+    def full_at(self, i) -> bool | jax.Array:
+        """Whether step i > 0 of a block is a full, cache-refreshing pass (step 0 always is)."""
+        if self.refresh == 1:
+            return True
+        if self.refresh == 0:
+            return False
+        return i % self.refresh == 0
+
+
+def network(model, opts: SamplerOptions, prompt: jax.Array) -> Forward | CachedForward:
+    """The network call `opts` ask for; `prompt` bool [B, L] marks what the unconditional CFG input masks."""
+    guidance = Guidance(opts.cfg_scale, prompt, opts.mask_id)
+    if opts.cache == "none":
+        return Forward(model, guidance)
+    # semi_ar_origin hides the positions after the block: its window is the block with either cache
+    return CachedForward(model, guidance, block_length=opts.layout.block_length, refresh=opts.cache_refresh,
+                         window_to_end=opts.cache == "prefix" and opts.method != "semi_ar_origin")

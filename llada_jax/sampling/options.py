@@ -1,0 +1,150 @@
+"""The sampler's options: the method, remasking and cache names, `SamplerOptions`, and the block layout.
+
+This module imports no JAX, so a command-line parser can take its choices from here cheaply. Every name
+below is the one definition; the CLI, the demo and the samplers read them from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
+REMASKING = ("low_confidence", "random")
+CACHES = ("none", "prefix", "dual")
+# <|eot_id|> of the official LLaDA-8B tokenizer; used by `confidence_eos_eot_inf` when the model has that
+# vocabulary and no eot_id is given.
+LLADA_8B_EOT_ID = 126348
+LLADA_8B_MASK_ID = 126336
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """How `gen_length` generated positions and `steps` denoising steps split into blocks: blocks of
+    `block_length` are decoded left to right, with the step budget split evenly among them."""
+
+    gen_length: int
+    block_length: int
+    steps: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    @property
+    def max_transfer(self) -> int:
+        """The largest k any step can ask for (a block holds at most block_length masks)."""
+        return max(1, -(-self.block_length // self.steps_per_block))
+
+    @classmethod
+    def checked(cls, gen_length: int, block_length: int, steps: int) -> "BlockLayout":
+        """Validate the three sizes (as the official sampler asserts), naming the offending field."""
+        for name, value in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if gen_length % block_length:
+            raise ValueError(f"gen_length {gen_length} is not divisible by block_length {block_length}")
+        num_blocks = gen_length // block_length
+        if steps % num_blocks:
+            raise ValueError(f"steps {steps} is not divisible by the number of blocks {num_blocks} "
+                             f"(gen_length {gen_length} / block_length {block_length})")
+        return cls(gen_length, block_length, steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+    """One sampler configuration (hashable: it is a static argument of the jitted program)."""
+
+    method: str = "semi_ar_padding"
+    gen_length: int = 128
+    block_length: int = 32
+    steps: int = 128
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+    mask_id: int | None = None  # None: model.config.mask_token_id
+    eos_id: int | None = None  # None: model.config.eos_token_id
+    eot_id: int | None = None  # end of turn, for confidence_eos_eot_inf (None: 126348 for the LLaDA-8B vocab)
+    logits_eos_inf: bool = False  # never predict EOS (its logit is -inf)
+    confidence_eos_eot_inf: bool = False  # EOS / EOT predictions get the lowest confidence (Appendix B.4)
+    threshold: float | None = None  # parallel decoding: commit every masked position with confidence >= this
+    cache: str = "none"  # KV cache for block decoding: none | prefix | dual
+    cache_refresh: int = 0  # with a cache, a full forward (cache refresh) every this many steps; 0: block starts
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown sampling method {self.method!r}; expected one of {list(METHODS)}")
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking: unknown remasking strategy {self.remasking!r}; "
+                             f"expected one of {list(REMASKING)}")
+        self.layout  # validates gen_length / block_length / steps
+        for name in ("temperature", "cfg_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("mask_id", "eos_id", "eot_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative token id, got {value!r}")
+        value = self.threshold
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise ValueError(f"threshold must be a finite number >= 0 (or None: the step schedule), got {value!r}")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache: unknown cache {self.cache!r}; expected one of {list(CACHES)}")
+        value = self.cache_refresh
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"cache_refresh must be an integer >= 0 (0: refresh at block starts only), got {value!r}")
+
+    @property
+    def layout(self) -> BlockLayout:
+        block = self.gen_length if self.method == "fixed_length" else self.block_length
+        if self.method == "fixed_length" and not (isinstance(block, int) and block > 0):
+            block = self.block_length  # let BlockLayout name the bad gen_length
+        steps = self.steps
+        if self.threshold is not None and isinstance(block, int) and block > 0 and isinstance(self.gen_length, int):
+            steps = max(1, self.gen_length // block) * block  # steps are not used: at most one step per token
+        return BlockLayout.checked(self.gen_length, block, steps)
+
+    def resolved(self, config) -> "SamplerOptions":
+        """These options with the token ids filled in from a model config, and checked against its vocab."""
+        mask_id = config.mask_token_id if self.mask_id is None else self.mask_id
+        eos_id = config.eos_token_id if self.eos_id is None else self.eos_id
+        eot_id = self.eot_id
+        if eot_id is None and self.confidence_eos_eot_inf and mask_id == LLADA_8B_MASK_ID \
+                and config.padded_vocab_size > LLADA_8B_EOT_ID:
+            eot_id = LLADA_8B_EOT_ID
+        vocab = config.padded_vocab_size
+        for name, value in (("mask_id", mask_id), ("eos_id", eos_id), ("eot_id", eot_id)):
+            if value is not None and not 0 <= value < vocab:
+                raise ValueError(f"{name} {value} is outside the model's vocabulary [0, {vocab})")
+        if mask_id is None:
+            raise ValueError("mask_id: the model config has no mask_token_id; pass mask_id")
+        if eos_id is None and (self.method == "semi_ar_origin" or self.logits_eos_inf
+                               or self.confidence_eos_eot_inf):
+            raise ValueError("eos_id: the model config has no eos_token_id; pass eos_id")
+        return dataclasses.replace(self, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
+                                   temperature=float(self.temperature), cfg_scale=float(self.cfg_scale),
+                                   threshold=None if self.threshold is None else float(self.threshold))
+
+    @property
+    def needs_rng(self) -> bool:
+        return self.temperature > 0 or self.remasking == "random"
+
+    @property
+    def evaluations_per_step(self) -> int:
+        """Network evaluations one step spends on a row: CFG evaluates the conditional and the unconditional
+        sequence."""
+        return 2 if self.cfg_scale > 0 else 1
+
+    @property
+    def confidence_excluded_ids(self) -> tuple[int, ...]:
+        """The token ids removed from the confidence softmax (`confidence_eos_eot_inf`)."""
+        if not self.confidence_eos_eot_inf:
+            return ()
+        return tuple(t for t in (self.eos_id, self.eot_id) if t is not None)
