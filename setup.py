@@ -23,6 +23,8 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tensorflow-datasets>=4.9.7",
+        # tensorflow-datasets imports it (without declaring it) when a dataset builder's module is in a package
+        "importlib_resources>=6",
         "array-record>=0.5",
         "numpy>=1.26",
         "tqdm>=4.66",
@@ -35,7 +37,7 @@ setup(
         "torch": ["torch>=2.4"],
         # lm-evaluation-harness: the `llada_jax` model (llada_jax.eval.lm_eval_adapter).
         "eval": ["lm_eval>=0.4.9"],
-        "test": ["pytest>=8", "torch>=2.4", "lm_eval>=0.4.9"],
+        "test": ["pytest>=8", "torch>=2.4", "lm_eval>=0.4.9", "import-linter>=2.1"],
     },
     entry_points={"console_scripts": ["llada-jax=llada_jax.cli:main",
                                       "llada-jax-lm-eval=llada_jax.eval.lm_eval_adapter:main"]},

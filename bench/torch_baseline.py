@@ -9,14 +9,13 @@ per step, float64 softmax confidence, per-row top-k), temperature 0 only.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llada_jax.config import LLaDAConfig
 from llada_jax.checkpoints.hf_config import to_hf_config
 from llada_jax.checkpoints.hf_files import configuration_llada, modeling_llada
+from llada_jax.config import LLaDAConfig
 
 
 def torch_model(config: LLaDAConfig, state_dict: dict[str, np.ndarray] | None = None,

@@ -43,7 +43,6 @@ import resource
 import sys
 import time
 
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.process_setup import HUGEPAGES, setup_process  # noqa: E402

@@ -276,7 +276,6 @@ def loss_curve(out: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import numpy as np
 
     from llada_jax.checkpoints.atomic import atomic_file

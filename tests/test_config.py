@@ -5,7 +5,12 @@ import os
 
 import pytest
 
-from llada_jax.config import LLaDAConfig, apply_overrides, load_config, model_config_from
+from llada_jax.config import (
+    LLaDAConfig,
+    apply_overrides,
+    load_config,
+    model_config_from,
+)
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 

@@ -6,8 +6,13 @@ import numpy as np
 from flax import nnx
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM
-from llada_jax.diffusion import (forward_process, pretraining_loss, random_length_valid, sft_loss,
-                                 token_cross_entropy)
+from llada_jax.diffusion import (
+    forward_process,
+    pretraining_loss,
+    random_length_valid,
+    sft_loss,
+    token_cross_entropy,
+)
 
 MASK = 99
 

@@ -3,7 +3,6 @@
 import dataclasses
 import logging
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -333,8 +332,11 @@ def test_cudnn_path_passes_a_full_extent_mask_and_falls_back_with_a_warning(monk
         raise RuntimeError("cuDNN is not detected.")
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
-    # a command run earlier in this process (distributed.start) gives the package logger its own handler
-    monkeypatch.setattr(logging.getLogger("llada_jax"), "propagate", True)
+    # a command run earlier in this process (distributed.start) gives the package logger its own handler, and a
+    # library's logging.config call may have disabled existing loggers: make caplog see this one
+    logger = logging.getLogger("llada_jax")
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logger, "disabled", False)
     model_lib._warn_cudnn_fallback_once.cache_clear()
     with caplog.at_level("WARNING", logger="llada_jax"):
         out = model_lib.attention(q, k, v, key_mask, "cudnn")

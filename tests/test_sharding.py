@@ -11,7 +11,13 @@ from jax import P
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, sharding
 from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES, train_config
-from llada_jax.sharding import MeshError, check_rules, device_grid, make_mesh, mesh_shape
+from llada_jax.sharding import (
+    MeshError,
+    check_rules,
+    device_grid,
+    make_mesh,
+    mesh_shape,
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,8 @@ from llada_jax.checkpoints import hf_keys, layout
 from llada_jax.checkpoints.atomic import atomic_dir
 from llada_jax.checkpoints.hf_config import from_hf_config, read_hf_config
 from llada_jax.checkpoints.safetensors_io import DTYPES, TensorReader, short_list
-from llada_jax.config import DTYPES as FLOAT_NAMES, LLaDAConfig
+from llada_jax.config import DTYPES as FLOAT_NAMES
+from llada_jax.config import LLaDAConfig
 from llada_jax.errors import WeightsError
 
 # safetensors dtype codes of the float dtypes a model may be stored in -> our dtype names.
@@ -120,12 +121,6 @@ def iter_param_leaves(ck: HFCheckpoint, *, scan_layers: bool | None = None) -> I
         yield (t.entry.param,), np.asarray(read(t), dtype=np_dtype)
 
 
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def load_hf_model(path: str, dtype: str | None = None, *, param_dtype: str | None = None, mesh=None,
                   rules=None, **overrides):
     """An `LLaDAForMaskedLM` built from an HF directory, parameters placed one at a time.
@@ -143,11 +138,10 @@ def load_hf_model(path: str, dtype: str | None = None, *, param_dtype: str | Non
     target = traverse_util.flatten_dict(restore_target(ck.config, mesh, rules))
     params: dict = {}
     for leaf_path, array in iter_param_leaves(ck):
-        spec = target[leaf_path]
-        value = jax.make_array_from_callback(array.shape, spec.sharding, lambda index, a=array: a[index])
-        _set(params, leaf_path, value)
+        sharding = target[leaf_path].sharding
+        params[leaf_path] = jax.make_array_from_callback(array.shape, sharding, lambda index, a=array: a[index])
         del array
-    return merge_params(ck.config, params)
+    return merge_params(ck.config, traverse_util.unflatten_dict(params))
 
 
 def convert_from_hf(input_dir: str, output_dir: str, *, dtype: str | None = None,
@@ -155,15 +149,15 @@ def convert_from_hf(input_dir: str, output_dir: str, *, dtype: str | None = None
     """Write an HF directory as an Orbax model checkpoint (step 0) that `load_model` / `load_pretrained`
     accept, with the tokenizer files in `<output>/tokenizer`. `dtype` sets the stored parameter dtype (and
     the compute dtype); by default the HF dtype is kept."""
+    from flax import traverse_util
+
     from llada_jax.checkpoints.orbax_model import save_params
 
     if os.path.abspath(input_dir.rstrip("/")) == os.path.abspath(output_dir.rstrip("/")):
         raise ValueError(f"{output_dir}: the output must differ from the input")
     ck = open_hf_dir(input_dir, param_dtype=dtype, scan_layers=True)
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
-        params: dict = {}
-        for leaf_path, array in iter_param_leaves(ck):
-            _set(params, leaf_path, array)
+        params = traverse_util.unflatten_dict(dict(iter_param_leaves(ck)))
         save_params(tmp, params, ck.config, step=0, hf_config=ck.hf_config)
         del params
         layout.copy_tokenizer_files(ck.directory, os.path.join(tmp, layout.TOKENIZER))

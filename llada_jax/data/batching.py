@@ -25,9 +25,9 @@ import logging
 import grain
 import numpy as np
 
+from llada_jax.data.formats import Document, Examples, Skipped
 from llada_jax.data.skips import SkipReport
 from llada_jax.errors import DataError
-from llada_jax.data.formats import Document, Examples, Skipped
 
 log = logging.getLogger(__name__)
 

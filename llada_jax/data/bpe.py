@@ -13,8 +13,14 @@ import os
 from collections.abc import Iterable
 
 from llada_jax.checkpoints.atomic import atomic_dir, write_json
-from llada_jax.tokenizer import (BOS_TOKEN, EOS_TOKEN, LLADA_CHAT_TEMPLATE, LLADA_SPECIAL_TOKENS, MASK_TOKEN,
-                                 TokenizerHelper)
+from llada_jax.tokenizer import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    LLADA_CHAT_TEMPLATE,
+    LLADA_SPECIAL_TOKENS,
+    MASK_TOKEN,
+    TokenizerHelper,
+)
 
 
 def build_bpe_tokenizer(texts: Iterable[str] | None, out_dir: str, *, files: list[str] | None = None,
@@ -26,7 +32,15 @@ def build_bpe_tokenizer(texts: Iterable[str] | None, out_dir: str, *, files: lis
     docstring). The chat template is LLaDA's. Written to a temporary directory and renamed into place.
     Returns the loaded `TokenizerHelper`.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     n_special = len(LLADA_SPECIAL_TOKENS)

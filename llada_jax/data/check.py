@@ -12,9 +12,15 @@ import dataclasses
 
 import numpy as np
 
-from llada_jax.errors import DataError, describe
-from llada_jax.data.formats import Document, Examples, PretrainFormat, SftFormat, Skipped
+from llada_jax.data.formats import (
+    Document,
+    Examples,
+    PretrainFormat,
+    SftFormat,
+    Skipped,
+)
 from llada_jax.data.sources import iter_records, resolve_paths
+from llada_jax.errors import DataError, describe
 from llada_jax.tokenizer import load_tokenizer
 
 KINDS = ("pretrain", "sft")

@@ -11,9 +11,9 @@ problem, listed up to --max_problems); 2 a usage error (a missing tokenizer, a b
 
 from __future__ import annotations
 
-from llada_jax.errors import UsageError
-
 import sys
+
+from llada_jax.errors import UsageError
 
 FORMATS = ("sharegpt", "alpaca", "openai")
 TOO_LONG = ("error", "skip", "truncate_prompt")

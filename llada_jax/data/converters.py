@@ -15,8 +15,8 @@ import json
 import os
 import tempfile
 
-from llada_jax.data.skips import SkipReport
 from llada_jax.data.formats import Examples, SftFormat, Skipped
+from llada_jax.data.skips import SkipReport
 from llada_jax.data.sources import iter_records
 from llada_jax.tokenizer import TokenizerHelper, load_tokenizer
 

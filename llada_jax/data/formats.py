@@ -29,8 +29,8 @@ import json
 import numpy as np
 
 from llada_jax.data.skips import INVALID, TOO_LONG, TRUNCATED, Skip
-from llada_jax.errors import DataError, TokenizerRequired
 from llada_jax.data.sources import RawRecord
+from llada_jax.errors import DataError, TokenizerRequired
 
 PRETRAIN_MODES = ("concat", "pad")
 TOO_LONG_POLICIES = ("error", "skip", "truncate_prompt")

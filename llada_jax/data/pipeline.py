@@ -38,7 +38,11 @@ import numpy as np
 from llada_jax.config import LLaDAConfig
 from llada_jax.data.batching import RowBatcher
 from llada_jax.data.formats import PretrainFormat, SftFormat
-from llada_jax.data.settings import check_batch_size, check_config, mark_absl_flags_parsed
+from llada_jax.data.settings import (
+    check_batch_size,
+    check_config,
+    mark_absl_flags_parsed,
+)
 from llada_jax.data.sources import open_source
 from llada_jax.tokenizer import check_compatible, load_tokenizer
 

@@ -79,9 +79,9 @@ def run(args) -> int:
         raise UsageError(str(e)) from e
 
     distributed.start(args)
-    from llada_jax.eval import likelihood
     from llada_jax.checkpoints import load_model_and_tokenizer
     from llada_jax.errors import CheckpointNotFoundError
+    from llada_jax.eval import likelihood
 
     try:
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)

@@ -14,7 +14,7 @@ loss is the mean over its rows, and the estimate is minus the mean over batches.
 logits are un + (cfg_scale + 1)(cond - un), `un` being the model's logits with the prompt masked.
 
 Its expectation is the bound  -E_m [ (L / m) E_{|S| = m} sum_{i in S} CE_i ]  with m distributed as the
-stratified counts (uniform on 1..L when L / batch_size rounds without ties); `tests/test_eval_likelihood.py`
+stratified counts (uniform on 1..L when L / batch_size rounds without ties); `tests/eval/test_likelihood.py`
 computes it exactly over every mask subset of a tiny answer. `return_stderr=True` also gives the Monte Carlo
 standard error, std(batch losses) / sqrt(number of batches) (batches are independent; rows within one are not).
 

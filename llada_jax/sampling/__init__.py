@@ -4,7 +4,14 @@
 `sample` and `inference` commands.
 """
 
-from llada_jax.sampling.samplers import (METHODS, REMASKING, SampleStats, Sampler, SamplerOptions, create_sampler,
-                                         generate)
+from llada_jax.sampling.samplers import (
+                                         METHODS,
+                                         REMASKING,
+                                         Sampler,
+                                         SamplerOptions,
+                                         SampleStats,
+                                         create_sampler,
+                                         generate,
+)
 
 __all__ = ["METHODS", "REMASKING", "SampleStats", "Sampler", "SamplerOptions", "create_sampler", "generate"]

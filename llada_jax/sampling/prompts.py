@@ -13,7 +13,6 @@ import json
 
 import numpy as np
 
-
 PROMPT_FIELDS = ("input_ids", "prompt", "messages")
 LENGTH_BUCKET = 16  # prompts are left-padded to a multiple of this (fewer distinct shapes to compile)
 

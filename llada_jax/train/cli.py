@@ -79,7 +79,13 @@ def run_compile_check(args) -> int:
 
 
 def build_config(args):
-    from llada_jax.config import LLaDAConfig, apply_overrides, load_config, sft_defaults, train_config
+    from llada_jax.config import (
+        LLaDAConfig,
+        apply_overrides,
+        load_config,
+        sft_defaults,
+        train_config,
+    )
 
     if args.config:
         config = load_config(args.config, task=args.task)

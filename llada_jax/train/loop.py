@@ -34,7 +34,13 @@ from llada_jax.config import LLaDAConfig, model_config_from
 from llada_jax.errors import ConfigError, MeshError, TrainingStopped
 from llada_jax.train import checkpoint
 from llada_jax.train.metrics import MetricsLogger
-from llada_jax.train.step import Trainer, flops_per_token, host_scalar, params_all_finite, peak_flops_per_device
+from llada_jax.train.step import (
+    Trainer,
+    flops_per_token,
+    host_scalar,
+    params_all_finite,
+    peak_flops_per_device,
+)
 
 log = logging.getLogger("llada_jax")
 

@@ -27,7 +27,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llada_jax import sharding
 from llada_jax.config import LLaDAConfig
-from llada_jax.diffusion import forward_process, pretraining_loss, random_length_valid, sft_loss
+from llada_jax.diffusion import (
+    forward_process,
+    pretraining_loss,
+    random_length_valid,
+    sft_loss,
+)
 from llada_jax.model import LLaDAForMaskedLM, abstract_model
 from llada_jax.train.optimizer import learning_rate_schedule, make_optimizer
 

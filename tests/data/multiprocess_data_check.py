@@ -21,7 +21,8 @@ def main(process_id: int, port: str, data_path: str, workdir: str) -> None:
     import numpy as np
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
-    from jax.sharding import AxisType, PartitionSpec as P
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
 
     from llada_jax.config import LLaDAConfig, train_config
     from llada_jax.data.pipeline import global_batch, make_train_iterator

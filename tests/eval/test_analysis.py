@@ -10,7 +10,11 @@ from flax import nnx
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate
 from llada_jax.checkpoints.hf_keys import hf_state_dict
-from llada_jax.eval.analysis import ModelAnalyzer, compare_sampling_methods, format_table
+from llada_jax.eval.analysis import (
+    ModelAnalyzer,
+    compare_sampling_methods,
+    format_table,
+)
 from tests.torch_reference import llada_logits
 
 EOS = 510

@@ -11,13 +11,13 @@ import threading
 
 import numpy as np
 import pytest
-from datahelpers import tiny_train_config, write_jsonl
 
 from llada_jax.config import LLaDAConfig
 from llada_jax.data.batching import RowBatcherIterator
-from llada_jax.errors import DataError
 from llada_jax.data.pipeline import global_batch, make_train_iterator, pipeline_stats
 from llada_jax.data.settings import check_config
+from llada_jax.errors import DataError
+from tests.data.datahelpers import tiny_train_config, write_jsonl
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -351,7 +351,8 @@ def test_configuration_errors(tmp_path, tokenizer_dir):
 
 def test_global_batch_on_a_device_mesh(tmp_path):
     import jax
-    from jax.sharding import AxisType, PartitionSpec as P
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
 
     path = write_jsonl(tmp_path / "sft.jsonl", [{"input_ids": [509, i + 1, i + 2, 7], "prompt_length": 2}
                                                for i in range(8)])
@@ -423,7 +424,7 @@ EXIT_SCRIPT = """
 import sys
 
 sys.path.insert(0, sys.argv[1])
-from datahelpers import tiny_train_config, write_jsonl
+from tests.data.datahelpers import tiny_train_config, write_jsonl
 
 from llada_jax.config import LLaDAConfig
 from llada_jax.data.pipeline import make_train_iterator

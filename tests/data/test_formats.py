@@ -5,10 +5,16 @@ import json
 import numpy as np
 import pytest
 
+from llada_jax.data.formats import (
+    Document,
+    Examples,
+    PretrainFormat,
+    SftFormat,
+    Skipped,
+)
 from llada_jax.data.skips import INVALID, TOO_LONG, TRUNCATED
-from llada_jax.errors import DataError
-from llada_jax.data.formats import Document, Examples, PretrainFormat, SftFormat, Skipped
 from llada_jax.data.sources import RawRecord
+from llada_jax.errors import DataError
 
 IDS = dict(vocab_size=512, mask_token_id=511, eos_token_id=510, bos_token_id=509)
 

@@ -13,13 +13,13 @@ from flax import nnx
 
 pytest.importorskip("lm_eval", reason="lm_eval is not installed (pip install -e '.[eval]')")
 
-from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate  # noqa: E402
-from llada_jax.data.bpe import build_bpe_tokenizer  # noqa: E402
-from llada_jax.tokenizer import config_overrides  # noqa: E402
-from llada_jax.eval import log_likelihood  # noqa: E402
-from llada_jax.eval.likelihood import encode_pair  # noqa: E402
-from llada_jax.sampling.prompts import left_pad, padded_length  # noqa: E402
-from llada_jax.checkpoints.orbax_model import save_model  # noqa: E402
+from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate
+from llada_jax.checkpoints.orbax_model import save_model
+from llada_jax.data.bpe import build_bpe_tokenizer
+from llada_jax.eval import log_likelihood
+from llada_jax.eval.likelihood import encode_pair
+from llada_jax.sampling.prompts import left_pad, padded_length
+from llada_jax.tokenizer import config_overrides
 
 TEXTS = ["two plus two is four.", "three plus three is six.", "the sky is blue.", "grass is green.",
          "Question: what colour is the sky? Answer: blue"] * 4

@@ -11,13 +11,13 @@ import pytest
 from flax import nnx
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate
-from llada_jax.cli import main
-from llada_jax.sampling import chat
 from llada_jax.checkpoints.orbax_model import save_model
+from llada_jax.cli import main
 from llada_jax.data.bpe import build_bpe_tokenizer
+from llada_jax.sampling import chat
 from llada_jax.tokenizer import config_overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = ["--gen_length", "8", "--block_length", "4", "--steps", "4"]
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -178,32 +178,3 @@ def test_sample_with_threshold_and_cache_equals_the_api(saved, tmp_path, capsys)
     assert main(["sample", "--model", run, "--input", src, "--output", str(tmp_path / "x.jsonl"), *FLAGS,
                  "--threshold", "-1"]) == 2
     assert "--threshold must be a finite number >= 0" in capsys.readouterr().err
-
-
-def test_sample_file_groups_prompts_by_length_and_writes_in_input_order(tmp_path):
-    """Within a window, prompts are sorted by length before batching (less padding); lines come out in input
-    order with each prompt's own generation."""
-    from types import SimpleNamespace
-
-    from llada_jax.sampling.batch import sample_file
-
-    lengths = [3, 40, 4, 37, 5, 35, 2]
-    encoded = [[7] * n for n in lengths]
-    records = [{"id": i} for i in range(len(lengths))]
-    batches = []
-
-    def sampler(model, ids, mask, rng, return_stats):
-        real = np.asarray(mask).sum(1)
-        batches.append(real.tolist())
-        generated = np.repeat(real[:, None], 4, axis=1)  # "generate" each row's prompt length
-        return np.concatenate([np.asarray(ids), generated], axis=1), SimpleNamespace(nfe=np.full(len(real), 4))
-
-    sampler.options = SimpleNamespace(gen_length=4)
-    model = SimpleNamespace(config=SimpleNamespace(max_sequence_length=96, pad_token_id=0))
-    out = str(tmp_path / "out.jsonl")
-    assert sample_file(model, None, sampler, records, encoded, out, batch_size=2, seed=0, progress=False) == 7
-    # sorted lengths 2 3 | 4 5 | 35 37 | 40 and a filler row (one real token)
-    assert batches == [[2, 3], [4, 5], [35, 37], [40, 1]]
-    lines = [json.loads(line) for line in open(out, encoding="utf-8")]
-    assert [line["id"] for line in lines] == list(range(7))
-    assert [line["output_ids"] for line in lines] == [[n] * 4 for n in lengths]

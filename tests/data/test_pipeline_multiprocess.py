@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from datahelpers import write_jsonl
+from tests.data.datahelpers import write_jsonl
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))

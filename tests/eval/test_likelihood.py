@@ -109,8 +109,8 @@ def test_bad_input_is_an_error(model):
 def test_eval_likelihood_command_writes_the_api_results(model, tmp_path, capsys):
     import json
 
-    from llada_jax.cli import main
     from llada_jax.checkpoints.orbax_model import save_model
+    from llada_jax.cli import main
 
     run = save_model(model, str(tmp_path / "run"))  # no tokenizer: id pairs only
     pairs = [{"id": "a", "prompt_ids": [3, 17, 42], "answer_ids": [250, 8]}, {"prompt_ids": [9], "answer_ids": [7]}]

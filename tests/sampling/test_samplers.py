@@ -1,4 +1,4 @@
-"""The samplers: schedule, step invariants, CFG, padding invariance, origin EOS stop, randomness, the official
+"""The samplers: step invariants, CFG, padding invariance, origin EOS stop, randomness, the official
 algorithm (an independent PyTorch reference), compile-once, sharding, and input errors."""
 
 import jax
@@ -9,8 +9,7 @@ from flax import nnx
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, create_sampler, generate, sharding
 from llada_jax.model import positions_from_mask
-from llada_jax.sampling import noise, remasking, samplers
-from llada_jax.sampling.options import BlockLayout
+from llada_jax.sampling import samplers
 from llada_jax.sampling.schedule import num_transfer_tokens
 from tests.sampling_reference import reference_generate, reference_origin
 
@@ -56,23 +55,6 @@ class EosAfter(nnx.Module):
 
 
 PROMPTS = np.array([[3, 17, 42, 99, 7, 250], [8, 1, 300, 65, 12, 77]], np.int32)
-
-
-# --- schedule ---------------------------------------------------------------------------------------------
-
-
-def test_schedule_matches_the_formula():
-    masked = np.arange(0, 70)
-    for steps in (1, 3, 4, 7, 32, 100):
-        k = np.asarray(num_transfer_tokens(jnp.asarray(masked), steps))
-        for m, row in zip(masked, k):
-            base, rem = divmod(int(m), steps)
-            assert row.tolist() == [base + 1] * rem + [base] * (steps - rem)
-            assert row.sum() == m
-    layout = BlockLayout.checked(64, 16, 8)
-    assert (layout.num_blocks, layout.steps_per_block, layout.max_transfer) == (4, 2, 8)
-    assert BlockLayout.checked(12, 12, 5).max_transfer == 3
-    assert BlockLayout.checked(4, 4, 8).max_transfer == 1  # more steps than tokens: some steps commit 0
 
 
 # --- step invariants, from the recorded trajectory ----------------------------------------------------------
@@ -241,40 +223,6 @@ def test_temperature_is_deterministic_per_key_and_differs_across_keys(model):
     r1 = np.asarray(generate(model, PROMPTS, rng=3, remasking="random", **{**opts, "temperature": 0.0}))
     r2 = np.asarray(generate(model, PROMPTS, rng=4, remasking="random", **{**opts, "temperature": 0.0}))
     assert not np.array_equal(r1, r2)
-
-
-def test_gumbel_max_samples_softmax_over_temperature():
-    logits = jnp.tile(jnp.array([2.0, 1.0, 0.0, -1.0, 1.5, -jnp.inf]), (1, 4000, 1))  # 4000 positions
-    temperature = 0.7
-    keys = jax.random.split(jax.random.key(0), 5)
-    positions = jnp.arange(4000)[None]
-    predict = jax.jit(lambda k: remasking.predict(logits, temperature, k[None], positions))
-    draws = jnp.concatenate([predict(k) for k in keys], 1)
-    freq = np.bincount(np.asarray(draws).ravel(), minlength=6) / draws.size
-    expected = np.asarray(jax.nn.softmax(logits[0, 0] / temperature))
-    np.testing.assert_allclose(freq, expected, atol=0.012)
-    assert freq[5] == 0
-    gumbel = jax.jit(noise.gumbel, static_argnums=2)
-    g = np.asarray(gumbel(keys[:4], jnp.arange(64)[None].repeat(4, 0), 1024)).ravel()  # 262k draws
-    assert abs(g.mean() - 0.5772) < 0.01 and abs(g.var() - np.pi**2 / 6) < 0.03 and g.max() > 10
-    u = np.asarray(jax.jit(noise.uniform)(keys[:2], positions.repeat(2, 0))).ravel()
-    assert 0 <= u.min() < 0.001 and 0.999 < u.max() < 1 and abs(u.mean() - 0.5) < 0.01
-    # the fallback for other PRNG implementations draws the same distribution
-    rbg = jax.random.split(jax.random.key(0, impl="rbg"), 4)
-    g2 = np.asarray(gumbel(rbg, jnp.arange(64)[None].repeat(4, 0), 1024)).ravel()
-    assert abs(g2.mean() - 0.5772) < 0.01 and abs(g2.var() - np.pi**2 / 6) < 0.03
-
-
-def test_first_argmax_is_jnp_argmax():
-    x = jax.random.normal(jax.random.key(0), (3, 7, 50))
-    x = x.at[0, 0, 10].set(5.0).at[0, 0, 3].set(5.0).at[1, 1].set(-jnp.inf)  # a tie, an all -inf row
-    np.testing.assert_array_equal(remasking.first_argmax(x), jnp.argmax(x, -1))
-
-
-def test_select_top_k_ties_take_the_lowest_position():
-    conf = jnp.array([[0.5, 0.9, 0.5, 0.5, -jnp.inf], [0.1, 0.2, 0.3, 0.4, 0.5]])
-    sel = np.asarray(remasking.select_top_k(conf, jnp.array([3, 0]), 3))
-    assert sel.tolist() == [[True, True, True, False, False], [False] * 5]
 
 
 # --- compilation and sharding ------------------------------------------------------------------------------

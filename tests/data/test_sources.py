@@ -6,12 +6,18 @@ import pickle
 
 import numpy as np
 import pytest
-from datahelpers import tiny_train_config, write_jsonl
 
 from llada_jax.config import LLaDAConfig
 from llada_jax.data import sources
+from llada_jax.data.sources import (
+    JsonlSource,
+    build_line_index,
+    iter_records,
+    open_source,
+    resolve_paths,
+)
 from llada_jax.errors import DataError
-from llada_jax.data.sources import JsonlSource, build_line_index, iter_records, open_source, resolve_paths
+from tests.data.datahelpers import tiny_train_config, write_jsonl
 
 
 def naive_records(path):

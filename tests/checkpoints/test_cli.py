@@ -9,20 +9,20 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate
-from llada_jax.cli import main
 from llada_jax.checkpoints.hf_keys import hf_state_dict
-from llada_jax.checkpoints.safetensors_io import TensorReader
-from llada_jax.data.bpe import build_bpe_tokenizer
-from llada_jax.tokenizer import TokenizerHelper, config_overrides
-from llada_jax.eval import log_likelihood
-from llada_jax.eval.likelihood import encode_pair
 from llada_jax.checkpoints.layout import tokenizer_path
 from llada_jax.checkpoints.orbax_model import save_model
+from llada_jax.checkpoints.safetensors_io import TensorReader
+from llada_jax.cli import main
+from llada_jax.data.bpe import build_bpe_tokenizer
+from llada_jax.eval import log_likelihood
+from llada_jax.eval.likelihood import encode_pair
+from llada_jax.tokenizer import TokenizerHelper, config_overrides
+from tests.checkpoints.hf_helpers import run_cli
 
 FLAGS = ["--gen_length", "8", "--block_length", "4", "--steps", "4", "--no_progress"]
 TEXTS = [
@@ -178,3 +178,24 @@ def test_eval_likelihood_from_an_hf_directory_equals_the_api(dirs, kind):
     assert [line["answer_tokens"] for line in lines] == [3, len(answer)]
     np.testing.assert_allclose([line["log_likelihood"] for line in lines], want.log_likelihood, rtol=1e-6)
     np.testing.assert_allclose([line["stderr"] for line in lines], want.stderr, rtol=1e-6)
+
+
+def test_cli_end_to_end(tmp_path, exports):
+    model, hf_dir = exports["gqa"]
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    r = run_cli("convert", "from-hf", "--input", hf_dir, "--output", ckpt, "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("convert", "to-hf", "--input", ckpt, "--output", back, "--max_shard_size", "50KB")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {back}" in r.stdout
+    assert len([f for f in os.listdir(back) if f.endswith(".safetensors")]) > 2
+    for k, v in hf_state_dict(model).items():
+        np.testing.assert_array_equal(TensorReader(back).read(k), v.astype(jnp.bfloat16))
+    assert json.load(open(os.path.join(back, "config.json")))["torch_dtype"] == "bfloat16"
+
+    r = run_cli("convert", "from-hf", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "x"))
+    assert r.returncode == 2 and "no such model directory" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("convert", "to-hf", "--input", ckpt, "--output", back)
+    assert r.returncode == 2 and "already exists" in r.stderr
+    r = run_cli("convert", "to-hf", "--input", ckpt, "--output", str(tmp_path / "y"), "--max_shard_size", "lots")
+    assert r.returncode == 2 and "cannot parse size" in r.stderr and not os.path.exists(tmp_path / "y")

@@ -179,38 +179,12 @@ def test_validate_names_the_bad_setting(pretrain_data, key, value, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_resume_needs_a_training_checkpoint(tmp_path):
-    from flax import nnx
-
-    from llada_jax import LLaDAConfig, LLaDAForMaskedLM
-    from llada_jax.config import train_config
-    from llada_jax.checkpoints.orbax_model import save_model
-    from llada_jax.errors import ResumeError
-    from llada_jax.train.checkpoint import check_resumable
-
-    assert check_resumable(str(tmp_path), seed=0) is None  # an empty output_dir: a new run
-    save_model(LLaDAForMaskedLM(LLaDAConfig.tiny(), rngs=nnx.Rngs(0)), str(tmp_path), step=3)
-    with pytest.raises(ResumeError, match="is a model checkpoint, not a training run's .* --model_name_or_path"):
-        check_resumable(str(tmp_path), seed=0)
-
-
 def test_missing_data_and_unknown_flag(tmp_path):
     proc = cli("pretrain", "--config", TINY, "--data_path", str(tmp_path / "none.jsonl"), "--output_dir",
                str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and "no such file" in proc.stderr
     proc = cli("pretrain", "--config", TINY, "--data-path", "x", check=False)
     assert proc.returncode == 2 and "unrecognized argument '--data-path'" in proc.stderr
-
-
-def test_create_configs_round_trip(tmp_path, pretrain_data):
-    cli("create-configs", "--output_dir", str(tmp_path))
-    from llada_jax.config import load_config
-
-    pre = load_config(str(tmp_path / "pretraining_config.json"), task="pretrain")
-    sft = load_config(str(tmp_path / "sft_config.json"), task="sft")
-    assert (pre.learning_rate, pre.batch_size, pre.gradient_accumulation_steps) == (5e-4, 8, 8)
-    assert (sft.learning_rate, sft.batch_size, sft.gradient_accumulation_steps) == (1e-5, 4, 16)
-    assert pre.model.d_model == 4096 and pre.model.mask_token_id == 126336
 
 
 def test_pretrain_text_then_sft_chat_from_orbax_and_from_hf(tmp_path):

@@ -9,9 +9,8 @@ from flax import nnx
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate
 from llada_jax.model import rms_norm
-from llada_jax.sampling import remasking
+from tests.sampling.test_samplers import PROMPTS, logits_fn
 from tests.sampling_reference import reference_generate
-from tests.test_sampling import PROMPTS, logits_fn
 
 MASK = 511
 
@@ -112,12 +111,6 @@ def test_threshold_above_one_is_one_token_per_step(model, method):
     masks = (np.asarray(history) == MASK).sum(-1)  # [steps, B]
     np.testing.assert_array_equal(masks, 7 - np.arange(8)[:, None] + np.zeros((1, 2), int))
     assert np.asarray(stats.nfe).tolist() == [16, 16]
-
-
-def test_select_threshold():
-    conf = jnp.array([[0.2, 0.9, 0.95, -jnp.inf], [0.1, 0.3, 0.3, 0.2], [-jnp.inf] * 4])
-    got = np.asarray(remasking.select_threshold(conf, 0.9)).tolist()
-    assert got == [[False, True, True, False], [False, True, False, False], [False] * 4]
 
 
 # --- the cached samplers -----------------------------------------------------------------------------------

@@ -7,15 +7,15 @@ import sys
 
 import numpy as np
 import pytest
-from datahelpers import tiny_train_config, write_jsonl
 
 from llada_jax.cli import main
 from llada_jax.config import LLaDAConfig
 from llada_jax.data.converters import DatasetConverter
-from llada_jax.errors import DataError
 from llada_jax.data.pipeline import make_train_iterator
+from llada_jax.errors import DataError
+from tests.data.datahelpers import tiny_train_config, write_jsonl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAREGPT = [
     {"conversations": [{"from": "human", "value": "What is the capital of France?"},

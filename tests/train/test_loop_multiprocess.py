@@ -3,11 +3,9 @@
 import json
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
-import pytest
 
 from llada_jax.train.metrics import read_metrics
 from tests.runs import ROOT, TINY, cli, command
@@ -73,17 +71,3 @@ def test_a_killed_process_makes_its_peer_exit_with_an_error(tmp_path, pretrain_d
     assert 1 <= len(logged) <= 3 and all(np.isfinite(m["loss"]) for m in logged)  # the hybrid mesh trained
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["mesh"]["dcn_data"] == 2
-
-
-def test_compile_check_sizes_the_8b_model_on_8_devices(tmp_path):
-    report = tmp_path / "report.json"
-    proc = cli("compile-check", "--config", os.path.join(ROOT, "configs", "llada_8b_pretrain.py"),
-               "--num_devices", "8", "--json", str(report), devices=1)
-    import json
-
-    r = json.loads(report.read_text())
-    assert r["devices"] == 8 and r["parameters"] == 8_015_581_184
-    assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
-    # fp32 params + two Adam moments, sharded 8 ways: 12 bytes x 8.0e9 / 8 = 12.0 GB per device
-    assert abs(r["argument_bytes"] - 12 * 8_015_581_184 / 8) / r["argument_bytes"] < 0.02
-    assert r["temp_bytes"] > 0 and "per-device memory" in proc.stdout
