@@ -224,6 +224,9 @@ def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") ->
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # the last K checkpoints are kept
     c.checkpoint.async_save = True
+    # Resume from this step of output_dir instead of the latest (0: the latest finished step); the steps after it
+    # are deleted. For a newest checkpoint that cannot be read (the error lists the readable older steps).
+    c.checkpoint.restore_step = 0
 
     c.max_consecutive_nonfinite = 10  # stop after this many skipped (non-finite) updates in a row
     c.wandb = ml_collections.ConfigDict()

@@ -154,7 +154,6 @@ def _train_config(out: str, name: str, a, task: str) -> str:
     c.batch_size, c.gradient_accumulation_steps = a.batch_size, 1
     c.warmup_steps = max(1, c.max_steps // 20)
     c.save_steps, c.logging_steps, c.seed = max(1, c.max_steps // 3), 5, a.seed
-    c.mesh.fsdp = 1  # one CPU device: the demo runs anywhere
     c.checkpoint.keep = 1
     path = os.path.join(out, f"{name}_config.json")
     body = c.to_dict()

@@ -49,3 +49,22 @@ def test_demo_small_end_to_end_and_resume(tmp_path):
     redone = ("export_and_reload_s", "analysis_s")  # the cheap checks run every time
     assert {k: v for k, v in after.items() if k not in redone} == {k: v for k, v in before.items() if k not in redone}
     assert "# llada-jax demo" in first.stdout  # the report is printed at the end
+
+
+def test_demo_on_eight_devices_equals_one_device(tmp_path):
+    """The default mesh fills whatever devices there are: on 8 devices the demo trains with fsdp 8 and gives
+    the 1-device results up to float32 reduction order (the losses), with the same samples."""
+    runs = {}
+    for devices in (1, 8):
+        out = str(tmp_path / f"demo_{devices}")
+        proc = cli("demo", "--output_dir", out, "--d_model", "32", "--n_layers", "1", "--n_heads", "2",
+                   "--pretrain_steps", "3", "--sft_steps", "4", "--batch_size", "8", "--test_size", "6", devices=devices)
+        assert f"{devices} local devices of {devices}" in proc.stderr  # training ran on every device
+        runs[devices] = out
+    one, eight = (json.load(open(os.path.join(runs[d], "results.json"))) for d in (1, 8))
+    for task in ("pretrain", "sft"):
+        assert abs(eight["final_loss"][task] - one["final_loss"][task]) <= 1e-4 * abs(one["final_loss"][task])
+    assert eight["accuracy"] == one["accuracy"] and eight["nfe"] == one["nfe"]
+    for name in os.listdir(os.path.join(runs[1], "samples")):
+        texts = [[json.loads(line)["text"] for line in open(os.path.join(runs[d], "samples", name))] for d in (1, 8)]
+        assert texts[0] == texts[1], name

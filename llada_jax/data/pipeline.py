@@ -1,23 +1,25 @@
-"""The training input pipeline: records -> shuffled, sharded, tokenized, batched numpy, on Grain.
+"""The training input pipeline: records -> shuffled, tokenized rows of process-count-independent row streams.
 
-    source (JSONL / TFDS)                 random access, every record once per epoch
-      [shard::num_shards]                 one shard's records; a process reads only its shards
-      .shuffle(seed).repeat()             a new order each epoch (Grain folds the epoch into the seed)
-      .map(PretrainFormat | SftFormat)    parse, validate, tokenize (in worker processes when num_workers > 0)
+    source (JSONL / TFDS)                  random access, every record once per epoch
+      .shuffle(seed).repeat()              the record order: a new permutation each epoch (data.shuffle)
+    StreamRecords(streams, starts)         this process's row streams' records, interleaved (stream s reads
+                                           records s, s + S, s + 2S, ... of the order)
+      .map(PretrainFormat | SftFormat)     parse, validate, tokenize (in worker processes when num_workers > 0)
       .to_iter_dataset(read_threads)
-      .mp_prefetch(num_workers)           optional worker processes
-      RowBatcher                          concat / pad / sft rows, local batches, exact state
-      ThreadPrefetch(prefetch_buffer_size)   batches assembled ahead in a background thread
-    ShardedIterator                       this process's shards' rows, concatenated in shard order
+      .mp_prefetch(num_workers)            optional worker processes
+    StreamBatcher                          concat / pad / sft rows per stream, local batches, exact state
+      ThreadPrefetch(prefetch_buffer_size) batches assembled ahead in a background thread
 
 `make_train_iterator(config, model_config, process_index=, process_count=)` returns the iterator: each
-`next()` is this process's slice of one global micro-batch as numpy int32 arrays. Its `get_state()` /
-`set_state()` (and Grain's Orbax `CheckpointSave` / `CheckpointRestore`) restore the stream exactly, mid-epoch
-and mid-document. `global_batch(local, mesh, spec)` assembles the global `jax.Array`s on a device mesh.
-`pipeline_stats(iterator)` gives the records read and what was skipped. The config is checked first, by
-`settings.check_config`.
+`next()` is this process's slice of one global micro-batch as numpy int32 arrays. The global micro-batch of
+step s depends on (data, seed, data.num_shards, s) only, never on the number of processes or devices (see
+`batching`). Its `get_state()` / `set_state()` (and Grain's Orbax `CheckpointSave` / `CheckpointRestore`)
+restore the stream exactly, mid-epoch and mid-document; the states of all processes merged (`merge_states`)
+restore under any process count. `global_batch(local, mesh, spec)` assembles the global `jax.Array`s on a
+device mesh. `pipeline_stats(iterator)` gives the records read and what was skipped. The config is checked
+first, by `settings.check_config`.
 
-Closing: `it.close()` (or `with make_train_iterator(...) as it:`) stops the prefetch threads and worker
+Closing: `it.close()` (or `with make_train_iterator(...) as it:`) stops the prefetch thread and worker
 processes and lets go of the Grain iterators. Iterators still open at exit are closed by an atexit hook,
 `close_open_iterators`, while the interpreter is intact: a Grain thread-prefetch iterator that lives on into
 interpreter shutdown closes itself from `__del__` after its module's globals are gone and prints an
@@ -36,20 +38,13 @@ import ml_collections
 import numpy as np
 
 from llada_jax.config import LLaDAConfig
-from llada_jax.data.batching import RowBatcher
+from llada_jax.data.batching import StreamBatcher, StreamBatcherIterator, StreamRecords
 from llada_jax.data.formats import PretrainFormat, SftFormat
-from llada_jax.data.settings import (
-    check_batch_size,
-    check_config,
-    mark_absl_flags_parsed,
-)
+from llada_jax.data.settings import check_config, mark_absl_flags_parsed
 from llada_jax.data.sources import open_source
 from llada_jax.tokenizer import check_compatible, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-_LOAD = object()  # make_dataset's default tokenizer: load data.tokenizer
-
 
 def _checked_tokenizer(config: ml_collections.ConfigDict, model_config: LLaDAConfig):
     """The TokenizerHelper of data.tokenizer (None without one), checked against the model config."""
@@ -59,60 +54,57 @@ def _checked_tokenizer(config: ml_collections.ConfigDict, model_config: LLaDACon
     return helper
 
 
-def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *, shard: int = 0,
-                 shards: int = 1, source=None, tokenizer=_LOAD) -> grain.IterDataset:
-    """One shard's Grain dataset: records [shard::shards], batches of batch_size / shards rows, read ahead
-    by a thread when data.prefetch_buffer_size > 0 (see the module docstring). `source` and `tokenizer`
-    reuse an opened source and a loaded, checked tokenizer (every shard of a process shares them)."""
-    ds = _row_batches(config, model_config, shard=shard, shards=shards, source=source, tokenizer=tokenizer)
+def make_dataset(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+    """This process's Grain dataset of local micro-batches (see the module docstring): the `StreamBatcher` of
+    its row streams, read ahead by a thread when data.prefetch_buffer_size > 0."""
+    ds = stream_batcher(config, model_config, process_index=process_index, process_count=process_count)
     if config.data.prefetch_buffer_size > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=config.data.prefetch_buffer_size)
     return ds
 
 
-def _row_batches(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *, shard: int, shards: int,
-                 source, tokenizer) -> RowBatcher:
-    """make_dataset's pipeline up to the RowBatcher (without the prefetch thread)."""
-    check_config(config, model_config)
-    if not 0 <= shard < shards:
-        raise ValueError(f"shard {shard} is not in [0, {shards})")
-    check_batch_size(config.batch_size, shards)
+def stream_batcher(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *, process_index: int = 0,
+                   process_count: int = 1) -> StreamBatcher:
+    """`make_dataset` without the read-ahead thread."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+    num_streams = check_config(config, model_config, process_count=process_count)
+    per_process = num_streams // process_count
+    streams = list(range(process_index * per_process, (process_index + 1) * per_process))
     data = config.data
-    task = config.task
-
-    helper = _checked_tokenizer(config, model_config) if tokenizer is _LOAD else tokenizer
-    source = source if source is not None else open_data_source(config)
-    if len(source) < shards:
-        raise ValueError(f"{config.data_path}: {len(source)} records cannot be split into {shards} data shards")
-
-    ds = grain.MapDataset.source(source)
-    if shards > 1:
-        ds = ds[shard::shards]
-    records = len(ds)
+    helper = _checked_tokenizer(config, model_config)
+    source = open_data_source(config)
+    order = grain.MapDataset.source(source)
     if data.shuffle:
-        ds = ds.shuffle(seed=int(config.seed) % 2**32)
-    ds = ds.repeat(None)
+        order = order.shuffle(seed=int(config.seed) % 2**32)
+    order = order.repeat(None)
 
     ids = dict(vocab_size=model_config.padded_vocab_size, mask_token_id=model_config.mask_token_id,
                eos_token_id=model_config.eos_token_id, bos_token_id=model_config.bos_token_id,
                tokenizer=helper, skip_invalid=data.skip_invalid)
-    if task == "pretrain":
+    if config.task == "pretrain":
         fmt, mode = PretrainFormat(**ids), data.pretrain_mode
     else:
         fmt, mode = SftFormat(max_length=config.max_length, too_long=data.too_long, **ids), "sft"
-    ds = ds.map(fmt)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
-                                              prefetch_buffer_size=max(1, data.worker_buffer_size)))
-    if data.num_workers > 0:
-        mark_absl_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers,
-                                                         per_worker_buffer_size=data.worker_buffer_size))
-    ds = RowBatcher(ds, mode=mode, max_length=config.max_length, batch_size=config.batch_size // shards,
-                    pad_id=model_config.eos_token_id, records_per_epoch=records,
-                    empty_files=getattr(source, "empty_files", ()),
-                    signature={"mode": mode, "num_workers": data.num_workers, "shard": shard, "num_shards": shards,
-                               "data_path": config.data_path, "records": len(source),
-                               "seed": int(config.seed), "shuffle": bool(data.shuffle)})
+
+    def records(starts: list[int]) -> grain.DatasetIterator:
+        ds = StreamRecords(order, streams=streams, num_streams=num_streams, starts=starts).map(fmt)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
+                                                  prefetch_buffer_size=max(1, data.worker_buffer_size)))
+        if data.num_workers > 0:
+            mark_absl_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers,
+                                                             per_worker_buffer_size=data.worker_buffer_size))
+        return iter(ds)
+
+    ds = StreamBatcher(records, streams=streams, num_streams=num_streams,
+                       rows_per_stream=config.batch_size // num_streams, mode=mode, max_length=config.max_length,
+                       pad_id=model_config.eos_token_id, records_per_epoch=len(source),
+                       empty_files=getattr(source, "empty_files", ()),
+                       signature={"mode": mode, "num_streams": num_streams, "data_path": config.data_path,
+                                  "records": len(source), "seed": int(config.seed), "shuffle": bool(data.shuffle),
+                                  "max_length": int(config.max_length)})
     return ds
 
 
@@ -129,56 +121,46 @@ def open_data_source(config: ml_collections.ConfigDict):
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, model_config: LLaDAConfig, *, process_index: int = 0,
-                        process_count: int = 1) -> "ShardedIterator":
+                        process_count: int = 1) -> "TrainIterator":
     """This process's iterator over local micro-batches: {"input_ids": int32 [B / P, max_length]} and, for
-    SFT, "prompt_lengths" and "answer_lengths" int32 [B / P] (B = config.batch_size, P = process_count).
+    SFT, "prompt_lengths" and "answer_lengths" int32 [B / P] (B = config.batch_size, P = process_count): rows
+    [p B/P, (p+1) B/P) of every global micro-batch, whatever P is.
 
-    The global micro-batch is the concatenation of `num_shards` independent row streams (shard s reads
-    records s::num_shards and contributes rows [s B/S, (s+1) B/S)); process p runs shards
-    [p S/P, (p+1) S/P), so its rows are rows [p B/P, (p+1) B/P) of the global batch. With a fixed
-    `data.num_shards` the global batches do not depend on how many processes read them.
-
-    Save and restore it with `get_state()` / `set_state()` (a dict of per-shard states, which another
-    process layout over the same shards can restore), or inside an Orbax composite with
+    Save and restore it with `get_state()` / `set_state()` (a dict of per-stream positions; `merge_states` of
+    every process's state restores under another process layout), or inside an Orbax composite with
     `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` (per-process files). Close it
     (`it.close()`, or use it as a context manager) when done; one left open is closed at exit.
     """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
-    shards = check_config(config, model_config, process_count=process_count)
-    per_process = shards // process_count
-    source = open_data_source(config)
-    helper = _checked_tokenizer(config, model_config)
-    mine = range(process_index * per_process, (process_index + 1) * per_process)
-    batchers = {s: iter(_row_batches(config, model_config, shard=s, shards=shards, source=source, tokenizer=helper))
-                for s in mine}
-    return ShardedIterator(batchers, prefetch_buffer_size=config.data.prefetch_buffer_size)
+    batcher = iter(stream_batcher(config, model_config, process_index=process_index, process_count=process_count))
+    return TrainIterator(batcher, prefetch_buffer_size=config.data.prefetch_buffer_size)
 
 
-class ShardedIterator(grain.DatasetIterator):
-    """Concatenates one micro-batch from each of this process's shard iterators, in shard order.
+def merge_states(states: list[dict]) -> dict:
+    """The iterator states of several processes as one, which any process layout restores from."""
+    merged = {"streams": {}, "batches": states[0]["batches"], "signature": states[0].get("signature", {})}
+    for state in states:
+        merged["streams"].update(state["streams"])
+    return merged
 
-    `batchers`: {shard: RowBatcherIterator}; with `prefetch_buffer_size` > 0 each is read ahead by a Grain
-    thread-prefetch iterator. The shard iterators are held here only (not as Grain parents), so `close()` can
-    let go of them: they are freed while the interpreter is intact, not during its shutdown.
-    """
 
-    def __init__(self, batchers: dict, *, prefetch_buffer_size: int = 0):
+class TrainIterator(grain.DatasetIterator):
+    """The iterator `make_train_iterator` returns: the batcher (read ahead by a Grain thread-prefetch iterator
+    when data.prefetch_buffer_size > 0), with `stats`, a context manager and a `close()` that lets go of the
+    Grain iterators so they are freed while the interpreter is intact, not during its shutdown."""
+
+    def __init__(self, batcher: StreamBatcherIterator, *, prefetch_buffer_size: int = 0):
         super().__init__()
-        self._batchers = dict(batchers)  # read directly by `stats`
-        self._shards = {s: grain.experimental.ThreadPrefetchDatasetIterator(b, prefetch_buffer_size)
-                        if prefetch_buffer_size > 0 else b for s, b in self._batchers.items()}
+        self._batcher = batcher
+        self._inner = grain.experimental.ThreadPrefetchDatasetIterator(batcher, prefetch_buffer_size) \
+            if prefetch_buffer_size > 0 else batcher
         self._final_stats = None  # the stats when it was closed
         _OPEN_ITERATORS.add(self)
 
     def __next__(self) -> dict:
         self._assert_not_closed()
-        parts = [next(it) for it in self._shards.values()]
-        if len(parts) == 1:
-            return parts[0]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return next(self._inner)
 
-    def __enter__(self) -> "ShardedIterator":
+    def __enter__(self) -> "TrainIterator":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -186,56 +168,38 @@ class ShardedIterator(grain.DatasetIterator):
 
     @property
     def stats(self) -> dict:
-        """Records read, batches made and skip events so far, summed over the shards (see `pipeline_stats`)."""
-        if self._closed:
-            return self._final_stats
-        found = [b.stats for b in self._batchers.values()]
-        if len(found) == 1:
-            return found[0]
-        total = {"records": sum(f["records"] for f in found), "batches": found[0]["batches"], "skipped": {},
-                 "skip_examples": [e for f in found for e in f["skip_examples"]],
-                 "empty_files": found[0]["empty_files"]}
-        for f in found:
-            for reason, n in f["skipped"].items():
-                total["skipped"][reason] = total["skipped"].get(reason, 0) + n
-        return total
+        """Records read, batches made and skip events so far (see `pipeline_stats`)."""
+        return self._final_stats if self._closed else self._batcher.stats
 
     def start_prefetch(self) -> None:
-        for it in self._shards.values():
-            it.start_prefetch()
+        self._inner.start_prefetch()
 
     def get_state(self) -> dict:
-        return {"shards": {str(s): it.get_state() for s, it in self._shards.items()}}
+        return self._inner.get_state()
 
     def set_state(self, state: dict) -> None:
-        saved = state.get("shards", {})
-        missing = [s for s in self._shards if str(s) not in saved]
-        if missing:
-            raise ValueError(f"cannot restore the data iterator: the saved state has shards {sorted(saved)}, "
-                             f"not this process's shards {missing} (a different data.num_shards?)")
-        for s, it in self._shards.items():
-            it.set_state(saved[str(s)])
+        self._inner.set_state(state)
 
     def close(self) -> None:
-        """Stops the prefetch threads and worker processes and drops the shard iterators (`stats` keeps
-        their last counts). Idempotent: Grain's `DatasetIterator.__del__` calls it again."""
+        """Stops the prefetch thread and worker processes and drops the Grain iterators (`stats` keeps their last
+        counts). Idempotent: Grain's `DatasetIterator.__del__` calls it again."""
         if self._closed:
             return
         self._final_stats = self.stats
         self._closed = True
-        shards, self._shards, self._batchers = self._shards, {}, {}
-        for it in shards.values():
-            it.close()
+        inner, batcher, self._inner, self._batcher = self._inner, self._batcher, None, None
+        inner.close()
+        batcher.close()
 
 
-# Every ShardedIterator still alive, held weakly: one nobody refers to any more is closed by Grain's
+# Every TrainIterator still alive, held weakly: one nobody refers to any more is closed by Grain's
 # DatasetIterator.__del__ when it is collected; the others are closed by close_open_iterators at exit.
-_OPEN_ITERATORS: "weakref.WeakSet[ShardedIterator]" = weakref.WeakSet()
+_OPEN_ITERATORS: "weakref.WeakSet[TrainIterator]" = weakref.WeakSet()
 
 
 @atexit.register
 def close_open_iterators() -> None:
-    """Closes every iterator from `make_train_iterator` (every ShardedIterator) that is still open. The Grain
+    """Closes every iterator from `make_train_iterator` (every TrainIterator) that is still open. The Grain
     iterators they held are freed as they let go of them (a collection frees any kept alive by a reference
     cycle). Registered with atexit: at exit it runs before the interpreter tears its modules down (see the
     module docstring)."""
@@ -267,7 +231,7 @@ def global_batch(local_batch: dict, mesh, spec) -> dict:
 
 def pipeline_stats(iterator) -> dict:
     """Records read, batches made and skip events so far (counts and the first locations) of an iterator
-    from `make_train_iterator` (read-ahead by prefetching included), summed over its shards."""
-    if not isinstance(iterator, ShardedIterator):
+    from `make_train_iterator` (read-ahead by prefetching included), summed over its row streams."""
+    if not isinstance(iterator, TrainIterator):
         raise ValueError(f"{iterator} is not a make_train_iterator iterator")
     return iterator.stats

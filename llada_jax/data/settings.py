@@ -2,7 +2,7 @@
 
 `check_config(config, model_config, process_count=)` checks everything about the data section that can be
 checked without reading data (task, pretrain_mode, too_long, max_length against the model, the shard layout)
-and returns the number of data shards. The training loop calls it at start-up, the pipeline again when it
+and returns the number of row streams. The training loop calls it at start-up, the pipeline again when it
 builds a dataset, so both report a bad setting with the same one-line message naming the field.
 
 `mark_absl_flags_parsed()` prepares a program that is not an absl app for Grain's worker processes.
@@ -18,7 +18,7 @@ TASKS = ("pretrain", "sft")
 
 
 def check_config(config, model_config=None, *, process_count: int = 1) -> int:
-    """Checks the data settings of a training config; returns the number of data shards (`num_shards`).
+    """Checks the data settings of a training config; returns the number of row streams (`num_shards`).
 
     `model_config`: the model the batches are for (an `LLaDAConfig`; by default `config.model`), whose
     `max_sequence_length` bounds `max_length`. `process_count`: how many processes will read the data.
@@ -39,8 +39,13 @@ def check_config(config, model_config=None, *, process_count: int = 1) -> int:
 
 
 def num_shards(config, process_count: int) -> int:
-    """The number of independent row streams: `data.num_shards`, or one per process when it is 0."""
-    shards = int(config.data.num_shards) or process_count
+    """The number of row streams S that make up each global micro-batch: `data.num_shards`, or one per row
+    (S = batch_size) when it is 0. The data order depends on S, never on the process count, which must divide
+    S (each process runs the streams of its rows)."""
+    shards = int(config.data.num_shards) or int(config.batch_size)
+    if not config.data.num_shards and shards > 0 and shards % process_count:
+        raise ValueError(f"batch_size {shards} (global) must be a multiple of the process count {process_count}: "
+                         f"each process reads the rows of its part of the batch")
     if shards <= 0 or shards % process_count:
         raise ValueError(f"data.num_shards {shards} must be a positive multiple of the process count {process_count}")
     check_batch_size(config.batch_size, shards)
@@ -48,10 +53,10 @@ def num_shards(config, process_count: int) -> int:
 
 
 def check_batch_size(batch_size: int, shards: int) -> None:
-    """Each shard makes an equal part of the global batch, so `batch_size` must be a multiple of `shards`."""
+    """Each row stream makes an equal part of the global batch, so `batch_size` must be a multiple of `shards`."""
     if batch_size <= 0 or batch_size % shards:
         raise ValueError(f"batch_size {batch_size} (global) must be a positive multiple of the "
-                         f"{shards} data shards (data.num_shards, or the process count)")
+                         f"{shards} data row streams (data.num_shards)")
 
 
 def mark_absl_flags_parsed() -> None:

@@ -48,6 +48,16 @@ class SkipReport:
         if len(self.examples) < self.keep:
             self.examples.append(str(event))
 
+    @classmethod
+    def combined(cls, reports, keep: int) -> "SkipReport":
+        """One report of several: their counts summed, their examples in order up to `keep`."""
+        out = cls(keep)
+        for report in reports:
+            for kind, n in report.counts.items():
+                out.counts[kind] += n
+            out.examples += report.examples[:keep - len(out.examples)]
+        return out
+
     def merged(self, events) -> "SkipReport":
         out = SkipReport.from_state(self.to_state())
         for event in events:

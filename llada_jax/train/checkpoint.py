@@ -9,8 +9,11 @@ all processes (keyed by shard, so another process layout over the same shards re
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +22,23 @@ import orbax.checkpoint as ocp
 
 from llada_jax.checkpoints import layout
 from llada_jax.checkpoints.orbax_model import model_items, restore_items
-from llada_jax.errors import ResumeError
+from llada_jax.errors import CheckpointError, ResumeError
 from llada_jax.train.step import TrainState, host_scalar
 
 
-def check_resumable(run_dir: str, seed: int) -> int | None:
-    """The step a run in `run_dir` resumes from (None: nothing to resume), after checking that it is a
-    training checkpoint saved with the same seed."""
-    step = layout.latest_finished_step(run_dir)
-    if step is None:
+def check_resumable(run_dir: str, seed: int, restore_step: int = 0) -> int | None:
+    """The step a run in `run_dir` resumes from (None: nothing to resume): `restore_step`, or the latest finished
+    step when it is 0, after checking that it is a training checkpoint saved with the same seed."""
+    steps = layout.finished_steps(run_dir)
+    if restore_step:
+        if restore_step not in steps:
+            raise ResumeError(f"checkpoint.restore_step {restore_step}: {layout.checkpoints_dir(run_dir)} has no "
+                              f"finished step {restore_step} (it has {', '.join(map(str, steps)) or 'none'})")
+        step = restore_step
+    elif not steps:
         return None
+    else:
+        step = steps[-1]
     where = layout.step_dir(run_dir, step)
     if not os.path.isdir(os.path.join(where, layout.TRAIN_STATE)):
         raise ResumeError(f"{where} is a model checkpoint, not a training run's (no {layout.TRAIN_STATE}): start "
@@ -42,7 +52,9 @@ def check_resumable(run_dir: str, seed: int) -> int | None:
 
 
 def gather_data_state(data) -> dict:
-    """Every process's data-iterator state merged into one dict of per-shard states (process-count free)."""
+    """Every process's data-iterator state merged into one (per row stream: process-count free)."""
+    from llada_jax.data.pipeline import merge_states
+
     local = data.get_state()
     if jax.process_count() == 1:
         return local
@@ -52,10 +64,8 @@ def gather_data_state(data) -> dict:
     longest = int(np.max(multihost_utils.process_allgather(np.array([blob.size]))))
     padded = np.zeros(longest, np.uint8)
     padded[: blob.size] = blob
-    merged = {"shards": {}}
-    for row in np.asarray(multihost_utils.process_allgather(padded)):
-        merged["shards"].update(json.loads(bytes(row).rstrip(b"\0").decode())["shards"])
-    return merged
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return merge_states([json.loads(bytes(row).rstrip(b"\0").decode()) for row in rows])
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, *, model_config, config, data) -> None:
@@ -73,20 +83,15 @@ def save(manager: ocp.CheckpointManager, state: TrainState, *, model_config, con
     manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState, data) -> TrainState:
-    """The training state of `step`, restored into the shardings of `abstract` (ShapeDtypeStructs), and the
-    data iterator moved to where it was."""
+def read_state(manager: ocp.CheckpointManager, step: int, abstract: TrainState) -> tuple[TrainState, dict]:
+    """(the training state of `step` restored into the shardings of `abstract`, the saved data-iterator state).
+
+    A step that cannot be read whole (truncated or missing files, bit rot, a partial copy) is a
+    CheckpointError naming it, what is wrong, and the older steps that can be read."""
     where = f"{manager.directory / str(step)}"
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        layout.PARAMS: ocp.args.StandardRestore(abstract.params),
-        layout.OPT_STATE: ocp.args.StandardRestore(abstract.opt_state),
-        layout.TRAIN_STATE: ocp.args.JsonRestore(),
-        layout.DATA_STATE: ocp.args.JsonRestore(),
-    }))
-    try:
-        data.set_state(restored[layout.DATA_STATE])
-    except ValueError as e:  # e.g. saved with another data.num_shards
-        raise ResumeError(f"{where}: {e}") from e
+    restored, reason = _restore_items(manager, step, abstract)
+    if restored is None:
+        raise CheckpointError(_damage_report(manager, step, abstract, reason))
     meta = restored[layout.TRAIN_STATE]
     if meta["step"] != step:
         raise ResumeError(f"{where} holds {layout.TRAIN_STATE}.step {meta['step']}")
@@ -94,6 +99,78 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState, dat
     def scalar(v):
         return jax.device_put(jnp.asarray(v, jnp.int32), abstract.step.sharding)
 
-    return TrainState(step=scalar(meta["step"]), params=restored[layout.PARAMS],
-                      opt_state=restored[layout.OPT_STATE], nonfinite_streak=scalar(meta["nonfinite_streak"]),
-                      nonfinite_total=scalar(meta["nonfinite_total"]))
+    state = TrainState(step=scalar(meta["step"]), params=restored[layout.PARAMS],
+                       opt_state=restored[layout.OPT_STATE], nonfinite_streak=scalar(meta["nonfinite_streak"]),
+                       nonfinite_total=scalar(meta["nonfinite_total"]))
+    return state, restored[layout.DATA_STATE]
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState, data) -> TrainState:
+    """`read_state`, and the data iterator moved to where it was."""
+    state, data_state = read_state(manager, step, abstract)
+    try:
+        data.set_state(data_state)
+    except ValueError as e:  # e.g. saved with another data.num_shards
+        raise ResumeError(f"{manager.directory / str(step)}: {e}") from e
+    return state
+
+
+def _restore_items(manager: ocp.CheckpointManager, step: int, abstract: TrainState):
+    """(the restored items of `step`, None), or (None, what is wrong) when they cannot be read."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**{
+            layout.PARAMS: ocp.args.StandardRestore(abstract.params),
+            layout.OPT_STATE: ocp.args.StandardRestore(abstract.opt_state),
+            layout.TRAIN_STATE: ocp.args.JsonRestore(),
+            layout.DATA_STATE: ocp.args.JsonRestore(),
+        })), None
+    except Exception as e:  # noqa: BLE001 - TensorStore, Orbax and the OS report damage in many types
+        reason = _first_line(e)
+    _finalise_abandoned_reads()
+    return None, reason
+
+
+def _finalise_abandoned_reads() -> None:
+    """A failed Orbax restore leaves its other array reads behind as suspended coroutines. Collected at interpreter
+    shutdown, each prints an ImportError; collected now, each reports the same read error once more. Collect them
+    now, with those reports (about coroutines only) left out: the error was reported already."""
+    hook = sys.unraisablehook
+
+    def quiet(unraisable):
+        if not isinstance(unraisable.object, types.CoroutineType):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost message of an error chain, on one line (TensorStore's own says which file and range)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    return text if len(text) < 400 else text[:400] + " ..."
+
+
+def _damage_report(manager: ocp.CheckpointManager, step: int, abstract: TrainState, reason: str) -> str:
+    older = [s for s in layout.finished_steps(str(manager.directory.parent)) if s < step][::-1]
+    readable = []
+    for candidate in older[:MAX_CHECKED]:  # newest first; each check is a full restore
+        if _restore_items(manager, candidate, abstract)[0] is not None:
+            readable.append(candidate)
+    where = f"{manager.directory / str(step)}"
+    if readable:
+        unchecked = older[MAX_CHECKED:]
+        also = f" (older, not checked: {', '.join(map(str, unchecked))})" if unchecked else ""
+        advice = (f"readable older steps: {', '.join(map(str, readable))}{also}. To resume from one, run the same "
+                  f"command with --config.checkpoint.restore_step={readable[0]} (the later steps are deleted)")
+    else:
+        advice = (f"no older step is readable ({', '.join(map(str, older)) or 'there is none'}); start a new run in "
+                  f"another --output_dir, or from a model with --model_name_or_path")
+    return f"{where}: this checkpoint cannot be read ({reason}); {advice}"
+
+
+MAX_CHECKED = 3  # older steps checked for a damage report

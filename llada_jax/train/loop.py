@@ -14,6 +14,7 @@ exits. `train(config, on_step=f)` calls f(step) after every step (tests inject f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import logging
@@ -182,19 +183,41 @@ class TrainingRun:
             if stored is None and config.model_name_or_path:
                 stored = layout.tokenizer_path(config.model_name_or_path)
             config.data.tokenizer = stored or ""
-        checkpoint.check_resumable(config.output_dir, config.seed)
+        start = checkpoint.check_resumable(config.output_dir, config.seed, config.checkpoint.restore_step)
         model_config = resolve_model_config(config)
         config.model.update(model_config.to_dict())
         mesh = make_run_mesh(config)
         os.makedirs(config.output_dir, exist_ok=True)
         trainer = Trainer(config, model_config, mesh)
-        data = make_train_iterator(config, model_config, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-        manager = checkpoint_manager(config.output_dir, keep=config.checkpoint.keep,
-                                     async_save=config.checkpoint.async_save)
-        start = manager.latest_step()
+        with contextlib.ExitStack() as on_error:  # closed (data workers, Orbax threads) unless open() succeeds
+            data = make_train_iterator(config, model_config, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+            on_error.callback(data.close)
+            manager = checkpoint_manager(config.output_dir, keep=config.checkpoint.keep,
+                                         async_save=config.checkpoint.async_save)
+            on_error.callback(manager.close)
+            state, start = cls._initial_state(config, model_config, mesh, trainer, data, manager, start)
+            on_error.pop_all()
+        is_main = jax.process_index() == 0
+        if is_main:
+            write_json(os.path.join(config.output_dir, layout.RUN_CONFIG), config.to_dict())
+            if config.data.tokenizer:
+                copy_dir(config.data.tokenizer, os.path.join(config.output_dir, layout.TOKENIZER))
+        logger = MetricsLogger(config.output_dir, enabled=is_main, wandb_config=config.wandb,
+                               run_config=config.to_dict())
+        logger.truncate_after(start)
+        return cls(config, model_config, mesh, trainer, data, manager, logger, state, start)
+
+    @staticmethod
+    def _initial_state(config, model_config, mesh, trainer, data, manager, start):
+        """(state, step): resumed from step `start` of output_dir, else from model_name_or_path, else new."""
         if start is not None:
             state = checkpoint.restore(manager, start, trainer.abstract_state(), data)
+            later = [s for s in manager.all_steps() if s > start]
+            for step in later:  # superseded: the run continues from `start` (checkpoint.restore_step)
+                manager.delete(step)
+            if later:
+                log.warning("resuming from step %d: deleted the later checkpoint steps %s", start, later)
             log.info("resumed from %s step %d", config.output_dir, start)
         elif config.model_name_or_path:
             from flax import nnx
@@ -209,15 +232,7 @@ class TrainingRun:
         else:
             start = 0
             state = trainer.init_state(int(config.seed))
-        is_main = jax.process_index() == 0
-        if is_main:
-            write_json(os.path.join(config.output_dir, layout.RUN_CONFIG), config.to_dict())
-            if config.data.tokenizer:
-                copy_dir(config.data.tokenizer, os.path.join(config.output_dir, layout.TOKENIZER))
-        logger = MetricsLogger(config.output_dir, enabled=is_main, wandb_config=config.wandb,
-                               run_config=config.to_dict())
-        logger.truncate_after(start)
-        return cls(config, model_config, mesh, trainer, data, manager, logger, state, start)
+        return state, start
 
     def step(self) -> dict:
         """One optimizer step over the next `gradient_accumulation_steps` micro-batches; returns its metrics

@@ -55,7 +55,8 @@ def test_convert_sharegpt_cli_writes_one_example_per_turn(tmp_path, tokenizer_di
     # Training on the converted file gives the same rows as training on the chats themselves.
     rows = []
     for path, tok in ((src, tokenizer_dir), (str(out), "")):
-        c = tiny_train_config(path, tmp_path, task="sft", max_length=96, batch_size=3, shuffle=False, tokenizer=tok)
+        c = tiny_train_config(path, tmp_path, task="sft", max_length=96, batch_size=3, shuffle=False, tokenizer=tok,
+                              num_shards=1)
         rows.append(next(make_train_iterator(c, LLaDAConfig.tiny())))
     for key in rows[0]:
         assert np.array_equal(rows[0][key], rows[1][key])

@@ -1,5 +1,6 @@
-"""The Grain pipeline: token streams against naive computations, shuffling, exact resume (state dicts and
-Orbax), per-process slices, worker processes, skipped records, and the global batch on a device mesh."""
+"""The Grain pipeline: token streams against naive computations, shuffling, row streams and process-count
+independence, exact resume (state dicts and Orbax, across process layouts), worker processes, skipped records,
+and the global batch on a device mesh. Tests of one stream's packing set data.num_shards=1 (one row stream)."""
 
 import gc
 import json
@@ -13,8 +14,13 @@ import numpy as np
 import pytest
 
 from llada_jax.config import LLaDAConfig
-from llada_jax.data.batching import RowBatcherIterator
-from llada_jax.data.pipeline import global_batch, make_train_iterator, pipeline_stats
+from llada_jax.data.batching import StreamBatcherIterator
+from llada_jax.data.pipeline import (
+    global_batch,
+    make_train_iterator,
+    merge_states,
+    pipeline_stats,
+)
 from llada_jax.data.settings import check_config
 from llada_jax.errors import DataError
 from tests.data.datahelpers import tiny_train_config, write_jsonl
@@ -51,7 +57,7 @@ def doc_sequence(tokens):
 
 def test_concat_stream_is_documents_joined_with_eos(tmp_path):
     path, docs = docs_file(tmp_path, [3, 1, 7, 20, 2, 5])
-    it = make_train_iterator(tiny_train_config(path, tmp_path, shuffle=False), TINY)
+    it = make_train_iterator(tiny_train_config(path, tmp_path, shuffle=False, num_shards=1), TINY)
     batch = next(it)
     assert set(batch) == {"input_ids"} and batch["input_ids"].shape == (4, 16) and batch["input_ids"].dtype == np.int32
     epoch = np.concatenate([d + [EOS] for d in docs])  # 44 tokens; three epochs in 3 batches of 64 tokens
@@ -62,21 +68,23 @@ def test_concat_stream_is_documents_joined_with_eos(tmp_path):
 def test_shuffle_is_seeded_and_changes_each_epoch(tmp_path):
     n = 20
     path, _ = docs_file(tmp_path, [1 + i % 4 for i in range(n)])  # 70 tokens per epoch
-    c = tiny_train_config(path, tmp_path, seed=0)
+    c = tiny_train_config(path, tmp_path, seed=0, num_shards=1)
     epochs = doc_sequence(stream(make_train_iterator(c, TINY), 4))[:3 * n]
     first, second, third = epochs[:n], epochs[n:2 * n], epochs[2 * n:]
     for e in (first, second, third):
         assert sorted(e) == list(range(1, n + 1))  # every record once per epoch
     assert first != list(range(1, n + 1)) and first != second and second != third
-    again = doc_sequence(stream(make_train_iterator(tiny_train_config(path, tmp_path, seed=0), TINY), 4))
+    again = doc_sequence(stream(make_train_iterator(tiny_train_config(path, tmp_path, seed=0, num_shards=1), TINY), 4))
     assert again[:3 * n] == epochs  # deterministic for a seed
-    other = doc_sequence(stream(make_train_iterator(tiny_train_config(path, tmp_path, seed=7), TINY), 4))
+    other = doc_sequence(stream(make_train_iterator(tiny_train_config(path, tmp_path, seed=7, num_shards=1), TINY),
+                                4))
     assert other[:n] != first
 
 
 def test_pad_mode_one_document_per_row(tmp_path):
     path, docs = docs_file(tmp_path, [3, 15, 16, 40, 1])
-    it = make_train_iterator(tiny_train_config(path, tmp_path, shuffle=False, pretrain_mode="pad", batch_size=3), TINY)
+    it = make_train_iterator(tiny_train_config(path, tmp_path, shuffle=False, pretrain_mode="pad", batch_size=3,
+                                               num_shards=1), TINY)
     rows = np.concatenate([next(it)["input_ids"] for _ in range(3)])
     expected = []
     for d in docs:  # doc + EOS, cut into rows of 16, the last one EOS-padded
@@ -92,7 +100,7 @@ def test_text_documents_are_tokenized(tmp_path, helper, tokenizer_dir):
     texts = ["The capital of France is Paris.", "Hello world!", "A quick brown fox."]
     path = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in texts])
     c = tiny_train_config(path, tmp_path, shuffle=False, batch_size=2, tokenizer=tokenizer_dir,
-                          prefetch_buffer_size=2)
+                          prefetch_buffer_size=2, num_shards=1)
     it = make_train_iterator(c, TINY)
     epoch = [tok for t in texts for tok in helper.encode(t) + [EOS]]
     got = stream(it, 2).tolist()
@@ -115,7 +123,7 @@ def chat_records():
 def test_sft_batches_align_prompt_answer_and_padding_token_by_token(tmp_path, helper, tokenizer_dir):
     path = write_jsonl(tmp_path / "sft.jsonl", chat_records())
     c = tiny_train_config(path, tmp_path, task="sft", max_length=96, batch_size=2, shuffle=False,
-                          tokenizer=tokenizer_dir)
+                          tokenizer=tokenizer_dir, num_shards=1)
     it = make_train_iterator(c, TINY)
     batches = [next(it) for _ in range(2)]
     e = helper.encode
@@ -153,11 +161,11 @@ def test_exact_resume_mid_epoch_and_mid_record(tmp_path, tokenizer_dir, task, pr
     it = make_train_iterator(c, TINY)
     for _ in range(3):
         next(it)
-    while it.get_state()["shards"]["0"]["offset"] == 0:  # stop inside a record (a document, or a dialogue's examples)
+    while it.get_state()["streams"]["0"]["offset"] == 0:  # stream 0 inside a record (a document, or a dialogue)
         next(it)
     state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-    shard = state["shards"]["0"]
-    assert shard["offset"] > 0 and shard["records"] < 30  # mid-record, mid-epoch
+    first = state["streams"]["0"]
+    assert first["offset"] > 0 and first["record"] < 15  # mid-record, mid-epoch (each stream reads 15 an epoch)
     rest = [next(it) for _ in range(12)]
     fresh = make_train_iterator(c, TINY)
     fresh.set_state(state)
@@ -196,49 +204,54 @@ def test_restoring_into_a_different_pipeline(tmp_path, caplog):
     it = make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2), TINY)
     next(it)
     state = it.get_state()
-    other = make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2, num_workers=1), TINY)
-    with pytest.raises(ValueError, match=r"saved by a pipeline with num_workers=0 \(now 1\)"):
+    other = make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2, num_shards=1), TINY)
+    with pytest.raises(ValueError, match=r"saved by a pipeline with num_streams=2 \(now 1\)"):
         other.set_state(state)
-    other.close()
-    with pytest.raises(ValueError, match=r"num_shards=1 \(now 2\)"):
-        make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2), TINY, process_count=2).set_state(state)
     with caplog.at_level(logging.WARNING):
         make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2, seed=9), TINY).set_state(state)
     assert "saved with seed=0 (now 9)" in caplog.text
+    # the worker layout is not part of the state: a run may change data.num_workers
+    with make_train_iterator(tiny_train_config(path, tmp_path, batch_size=2, num_workers=1), TINY) as workers:
+        workers.set_state(state)
+        np.testing.assert_array_equal(next(workers)["input_ids"], next(it)["input_ids"])
 
 
-def test_process_slices_partition_the_data(tmp_path):
+def test_row_streams_partition_each_epoch_over_the_processes(tmp_path):
     n = 10
     path, _ = docs_file(tmp_path, [2 + i % 5 for i in range(n)])  # each document fits one row
+    c = tiny_train_config(path, tmp_path, pretrain_mode="pad", batch_size=4, seed=5)  # 4 row streams
+    # stream s reads positions s, s + 4, s + 8, ... of the epoch order: in the first epoch (positions 0-9)
+    # process 0 (streams 0, 1) reads positions 0, 1, 4, 5, 8, 9 and process 1 (streams 2, 3) 2, 3, 6, 7
     seen = []
-    for index in range(2):
-        c = tiny_train_config(path, tmp_path, pretrain_mode="pad", batch_size=4, seed=5)
+    for index, steps in ((0, 3), (1, 2)):
         it = make_train_iterator(c, TINY, process_index=index, process_count=2)
-        rows = np.concatenate([next(it)["input_ids"] for _ in range(3)])  # local batch 2: 6 rows, 5 per epoch
-        assert rows.shape == (6, 16)
-        seen.append([int(r[0]) for r in rows[:5]])
-        assert int(rows[5][0]) in seen[-1]  # the next epoch stays inside the process's slice
+        rows = np.concatenate([next(it)["input_ids"] for _ in range(steps)])
+        assert rows.shape == (2 * steps, 16)
+        seen.append([int(r[0]) for r in rows])
     assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == list(range(1, n + 1))
-    with pytest.raises(ValueError, match="batch_size 5 .* multiple of the 2 data shards"):
+    assert sorted(seen[0] + seen[1]) == list(range(1, n + 1))  # each record once in the epoch
+    with pytest.raises(ValueError, match="batch_size 5 \\(global\\) must be a multiple of the process count 2"):
         make_train_iterator(tiny_train_config(path, tmp_path, batch_size=5), TINY, process_count=2)
 
 
-@pytest.mark.parametrize("mode", ["concat", "pad"])
-def test_fixed_shards_make_global_batches_independent_of_the_process_count(tmp_path, mode):
+@pytest.mark.parametrize("mode,num_shards", [("concat", 0), ("pad", 0), ("concat", 2)])
+def test_global_batches_do_not_depend_on_the_process_count(tmp_path, mode, num_shards):
     path, _ = docs_file(tmp_path, [3 + (5 * i) % 29 for i in range(40)])
-    c = tiny_train_config(path, tmp_path, pretrain_mode=mode, batch_size=4, seed=4, num_shards=2)
+    c = tiny_train_config(path, tmp_path, pretrain_mode=mode, batch_size=4, seed=4, num_shards=num_shards)
     one = make_train_iterator(c, TINY)
     two = [make_train_iterator(c, TINY, process_index=i, process_count=2) for i in range(2)]
+    four = [make_train_iterator(c, TINY, process_index=i, process_count=4) for i in range(4)] if not num_shards else []
     for _ in range(12):
         expected = next(one)["input_ids"]
         local = [next(it)["input_ids"] for it in two]
         assert local[0].shape == (2, 16)
         np.testing.assert_array_equal(np.concatenate(local), expected)
-    # the states of two processes together restore one process reading both shards, and vice versa
-    merged = {"shards": {**two[0].get_state()["shards"], **two[1].get_state()["shards"]}}
+        if four:
+            np.testing.assert_array_equal(np.concatenate([next(it)["input_ids"] for it in four]), expected)
+    # the states of two processes together restore one process reading every stream, and vice versa
+    merged = merge_states([json.loads(json.dumps(it.get_state())) for it in two])
     again = make_train_iterator(c, TINY)
-    again.set_state(json.loads(json.dumps(merged)))
+    again.set_state(merged)
     split = make_train_iterator(c, TINY, process_index=1, process_count=2)
     split.set_state(one.get_state())
     for _ in range(5):
@@ -300,13 +313,14 @@ def test_skip_invalid_skips_counts_and_reports(tmp_path, caplog):
     state = it.get_state()
     fresh = make_train_iterator(c, TINY)
     fresh.set_state(state)
-    assert pipeline_stats(fresh)["skipped"]["invalid"] == state["shards"]["0"]["report"]["counts"]["invalid"]
+    assert pipeline_stats(fresh)["skipped"]["invalid"] == state["streams"]["0"]["report"]["counts"]["invalid"]
 
 
 def test_sft_too_long_policies_are_counted(tmp_path):
     records = [{"input_ids": [509, 1, 2, 3, 4, 5, 6, 7], "prompt_length": 5}, {"input_ids": [9, 8], "prompt_length": 1}]
     path = write_jsonl(tmp_path / "sft.jsonl", records)
-    c = tiny_train_config(path, tmp_path, task="sft", max_length=6, batch_size=2, shuffle=False, too_long="skip")
+    c = tiny_train_config(path, tmp_path, task="sft", max_length=6, batch_size=2, shuffle=False, too_long="skip",
+                          num_shards=1)
     it = make_train_iterator(c, TINY)
     assert next(it)["input_ids"].tolist() == [[9, 8, EOS, EOS, EOS, EOS]] * 2
     assert pipeline_stats(it)["skipped"]["too_long"] == 2  # record 1, read in both epochs
@@ -344,9 +358,6 @@ def test_configuration_errors(tmp_path, tokenizer_dir):
     c = tiny_train_config(path, tmp_path, tokenizer=tokenizer_dir)
     with pytest.raises(ValueError, match="does not fit the model config: mask_token_id: tokenizer 511, model 126336"):
         make_train_iterator(c, LLaDAConfig.llada_8b(max_sequence_length=512))
-    with pytest.raises(ValueError, match="2 records cannot be split into 3 data shards"):
-        make_train_iterator(tiny_train_config(write_jsonl(tmp_path / "two.jsonl", [{"input_ids": [1]}] * 2), tmp_path,
-                                              batch_size=3), TINY, process_index=0, process_count=3)
 
 
 def test_global_batch_on_a_device_mesh(tmp_path):
@@ -384,7 +395,9 @@ def test_bad_record_in_a_worker_process_is_reported_the_same(tmp_path):
 
 def test_check_config_returns_the_shard_count_and_names_the_field(tmp_path):
     c = tiny_train_config("unused.jsonl", tmp_path, batch_size=4)
-    assert check_config(c) == 1 and check_config(c, process_count=2) == 2
+    assert check_config(c) == 4 and check_config(c, process_count=2) == 4  # one row stream per row
+    c.data.num_shards = 2
+    assert check_config(c) == 2 and check_config(c, process_count=2) == 2
     c.data.num_shards = 4
     assert check_config(c, process_count=2) == 4
     c.max_length = 1024  # the model of the config (config.model) has max_sequence_length 512
@@ -392,13 +405,13 @@ def test_check_config_returns_the_shard_count_and_names_the_field(tmp_path):
         check_config(c)
     assert check_config(c, LLaDAConfig.tiny(max_sequence_length=1024)) == 4
     c.batch_size = 6
-    with pytest.raises(ValueError, match="batch_size 6 \\(global\\) must be a positive multiple of the 4 data shards"):
+    with pytest.raises(ValueError, match="batch_size 6 \\(global\\) must be a positive multiple of the 4 data row streams"):
         check_config(c, LLaDAConfig.tiny(max_sequence_length=1024))
 
 
 def live_batchers() -> int:
     gc.collect()
-    return sum(isinstance(o, RowBatcherIterator) for o in gc.get_objects())
+    return sum(isinstance(o, StreamBatcherIterator) for o in gc.get_objects())
 
 
 def prefetch_threads() -> list:

@@ -245,7 +245,7 @@ def test_tfds_source_and_pipeline(tmp_path):
         list(src[i].data["input_ids"]) for i in range(3)]
 
     # The pipeline over it: with shuffling off, the token stream is the documents in storage order + EOS.
-    c = tiny_train_config(f"tfds:{name}:train", tmp_path, max_length=8, batch_size=2, shuffle=False,
+    c = tiny_train_config(f"tfds:{name}:train", tmp_path, max_length=8, batch_size=2, shuffle=False, num_shards=1,
                           tfds_data_dir=str(tmp_path / "tfds"))
     from llada_jax.data.pipeline import make_train_iterator
 

@@ -136,7 +136,7 @@ def test_nonfinite_guard_stops_the_run(tmp_path, pretrain_data):
     (["--lr_scheduler_type", "bogus"], "lr_scheduler_type: expected one of ('cosine', 'linear', 'constant', 'wsd')"),
     (["--config.model.remat_policy=bogus"], "model.remat_policy: expected one of"),
     (["--config.model.n_heads=3"], "model.n_heads: d_model 64 is not divisible by n_heads 3"),
-    (["--config.data.num_shards=3"], "must be a positive multiple of the 3 data shards"),
+    (["--config.data.num_shards=3"], "must be a positive multiple of the 3 data row streams"),
     (["--config.mesh.dcn_data=2"], "mesh.dcn_data 2 must be 1 or the number of processes (1)"),
 ])
 def test_cli_errors_before_any_work(tmp_path, pretrain_data, args, message):
