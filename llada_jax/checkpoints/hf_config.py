@@ -11,9 +11,9 @@ config.json is kept with the Orbax checkpoint so that an export writes it back u
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
+from llada_jax.checkpoints import storage
 from llada_jax.checkpoints.layout import HF_CONFIG_FILE
 from llada_jax.config import DTYPES, LLaDAConfig
 from llada_jax.errors import HFConfigError
@@ -168,14 +168,13 @@ def from_hf_config(d: dict[str, Any], *, source: str = HF_CONFIG_FILE, **overrid
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, HF_CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(directory, HF_CONFIG_FILE)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{directory}: no {HF_CONFIG_FILE} (not a Hugging Face model directory)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise HFConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    try:
+        d = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise HFConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
     if not isinstance(d, dict):
         raise HFConfigError(f"{path}: expected a JSON object")
     return d

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 from flax import traverse_util
 
-from llada_jax.checkpoints import hf_keys, layout
+from llada_jax.checkpoints import hf_keys, layout, storage
 from llada_jax.checkpoints.atomic import atomic_dir, write_json
 from llada_jax.checkpoints.hf_config import to_hf_config
 from llada_jax.checkpoints.safetensors_io import ShardedWriter, dtype_name, parse_size
@@ -26,6 +26,9 @@ from llada_jax.config import DTYPES, LLaDAConfig
 LeafLoader = Callable[[], np.ndarray]
 HF_FILES_DIR = os.path.join(os.path.dirname(__file__), "hf_files")
 MODELING_FILES = ("configuration_llada.py", "modeling_llada.py")
+# Uploaded last to an object store: without config.json a directory is not a Hugging Face model directory, so a
+# partial upload is never loaded as one.
+LAST = (layout.HF_CONFIG_FILE,)
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -92,13 +95,13 @@ def convert_to_hf(input_path: str, output_dir: str, *, dtype: str | None = None,
     reader = ParamReader(input_path)
     dtype = dtype or reader.config.param_dtype
     _np_dtype(dtype)
-    if os.path.abspath(output_dir.rstrip("/")) in (os.path.abspath(input_path.rstrip("/")), reader.run_dir):
+    if storage.clean(output_dir) in (storage.clean(input_path), reader.run_dir):
         raise ValueError(f"{output_dir}: the output must differ from the input checkpoint")
     leaves = [(path, (lambda p=path: reader.read(p))) for path in reader.paths()]
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite=overwrite, last=LAST) as tmp:
         write_hf_dir(tmp, reader.config, leaves, dtype=dtype, max_shard_size=max_shard_size,
                      hf_config_base=reader.hf_config(), tokenizer_dir=layout.tokenizer_path(input_path))
-    return os.path.abspath(output_dir)
+    return storage.clean(output_dir)
 
 
 def save_pretrained(model, output_dir: str, *, dtype: str | None = None, max_shard_size: int | str = "5GB",
@@ -127,8 +130,8 @@ def save_pretrained(model, output_dir: str, *, dtype: str | None = None, max_sha
     leaves = [(path, loader(value)) for path, value in params.items()]
     if jax.process_index() != 0:
         write_weights(None, config, leaves, dtype=dtype)
-        return os.path.abspath(output_dir)
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        return storage.clean(output_dir)
+    with atomic_dir(output_dir, overwrite=overwrite, last=LAST) as tmp:
         write_hf_dir(tmp, config, leaves, dtype=dtype, max_shard_size=max_shard_size,
                      tokenizer_dir=tokenizer_dir)
-    return os.path.abspath(output_dir)
+    return storage.clean(output_dir)

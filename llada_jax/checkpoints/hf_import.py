@@ -10,13 +10,11 @@ tensor.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Iterator
 
 import numpy as np
 
-from llada_jax.checkpoints import hf_keys, layout
-from llada_jax.checkpoints.atomic import atomic_dir
+from llada_jax.checkpoints import hf_keys, layout, storage
 from llada_jax.checkpoints.hf_config import from_hf_config, read_hf_config
 from llada_jax.checkpoints.safetensors_io import DTYPES, TensorReader, short_list
 from llada_jax.config import DTYPES as FLOAT_NAMES
@@ -39,11 +37,11 @@ class HFCheckpoint:
 def open_hf_dir(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
                 **overrides) -> HFCheckpoint:
     """Read and check an HF directory. param_dtype defaults to the stored dtype, dtype to param_dtype."""
-    directory = os.path.abspath(path.rstrip("/"))
-    if not os.path.isdir(directory):
+    directory = storage.clean(path)
+    if not storage.is_dir(directory):
         raise FileNotFoundError(f"{path}: no such model directory")
     hf_config = read_hf_config(directory)
-    source = os.path.join(directory, layout.HF_CONFIG_FILE)
+    source = storage.join(directory, layout.HF_CONFIG_FILE)
     config = from_hf_config(hf_config, source=source)
     reader = TensorReader(directory)
     check_weights(reader, config, directory)
@@ -145,21 +143,36 @@ def load_hf_model(path: str, dtype: str | None = None, *, param_dtype: str | Non
 
 
 def convert_from_hf(input_dir: str, output_dir: str, *, dtype: str | None = None,
-                        overwrite: bool = False) -> str:
+                    overwrite: bool = False) -> str:
     """Write an HF directory as an Orbax model checkpoint (step 0) that `load_model` / `load_pretrained`
     accept, with the tokenizer files in `<output>/tokenizer`. `dtype` sets the stored parameter dtype (and
-    the compute dtype); by default the HF dtype is kept."""
+    the compute dtype); by default the HF dtype is kept.
+
+    A local output is built in a temporary directory and renamed into place. An output in object storage is
+    written straight there, the tokenizer first and the Orbax step last: the step counts only once Orbax has
+    finalised it (its commit marker)."""
     from flax import traverse_util
 
+    from llada_jax.checkpoints.atomic import atomic_dir
     from llada_jax.checkpoints.orbax_model import save_params
 
-    if os.path.abspath(input_dir.rstrip("/")) == os.path.abspath(output_dir.rstrip("/")):
+    if storage.clean(input_dir) == storage.clean(output_dir):
         raise ValueError(f"{output_dir}: the output must differ from the input")
     ck = open_hf_dir(input_dir, param_dtype=dtype, scan_layers=True)
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
-        params = traverse_util.unflatten_dict(dict(iter_param_leaves(ck)))
-        save_params(tmp, params, ck.config, step=0, hf_config=ck.hf_config)
-        del params
-        layout.copy_tokenizer_files(ck.directory, os.path.join(tmp, layout.TOKENIZER))
-    return os.path.abspath(output_dir)
 
+    def write(run_dir: str) -> None:
+        layout.copy_tokenizer_files(ck.directory, storage.join(run_dir, layout.TOKENIZER))
+        params = traverse_util.unflatten_dict(dict(iter_param_leaves(ck)))
+        save_params(run_dir, params, ck.config, step=0, hf_config=ck.hf_config)
+
+    if storage.is_url(output_dir):
+        storage.check_writable(output_dir)
+        if storage.listdir(output_dir):
+            if not overwrite:
+                raise FileExistsError(f"{output_dir}: already exists (pass --overwrite / overwrite=True to replace it)")
+            storage.remove_tree(output_dir)
+        write(storage.clean(output_dir))
+    else:
+        with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+            write(tmp)
+    return storage.clean(output_dir)

@@ -8,9 +8,7 @@
 
 from __future__ import annotations
 
-import os
-
-from llada_jax.checkpoints import layout
+from llada_jax.checkpoints import layout, storage
 from llada_jax.config import LLaDAConfig
 
 
@@ -41,7 +39,7 @@ def load_model_and_tokenizer(path: str, *, dtype: str | None = None, tokenizer: 
         overrides = {"param_dtype": dtype, **overrides}
     model = load_pretrained(path, dtype, **overrides)
     directory = tokenizer or layout.tokenizer_path(path)
-    return model, TokenizerHelper(directory) if directory else None
+    return model, TokenizerHelper(storage.local_copy(directory)) if directory else None
 
 
 def read_model_config(path: str) -> LLaDAConfig:
@@ -49,7 +47,7 @@ def read_model_config(path: str) -> LLaDAConfig:
     if layout.model_format(path) == "hf":
         from llada_jax.checkpoints.hf_config import from_hf_config, read_hf_config
 
-        return from_hf_config(read_hf_config(path), source=os.path.join(path, layout.HF_CONFIG_FILE))
+        return from_hf_config(read_hf_config(path), source=storage.join(path, layout.HF_CONFIG_FILE))
     from llada_jax.checkpoints.orbax_model import read_model_config as read_orbax_config
 
     return read_orbax_config(path)

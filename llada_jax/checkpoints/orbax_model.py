@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx, traverse_util
 
 from llada_jax import sharding
-from llada_jax.checkpoints import layout
+from llada_jax.checkpoints import layout, storage
 from llada_jax.checkpoints.atomic import copy_dir
 from llada_jax.config import LLaDAConfig
 from llada_jax.errors import CheckpointError, CheckpointNotFoundError
@@ -138,7 +138,7 @@ def save_model(model: LLaDAForMaskedLM, run_dir: str, *, step: int = 0, tokenize
     manager.wait_until_finished()
     manager.close()
     if tokenizer_dir and jax.process_index() == 0:
-        copy_dir(tokenizer_dir, f"{run_dir.rstrip('/')}/{layout.TOKENIZER}")
+        copy_dir(tokenizer_dir, storage.join(run_dir, layout.TOKENIZER), last=layout.TOKENIZER_MARKERS)
     return run_dir
 
 

@@ -1,8 +1,11 @@
 """Reading and writing (sharded) safetensors files, one tensor at a time.
 
-Reading goes through the `safetensors` package (`safe_open`): it parses and checks the header, and a tensor
-is copied out of the memory-mapped file when asked for; the file is opened per tensor, so what the map
-touched is released before the next one and host memory holds the tensors being converted plus one.
+Reading a local file goes through the `safetensors` package (`safe_open`): it parses and checks the header, and
+a tensor is copied out of the memory-mapped file when asked for; the file is opened per tensor, so what the map
+touched is released before the next one and host memory holds the tensors being converted plus one. The
+package reads only local files: a shard in object storage (a URL) is read with ranged reads instead, its
+header first (8 bytes of length, then the JSON) and then each tensor's bytes at its offsets, so nothing is
+downloaded that is not converted.
 
 Writing is this module's own `ShardedWriter`: the package writes only whole state dicts (every tensor in
 memory at once, in one call), while a conversion must write a model far larger than host memory one tensor
@@ -28,10 +31,12 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from llada_jax.checkpoints import storage
 from llada_jax.errors import SafetensorsError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_MAX_HEADER = 100 * 1024 * 1024
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -83,18 +88,55 @@ class TensorInfo:
     path: str
     dtype: str  # safetensors name, e.g. "BF16"
     shape: tuple[int, ...]
+    offsets: tuple[int, int] | None = None  # [begin, end) in the data section (read from a URL only)
+
+
+def _remote_header(url: str) -> tuple[dict, int]:
+    """(header without __metadata__, offset of the data section) of a safetensors object, by ranged reads."""
+    size = storage.info(url)["size"]
+    with storage.open_file(url, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise SafetensorsError(f"{url}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(_MAX_HEADER, size - 8):
+            raise SafetensorsError(f"{url}: not a safetensors file (header length {n} is invalid)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SafetensorsError(f"{url}: not a safetensors file (unreadable header: {e})") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{url}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            dtype, shape = entry["dtype"], tuple(int(s) for s in entry["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SafetensorsError(f"{url}: malformed header entry for {name!r}") from e
+        if dtype not in DTYPES:
+            raise SafetensorsError(f"{url}: tensor {name!r} has unsupported dtype {dtype}")
+        if end - begin != math.prod(shape) * DTYPES[dtype].itemsize or begin < 0 or 8 + n + end > size:
+            raise SafetensorsError(f"{url}: tensor {name!r} has inconsistent offsets {begin}..{end} for shape "
+                                   f"{list(shape)} {dtype} (object size {size})")
+        entry["data_offsets"] = (8 + n + begin, 8 + n + end)  # absolute
+    return header, 8 + n
 
 
 def read_infos(path: str) -> list[TensorInfo]:
     """The tensors of one safetensors file (name, dtype, shape), from its header."""
-    try:
-        with safe_open(path, framework="np") as f:
-            infos = []
-            for name in f.keys():
-                tensor = f.get_slice(name)
-                infos.append(TensorInfo(name, path, tensor.get_dtype(), tuple(tensor.get_shape())))
-    except (SafetensorError, OSError) as e:
-        raise SafetensorsError(f"{path}: not a safetensors file ({e})") from e
+    if storage.is_url(path):
+        infos = [TensorInfo(name, path, entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"]))
+                 for name, entry in _remote_header(path)[0].items()]
+    else:
+        try:
+            with safe_open(path, framework="np") as f:
+                infos = []
+                for name in f.keys():
+                    tensor = f.get_slice(name)
+                    infos.append(TensorInfo(name, path, tensor.get_dtype(), tuple(tensor.get_shape())))
+        except (SafetensorError, OSError) as e:
+            raise SafetensorsError(f"{path}: not a safetensors file ({e})") from e
     for info in infos:
         if info.dtype not in DTYPES:
             raise SafetensorsError(f"{path}: tensor {info.name!r} has unsupported dtype {info.dtype}")
@@ -106,20 +148,20 @@ class TensorReader:
 
     def __init__(self, directory: str):
         self.directory = directory
-        index_path = os.path.join(directory, INDEX_FILE)
-        single_path = os.path.join(directory, SINGLE_FILE)
+        index_path = storage.join(directory, INDEX_FILE)
+        single_path = storage.join(directory, SINGLE_FILE)
         self._weight_map: dict[str, str] | None = None
-        if os.path.exists(index_path):
+        if storage.exists(index_path):
             self.files = self._files_from_index(index_path)
-        elif os.path.exists(single_path):
+        elif storage.exists(single_path):
             self.files = [SINGLE_FILE]
         else:
-            others = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".safetensors")))
+            others = [f for f in storage.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".safetensors"))]
             hint = f" (found {', '.join(others)}; only safetensors weights are supported)" if others else ""
             raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
-            path = os.path.join(directory, file)
+            path = storage.join(directory, file)
             for info in read_infos(path):
                 if self._weight_map is not None and self._weight_map.get(info.name) != file:
                     listed = self._weight_map.get(info.name)
@@ -136,13 +178,12 @@ class TensorReader:
 
     def _files_from_index(self, index_path: str) -> list[str]:
         try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = json.loads(storage.read_text(index_path))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise SafetensorsError(f"{index_path}: not a safetensors index (needs a 'weight_map' object)") from e
         files = sorted(set(weight_map.values()))
         for file in files:
-            if not os.path.exists(os.path.join(self.directory, file)):
+            if not storage.exists(storage.join(self.directory, file)):
                 raise FileNotFoundError(f"{index_path}: lists shard {file}, which does not exist")
         self._weight_map = weight_map
         return files
@@ -153,6 +194,16 @@ class TensorReader:
     def read(self, name: str) -> np.ndarray:
         """The tensor as a new numpy array (the file is closed again: nothing else of it stays in memory)."""
         info = self.tensors[name]
+        if info.offsets is not None:  # an object in storage: one ranged read into the array
+            begin, end = info.offsets
+            out = np.empty(info.shape, DTYPES[info.dtype])
+            with storage.open_file(info.path, "rb") as f:
+                f.seek(begin)
+                data = f.read(end - begin)
+            if len(data) != end - begin:
+                raise SafetensorsError(f"{info.path}: truncated while reading tensor {name!r}")
+            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
+            return out
         try:
             with safe_open(info.path, framework="np") as f:
                 return f.get_tensor(name)

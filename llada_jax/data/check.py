@@ -3,7 +3,8 @@
 `check_files` parses each record with the pipeline's own formats (`formats.PretrainFormat` /
 `formats.SftFormat`), so a file that passes is a file the pipeline accepts. It keeps going after a bad record:
 problems are counted and the first `max_problems` are kept with their file, line and field. It reports
-records, examples (SFT: one per assistant turn), tokens and length percentiles.
+records, examples (SFT: one per assistant turn), tokens and length percentiles. Files and the tokenizer
+directory may be URLs (gs://...): files are streamed, the tokenizer is downloaded once (`storage.local_copy`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from llada_jax.checkpoints import storage
+from llada_jax.checkpoints.storage import StorageError
 from llada_jax.data.formats import (
     Document,
     Examples,
@@ -90,12 +93,13 @@ def check_files(paths, *, kind: str, tokenizer=None, vocab_size: int | None = No
                 max_length: int | None = None, max_problems: int = 20) -> CheckReport:
     """Validate every record of `paths` (files, globs, directories) as `kind` ("pretrain" | "sft") data.
 
-    The vocabulary size and mask id come from the arguments or else from the tokenizer. A file that does
-    not exist or holds no records is a problem like a bad record.
+    The vocabulary size and mask id come from the arguments or else from the tokenizer (a directory or a
+    URL). A file that does not exist, cannot be read (a storage error, named) or holds no records is a
+    problem like a bad record.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    helper = load_tokenizer(tokenizer)
+    helper = load_tokenizer(storage.local_copy(tokenizer) if isinstance(tokenizer, str) and tokenizer else tokenizer)
     vocab = vocab_size or (len(helper) if helper is not None else None)
     mask = mask_token_id if mask_token_id is not None else (helper.mask_token_id if helper is not None else None)
     ids = dict(vocab_size=vocab, mask_token_id=mask, tokenizer=helper, skip_invalid=True,
@@ -107,7 +111,7 @@ def check_files(paths, *, kind: str, tokenizer=None, vocab_size: int | None = No
     for item in paths:
         try:
             files.extend(resolve_paths([item]))
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, StorageError) as e:
             report.problem(str(e))
     for path in files:
         try:
@@ -126,6 +130,6 @@ def check_files(paths, *, kind: str, tokenizer=None, vocab_size: int | None = No
                         report.examples += 1
                         report.tokens += len(row)
                         report.lengths.append(len(row))
-        except DataError as e:  # file-level: missing, empty, a malformed JSON array
+        except (DataError, StorageError) as e:  # file-level: missing, unreadable, empty, a malformed JSON array
             report.problem(str(e))
     return report

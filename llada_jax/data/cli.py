@@ -5,8 +5,12 @@ The parsers import nothing heavy; the work modules load when a command runs.
     llada-jax data convert --format sharegpt|alpaca|openai --tokenizer DIR INPUT OUTPUT
     llada-jax data check --kind pretrain|sft [--tokenizer DIR] [--vocab_size N] FILE...
 
+Every path (inputs, output, tokenizer directory) may be a URL (gs://...; see `llada_jax.checkpoints.storage`).
+
 Exit codes: 0 success; 1 bad data (`convert`: the first bad record, unless --skip_invalid; `check`: any
-problem, listed up to --max_problems); 2 a usage error (a missing tokenizer, a bad flag).
+problem, listed up to --max_problems); 2 a usage error (a missing tokenizer or input, a missing bucket or
+object, no permission, a bad flag), reported as one line naming the path or URL. A failed `convert` writes
+nothing.
 """
 
 from __future__ import annotations
@@ -27,13 +31,13 @@ def register(sub) -> None:
                             description="Tokenize chats with a tokenizer's chat template and write one "
                                         '{"input_ids", "prompt_length"} line per assistant turn.')
     c.add_argument("--format", required=True, choices=FORMATS, help="layout of the input records")
-    c.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory")
+    c.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory (local, or a URL: downloaded)")
     c.add_argument("--max_length", type=int, default=None, help="apply the too-long policy at this length")
     c.add_argument("--too_long", choices=TOO_LONG, default="error",
                    help="examples longer than --max_length: error (default), skip, truncate_prompt")
     c.add_argument("--skip_invalid", action="store_true", help="skip bad records (counted and listed)")
-    c.add_argument("input", help="input JSONL file or JSON array file")
-    c.add_argument("output", help="output JSONL file (written atomically)")
+    c.add_argument("input", help="input JSONL file or JSON array file (a path or a URL)")
+    c.add_argument("output", help="output JSONL file, a path or a URL (written only when complete)")
     c.set_defaults(func=run_convert)
 
     k = data_sub.add_parser("check", help="validate training data files and print their statistics",
@@ -47,7 +51,7 @@ def register(sub) -> None:
                    help="id that must not appear in clean data (default: the tokenizer's mask token)")
     k.add_argument("--max_length", type=int, default=None, help="also count records longer than this")
     k.add_argument("--max_problems", type=int, default=20, help="problems listed (all are counted)")
-    k.add_argument("files", nargs="+", help="JSONL files, globs or directories")
+    k.add_argument("files", nargs="+", help="JSONL files, globs or directories (paths or URLs)")
     k.set_defaults(func=run_check)
 
 
@@ -66,7 +70,7 @@ def run_convert(args) -> int:
         print(f"llada-jax data convert: error: {e}", file=sys.stderr)
         print("nothing written (use --skip_invalid to skip bad records)", file=sys.stderr)
         return 1
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:  # a missing input (a StorageError reaches main: exit 2)
         raise UsageError(str(e)) from e
     print(report.summary())
     for line in report.skipped.examples:

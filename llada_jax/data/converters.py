@@ -4,17 +4,19 @@ Each output line is `{"input_ids": [...], "prompt_length": N}`: the prompt (chat
 turns, with the generation prompt) followed by the answer (content + `<|eot_id|>`), one line per assistant
 turn, unpadded (the pipeline pads with EOS to its max_length). The tokenization is exactly the pipeline's
 (`formats.SftFormat`), so converting first and training on the output gives the same examples as training
-on the chats. Inputs are JSONL or one JSON array (Alpaca's `alpaca_data.json`). The output is written to a
-temporary file next to it and renamed into place when complete; on an error nothing is left behind.
+on the chats. Inputs are JSONL or one JSON array (Alpaca's `alpaca_data.json`). The input, the output and
+the tokenizer directory may be URLs (gs://...). The output is written with `atomic.atomic_file`: a temporary
+file next to it renamed into place when complete, or for a URL a local temporary uploaded as one object when
+complete; on an error nothing is left behind (and an existing output is untouched).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 
+from llada_jax.checkpoints import storage
+from llada_jax.checkpoints.atomic import atomic_file
 from llada_jax.data.formats import Examples, SftFormat, Skipped
 from llada_jax.data.skips import SkipReport
 from llada_jax.data.sources import iter_records
@@ -46,6 +48,8 @@ class DatasetConverter:
 
     def __init__(self, tokenizer: "TokenizerHelper | str", *, max_length: int | None = None, too_long: str = "error",
                  skip_invalid: bool = False, vocab_size: int | None = None):
+        if isinstance(tokenizer, str) and tokenizer:
+            tokenizer = storage.local_copy(tokenizer)  # a URL is downloaded once (AutoTokenizer reads local files)
         self.tokenizer = load_tokenizer(tokenizer)
         if self.tokenizer is None:
             raise ValueError("DatasetConverter needs a tokenizer")
@@ -59,33 +63,35 @@ class DatasetConverter:
                          bos_token_id=t.bos_token_id, tokenizer=t, skip_invalid=self.skip_invalid)
 
     def convert(self, fmt: str, input_path: str, output_path: str) -> ConvertReport:
+        """Convert `input_path` (layout `fmt`) to `output_path`, written only when every record converted.
+
+        A missing input is a `FileNotFoundError` naming it; a bad record a `DataError` (unless skip_invalid);
+        a storage failure (an output bucket that does not exist or cannot be written: checked first) a
+        `StorageError` naming the URL.
+        """
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        if not storage.is_file(input_path):
+            what = "no such object (or no such bucket)" if storage.is_url(input_path) else "no such file"
+            raise FileNotFoundError(f"{input_path}: {what}")
+        if storage.is_url(output_path):  # a missing bucket or no permission: said now, not after the work
+            storage.check_writable(storage.clean(output_path).rsplit("/", 1)[0])
         parse = self._format(fmt)
         report = ConvertReport(input_path, output_path)
-        out_dir = os.path.dirname(os.path.abspath(output_path))
-        os.makedirs(out_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".tmp-{os.path.basename(output_path)}-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                for rec in iter_records(input_path):
-                    report.records += 1
-                    unit = parse(rec)
-                    for event in unit.events:
-                        report.skipped.add(event)
-                    if isinstance(unit, Skipped):
-                        continue
-                    assert isinstance(unit, Examples)
-                    for ids, pl in zip(unit.ids, unit.prompt_lengths):
-                        out.write(json.dumps({"input_ids": ids.tolist(), "prompt_length": int(pl)},
-                                             separators=(",", ":")) + "\n")
-                        report.examples += 1
-                        report.tokens += len(ids)
-            os.replace(tmp, output_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_file(output_path, "w") as out:
+            for rec in iter_records(input_path):
+                report.records += 1
+                unit = parse(rec)
+                for event in unit.events:
+                    report.skipped.add(event)
+                if isinstance(unit, Skipped):
+                    continue
+                assert isinstance(unit, Examples)
+                for ids, pl in zip(unit.ids, unit.prompt_lengths):
+                    out.write(json.dumps({"input_ids": ids.tolist(), "prompt_length": int(pl)},
+                                         separators=(",", ":")) + "\n")
+                    report.examples += 1
+                    report.tokens += len(ids)
         return report
 
     def convert_sharegpt_to_llada(self, input_path: str, output_path: str) -> ConvertReport:

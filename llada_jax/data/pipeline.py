@@ -47,8 +47,12 @@ from llada_jax.tokenizer import check_compatible, load_tokenizer
 log = logging.getLogger(__name__)
 
 def _checked_tokenizer(config: ml_collections.ConfigDict, model_config: LLaDAConfig):
-    """The TokenizerHelper of data.tokenizer (None without one), checked against the model config."""
-    helper = load_tokenizer(config.data.tokenizer)
+    """The TokenizerHelper of data.tokenizer (None without one), checked against the model config. A URL is
+    downloaded once per process (`storage.local_copy`: AutoTokenizer reads only local files)."""
+    from llada_jax.checkpoints import storage
+
+    tokenizer = config.data.tokenizer
+    helper = load_tokenizer(storage.local_copy(tokenizer) if tokenizer else tokenizer)
     if helper is not None:
         check_compatible(helper, model_config)
     return helper

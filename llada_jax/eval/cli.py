@@ -9,10 +9,10 @@ The parser imports nothing heavy; bad flags and bad lines are one-line errors (e
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from llada_jax import distributed
+from llada_jax.checkpoints import storage
 from llada_jax.config import DTYPES
 from llada_jax.errors import UsageError
 from llada_jax.sampling.prompts import json_object
@@ -41,7 +41,7 @@ def register(sub) -> None:
 def read_pairs(path: str) -> list[dict]:
     """The records of a pairs file, validated (errors name the file and line)."""
     records = []
-    with open(path, encoding="utf-8") as f:
+    with storage.open_file(path) as f:
         for number, line in enumerate(f, 1):
             where = f"{path} line {number}"
             record = json_object(line, where)
@@ -71,7 +71,9 @@ def run(args) -> int:
         raise UsageError(f"--mc_num {args.mc_num} must be a multiple of --batch_size {args.batch_size}")
     if not args.cfg_scale >= 0:
         raise UsageError(f"--cfg_scale must be >= 0, got {args.cfg_scale}")
-    if not os.path.isfile(args.input):
+    if storage.is_url(args.output):
+        storage.check_writable(args.output.rsplit("/", 1)[0])
+    if not storage.is_file(args.input):
         raise UsageError(f"--input: {args.input}: no such file")
     try:
         records = read_pairs(args.input)

@@ -50,8 +50,10 @@ def read_done(output: str, records: list[dict]) -> int:
 
 
 def sample_file(model, tokenizer, sampler, records: list[dict], encoded: list[list[int]], output: str, *,
-                batch_size: int, seed: int, start: int = 0, progress: bool = True) -> int:
-    """Sample every record from index `start` on and append the lines to `output`. Returns lines written."""
+                batch_size: int, seed: int, start: int = 0, progress: bool = True, after_write=None) -> int:
+    """Sample every record from index `start` on and append the lines to the local file `output`; `after_write()`
+    runs after every write (an upload of the file, when the output lives in object storage). Returns lines
+    written."""
     from tqdm import tqdm
 
     config = model.config
@@ -86,6 +88,8 @@ def sample_file(model, tokenizer, sampler, records: list[dict], encoded: list[li
                     out.write("".join(lines))
                     out.flush()
                     os.fsync(out.fileno())
+                    if after_write is not None:
+                        after_write()
                 bar.update(len(rows))
     bar.close()
     return next_line - start

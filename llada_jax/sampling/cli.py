@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from llada_jax import distributed
+from llada_jax.checkpoints import storage
 from llada_jax.config import DTYPES
 from llada_jax.errors import UsageError
 from llada_jax.sampling.options import CACHES, METHODS, REMASKING
@@ -101,18 +103,25 @@ def run_sample(args) -> int:
     _sampler(args)  # flags first: a bad --gen_length fails before anything is read or loaded
     if args.batch_size <= 0:
         raise UsageError(f"--batch_size must be a positive integer, got {args.batch_size}")
-    if not os.path.isfile(args.input):
+    if not storage.is_file(args.input):
         raise UsageError(f"--input: {args.input}: no such file")
     try:
         records = prompts.read_records(args.input)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    # An output in object storage is written to a local copy, uploaded whole after every write (no appends there)
+    output = args.output
+    if storage.is_url(args.output):
+        storage.check_writable(args.output.rsplit("/", 1)[0])
+        output = os.path.join(tempfile.mkdtemp(prefix="llada_jax_sample_"), "output.jsonl")
+        if storage.exists(args.output):
+            storage.download(args.output, output)
     start = 0
-    if os.path.exists(args.output) and os.path.getsize(args.output) > 0:
+    if os.path.exists(output) and os.path.getsize(output) > 0:
         if not args.resume:
             raise UsageError(f"--output {args.output} already exists; pass --resume to continue it, or remove it")
         try:
-            start = batch.read_done(args.output, records)
+            start = batch.read_done(output, records)
         except ValueError as e:
             raise UsageError(f"--resume: {e}") from e
     if start == len(records):
@@ -142,9 +151,10 @@ def run_sample(args) -> int:
         if ids and max(ids) >= vocab:
             raise UsageError(f"{where}: token id {max(ids)} is outside the model's vocabulary [0, {vocab})")
         encoded.append(ids)
-    written = batch.sample_file(model, tokenizer, sampler, records, encoded, args.output,
+    upload = (lambda: storage.upload(output, args.output)) if output != args.output else None
+    written = batch.sample_file(model, tokenizer, sampler, records, encoded, output,
                                 batch_size=args.batch_size, seed=args.seed, start=start,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, after_write=upload)
     print(f"wrote {written} lines to {args.output} ({start + written} of {len(records)} done)", file=sys.stderr)
     return 0
 

@@ -13,6 +13,8 @@ import json
 
 import numpy as np
 
+from llada_jax.checkpoints import storage
+
 PROMPT_FIELDS = ("input_ids", "prompt", "messages")
 LENGTH_BUCKET = 16  # prompts are left-padded to a multiple of this (fewer distinct shapes to compile)
 
@@ -55,7 +57,7 @@ def parse_record(text: str, where: str) -> dict:
 def read_records(path: str) -> list[dict]:
     """All records of a JSONL file (blank lines are errors too: output lines pair with input lines)."""
     records = []
-    with open(path, encoding="utf-8") as f:
+    with storage.open_file(path) as f:
         for number, line in enumerate(f, 1):
             records.append(parse_record(line, f"{path} line {number}"))
     if not records:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 import types
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llada_jax.checkpoints import layout
+from llada_jax.checkpoints import layout, storage
 from llada_jax.checkpoints.orbax_model import model_items, restore_items
 from llada_jax.errors import CheckpointError, ResumeError
 from llada_jax.train.step import TrainState, host_scalar
@@ -40,7 +39,7 @@ def check_resumable(run_dir: str, seed: int, restore_step: int = 0) -> int | Non
     else:
         step = steps[-1]
     where = layout.step_dir(run_dir, step)
-    if not os.path.isdir(os.path.join(where, layout.TRAIN_STATE)):
+    if not storage.is_dir(storage.join(where, layout.TRAIN_STATE)):
         raise ResumeError(f"{where} is a model checkpoint, not a training run's (no {layout.TRAIN_STATE}): start "
                           f"from it with --model_name_or_path and another --output_dir")
     saved = restore_items(run_dir, step, **{layout.TRAIN_STATE: ocp.args.JsonRestore()})[layout.TRAIN_STATE]
@@ -131,20 +130,20 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, abstract: TrainSta
 
 
 def _finalise_abandoned_reads() -> None:
-    """A failed Orbax restore leaves its other array reads behind as suspended coroutines. Collected at interpreter
-    shutdown, each prints an ImportError; collected now, each reports the same read error once more. Collect them
-    now, with those reports (about coroutines only) left out: the error was reported already."""
+    """A failed Orbax restore leaves its other array reads behind as suspended coroutines, some of them referenced
+    until late. Each reports the read error again when it is collected, and one collected at interpreter shutdown
+    prints an ImportError besides. The error was reported already: from now on, in this process, these reports
+    (about Orbax's coroutines only) are left out, and what can be collected now is."""
     hook = sys.unraisablehook
+    if not getattr(hook, "drops_abandoned_orbax_reads", False):
+        def drop_abandoned_reads(unraisable):
+            obj = unraisable.object
+            if not (isinstance(obj, types.CoroutineType) and "orbax" in obj.cr_code.co_filename):
+                hook(unraisable)
 
-    def quiet(unraisable):
-        if not isinstance(unraisable.object, types.CoroutineType):
-            hook(unraisable)
-
-    sys.unraisablehook = quiet
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
+        drop_abandoned_reads.drops_abandoned_orbax_reads = True
+        sys.unraisablehook = drop_abandoned_reads
+    gc.collect()
 
 
 def _first_line(error: BaseException) -> str:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import logging
-import os
 import signal
 import sys
 import time
@@ -28,7 +26,7 @@ import jax
 import numpy as np
 
 from llada_jax import sharding
-from llada_jax.checkpoints import layout
+from llada_jax.checkpoints import layout, storage
 from llada_jax.checkpoints.atomic import copy_dir, write_json
 from llada_jax.checkpoints.orbax_model import checkpoint_manager
 from llada_jax.config import LLaDAConfig, model_config_from
@@ -59,6 +57,7 @@ ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidd
 def validate(config) -> None:
     """Raise ConfigError naming the first bad setting (nothing touches a device or writes a file)."""
     from llada_jax.data.settings import check_config
+    from llada_jax.data.sources import resolve_paths
     from llada_jax.train.optimizer import learning_rate_schedule
 
     def fail(msg):
@@ -70,8 +69,11 @@ def validate(config) -> None:
         path = config[name]
         if name == "data_path" and not path:
             fail("data_path is required (--data_path FILE|GLOB|DIR|tfds:NAME:SPLIT)")
-        if path and not path.startswith("tfds:") and not glob.glob(path):
-            fail(f"{name} {path!r}: no such file, directory or glob match")
+        if path and not path.startswith("tfds:"):
+            try:
+                resolve_paths(path)
+            except (OSError, ValueError) as e:  # a missing file, object or bucket: named in the message
+                fail(f"{name}: {e}")
     for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_length", "save_steps",
                  "logging_steps"):
         if int(config[name]) <= 0:
@@ -179,15 +181,16 @@ class TrainingRun:
         from llada_jax.data.pipeline import make_train_iterator
 
         if not config.data.tokenizer:  # the tokenizer stored with the run or with the starting checkpoint
-            stored = layout.tokenizer_path(config.output_dir) if os.path.isdir(config.output_dir) else None
+            stored = layout.tokenizer_path(config.output_dir) if storage.is_dir(config.output_dir) else None
             if stored is None and config.model_name_or_path:
                 stored = layout.tokenizer_path(config.model_name_or_path)
             config.data.tokenizer = stored or ""
+        storage.check_writable(config.output_dir, f".llada_jax_write_check_{jax.process_index()}")
         start = checkpoint.check_resumable(config.output_dir, config.seed, config.checkpoint.restore_step)
         model_config = resolve_model_config(config)
         config.model.update(model_config.to_dict())
         mesh = make_run_mesh(config)
-        os.makedirs(config.output_dir, exist_ok=True)
+        storage.makedirs(config.output_dir)
         trainer = Trainer(config, model_config, mesh)
         with contextlib.ExitStack() as on_error:  # closed (data workers, Orbax threads) unless open() succeeds
             data = make_train_iterator(config, model_config, process_index=jax.process_index(),
@@ -200,9 +203,10 @@ class TrainingRun:
             on_error.pop_all()
         is_main = jax.process_index() == 0
         if is_main:
-            write_json(os.path.join(config.output_dir, layout.RUN_CONFIG), config.to_dict())
+            write_json(storage.join(config.output_dir, layout.RUN_CONFIG), config.to_dict())
             if config.data.tokenizer:
-                copy_dir(config.data.tokenizer, os.path.join(config.output_dir, layout.TOKENIZER))
+                copy_dir(config.data.tokenizer, storage.join(config.output_dir, layout.TOKENIZER),
+                         last=layout.TOKENIZER_MARKERS)
         logger = MetricsLogger(config.output_dir, enabled=is_main, wandb_config=config.wandb,
                                run_config=config.to_dict())
         logger.truncate_after(start)
@@ -273,6 +277,7 @@ class TrainingRun:
             log.error("step %d: parameters are not finite; checkpoint NOT written", step)
             return
         checkpoint.save(self.manager, self.state, model_config=self.model_config, config=self.config, data=self.data)
+        self.logger.sync()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -110,6 +110,13 @@ def test_convert_cli_error_message_and_usage_errors(tmp_path, tokenizer_dir, cap
     assert e.value.code == 2
 
 
+def test_convert_missing_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tokenizer_dir, capsys):
+    missing, out = str(tmp_path / "missing.jsonl"), tmp_path / "out" / "sft.jsonl"
+    assert main(["data", "convert", "--format", "sharegpt", "--tokenizer", tokenizer_dir, missing, str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"llada-jax data: error: {missing}: no such file"]
+    assert not out.parent.exists()
+
+
 def test_check_pretrain_prints_counts_and_percentiles(tmp_path):
     lengths = [3, 8, 1, 20, 5, 5, 12]
     a = write_jsonl(tmp_path / "a.jsonl", [{"input_ids": [7] * n} for n in lengths[:4]])
