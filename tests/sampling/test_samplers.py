@@ -75,6 +75,7 @@ def test_each_step_commits_exactly_k_in_the_block_and_never_changes_a_token(mode
     plen, per_block = PROMPTS.shape[1], steps // (gen // block_length)
     assert history.shape == (steps, 2, plen + gen)
     previous = np.concatenate([PROMPTS, np.full((2, gen), MASK, np.int32)], axis=1)
+    counts = None  # the block's masks when it starts
     for t, x in enumerate(history):
         block = t // per_block
         lo, hi = plen + block * block_length, plen + (block + 1) * block_length
