@@ -20,9 +20,21 @@ def command(kill_after_step: int | None = None, process: int | None = None) -> l
         "--"]
 
 
+# What llada_jax.checkpoints.storage derives from STORAGE_EMULATOR_HOST: left out of the commands' environment,
+# so that they show the one variable is all a user sets.
+DERIVED_FROM_EMULATOR_HOST = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+                              "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+
+
+def environment(**extra) -> dict:
+    """The environment of a command the tests start: this one's, without what the package derives itself."""
+    return {**{k: v for k, v in os.environ.items() if k not in DERIVED_FROM_EMULATOR_HOST}, "PYTHONPATH": ROOT,
+            **extra}
+
+
 def cli(*args, env=None, devices=8, check=True, kill_after_step=None):
-    full_env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    full_env = environment(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                           **(env or {}))
     proc = subprocess.run([*command(kill_after_step), *args], env=full_env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     if check and proc.returncode != 0:
