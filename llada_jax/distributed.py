@@ -43,6 +43,14 @@ def add_flags(parser) -> None:
                    help="seconds after which a silent process is declared dead (default: JAX's, 100)")
 
 
+def add_mesh_flag(parser) -> None:
+    """`--mesh` of the commands that run a model on a mesh of every device of every process."""
+    parser.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
+                        help="device mesh over every device of every process: sizes of the data, fsdp and tensor "
+                             "axes (one may be -1: the rest); parameters are sharded by the logical-axis rules, "
+                             "the batch over data x fsdp. Default: every device on data")
+
+
 def plan(coordinator_address: str | None = None, num_processes: int | None = None,
          process_id: int | None = None, *, distributed: bool = False, heartbeat_timeout: int | None = None,
          environ: Mapping[str, str] | None = None) -> dict | None:
@@ -205,3 +213,44 @@ def start(args) -> None:
 
     if jax.process_index() != 0:
         log.setLevel(logging.WARNING)
+
+
+def broadcast(obj):
+    """`obj` (JSON-serialisable) of process 0, on every process: process 0 reads the inputs, every process runs
+    the model. One process: `obj` as it is."""
+    import json
+
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.array(data.size, np.int64)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[:data.size] = data
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
+
+
+def on_main(fn):
+    """`fn()` run by process 0 alone, its result (JSON-serialisable) given to every process: the inputs of a
+    command are read once. An error of `fn` (an `LLaDAError`) is raised on every process, so that all exit with it
+    instead of the others waiting for a result that never comes."""
+    import jax
+
+    from llada_jax import errors
+
+    if jax.process_count() == 1:
+        return fn()
+    outcome = None
+    if jax.process_index() == 0:
+        try:
+            outcome = {"value": fn()}
+        except errors.LLaDAError as e:
+            outcome = {"error": type(e).__name__, "message": str(e)}
+    outcome = broadcast(outcome)
+    if "error" in outcome:
+        raise getattr(errors, outcome["error"], errors.UsageError)(outcome["message"])
+    return outcome["value"]

@@ -206,3 +206,54 @@ def check_rules(rules: Rules) -> None:
     if missing:
         raise MeshError(f"mesh.logical_axis_rules: no rule for {', '.join(map(repr, missing))} "
                         f"(map a logical axis to None to replicate it)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands that run a model on a mesh (sample, inference, eval-likelihood, the lm-eval adapter)
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_mesh(text: str | None) -> dict[str, int]:
+    """The mesh sizes of a `--mesh data=D,fsdp=F,tensor=T` flag (any subset, in any order; at most one size -1,
+    meaning the remaining devices). Axes not named are 1, except `data`, which takes the remaining devices when no
+    size is -1: the default (no flag) puts every device on `data`."""
+    sizes = {"dcn_data": 1, "data": 1, "fsdp": 1, "tensor": 1}
+    given = {}
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        if name not in MESH_AXES or not value.lstrip("-").isdigit():
+            raise MeshError(f"--mesh: expected data=D,fsdp=F,tensor=T (sizes are integers, one may be -1), "
+                            f"got {item!r}")
+        if name in given:
+            raise MeshError(f"--mesh: {name} is given twice")
+        given[name] = int(value)
+    sizes.update(given)
+    if -1 not in given.values() and "data" not in given:
+        sizes["data"] = -1
+    return sizes
+
+
+def check_model_fits(sizes: dict[str, int], config) -> None:
+    """A tensor-parallel size must divide the attention heads and the MLP width (resolved `sizes`)."""
+    tensor = sizes["tensor"]
+    for what, n in (("attention heads", config.n_heads), ("MLP width (mlp_hidden_size)", config.mlp_hidden_size)):
+        if n % tensor:
+            raise MeshError(f"mesh tensor={tensor} does not divide the model's {n} {what}")
+
+
+def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A jax.Array of `host`, the same numpy array on every process, laid out by `sharding` (each process places
+    its own shards; works across processes)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def fetch(array: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) jax.Array as numpy, on every process."""
+    if not isinstance(array, jax.Array) or array.is_fully_addressable:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -11,11 +11,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_pretrain.py")
 
 
-def command(kill_after_step: int | None = None, process: int | None = None) -> list[str]:
-    """The `llada-jax` command line; with `kill_after_step`, one whose process (or only process `process`)
-    kills itself after that training step (tests/fault.py)."""
+def command(kill_after_step: int | None = None, process: int | None = None, *, module: str = "llada_jax"
+            ) -> list[str]:
+    """The `llada-jax` command line (or `python -m module`); with `kill_after_step`, one whose process (or only
+    process `process`) kills itself after that training step (tests/fault.py)."""
     if kill_after_step is None:
-        return [sys.executable, "-m", "llada_jax"]
+        return [sys.executable, "-m", module]
     return [sys.executable, "-m", "tests.fault", str(kill_after_step)] + ([] if process is None else [str(process)]) + [
         "--"]
 
@@ -32,11 +33,11 @@ def environment(**extra) -> dict:
             **extra}
 
 
-def cli(*args, env=None, devices=8, check=True, kill_after_step=None):
+def cli(*args, env=None, devices=8, check=True, kill_after_step=None, module="llada_jax"):
     full_env = environment(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                            **(env or {}))
-    proc = subprocess.run([*command(kill_after_step), *args], env=full_env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    proc = subprocess.run([*command(kill_after_step, module=module), *args], env=full_env, capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -52,3 +53,16 @@ def write_pretrain_data(path):
             doc = [(start + 3 * i) % 500 for i in range(n)]  # learnable arithmetic progressions
             f.write(json.dumps({"input_ids": doc}) + "\n")
     return str(path)
+
+
+LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+
+
+def launch(n, devices, *args, env=None, timeout=600, kill=None, module="llada_jax"):
+    """`llada-jax ARGS` as n processes of `devices` devices; `kill` = (step, process) kills that process after
+    that training step."""
+    full_env = environment(**(env or {}))
+    full_env.pop("XLA_FLAGS", None)  # the launcher sets the per-process device count
+    return subprocess.run([LAUNCH, "--devices_per_process", str(devices), "--heartbeat_timeout", "10", str(n), "--",
+                           *command(*(kill or ()), module=module), *args], env=full_env, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)

@@ -3,6 +3,7 @@
     load_model_and_tokenizer(path)   the model and the tokenizer stored with it: what sampling, evaluation,
                                      the lm-eval adapter and the demo load
     load_pretrained(path)            the model alone (`LLaDAForMaskedLM.from_pretrained`)
+    load_on_mesh(path, mesh)         the model and tokenizer on a device mesh (sample, inference, evaluation)
     read_model_config(path)          its LLaDAConfig, without the weights
 """
 
@@ -40,6 +41,23 @@ def load_model_and_tokenizer(path: str, *, dtype: str | None = None, tokenizer: 
     model = load_pretrained(path, dtype, **overrides)
     directory = tokenizer or layout.tokenizer_path(path)
     return model, TokenizerHelper(storage.local_copy(directory)) if directory else None
+
+
+def load_on_mesh(path: str, mesh: str | None = None, *, dtype: str | None = None):
+    """(model, tokenizer or None, mesh) for a command that runs a model on every device of every process: the mesh
+    of a `--mesh data=D,fsdp=F,tensor=T` value (default: every device on data) is checked against the devices
+    and the model's shape (read without its weights) before anything is loaded, then the parameters are restored
+    straight into their shardings (the default logical-axis rules). `jax.distributed` must be started first."""
+    import jax
+
+    from llada_jax import sharding
+    from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES
+
+    sizes = sharding.mesh_shape(sharding.parse_mesh(mesh), jax.device_count())
+    sharding.check_model_fits(sizes, read_model_config(path))
+    on = sharding.make_mesh(sizes)
+    model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, mesh=on, rules=DEFAULT_LOGICAL_AXIS_RULES)
+    return model, tokenizer, on
 
 
 def read_model_config(path: str) -> LLaDAConfig:

@@ -8,7 +8,9 @@ The parser imports nothing heavy; bad flags and bad lines are one-line errors (e
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 
 from llada_jax import distributed
@@ -35,15 +37,17 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute and parameter dtype (default: as the checkpoint)")
     distributed.add_flags(p)
+    distributed.add_mesh_flag(p)
     p.set_defaults(func=run)
 
 
 def read_pairs(path: str) -> list[dict]:
     """The records of a pairs file, validated (errors name the file and line)."""
     records = []
-    with storage.open_file(path) as f:
+    name = "<stdin>" if path == "-" else path
+    with (contextlib.nullcontext(sys.stdin) if path == "-" else storage.open_file(path)) as f:
         for number, line in enumerate(f, 1):
-            where = f"{path} line {number}"
+            where = f"{name} line {number}"
             record = json_object(line, where)
             if {"prompt_ids", "answer_ids"} <= set(record):
                 for field in ("prompt_ids", "answer_ids"):
@@ -59,7 +63,7 @@ def read_pairs(path: str) -> list[dict]:
                                  f"'answer_ids', got {sorted(record)}")
             records.append(record)
     if not records:
-        raise ValueError(f"{path}: no pairs")
+        raise ValueError(f"{name}: no pairs")
     return records
 
 
@@ -71,52 +75,72 @@ def run(args) -> int:
         raise UsageError(f"--mc_num {args.mc_num} must be a multiple of --batch_size {args.batch_size}")
     if not args.cfg_scale >= 0:
         raise UsageError(f"--cfg_scale must be >= 0, got {args.cfg_scale}")
-    if storage.is_url(args.output):
-        storage.check_writable(args.output.rsplit("/", 1)[0])
-    if not storage.is_file(args.input):
-        raise UsageError(f"--input: {args.input}: no such file")
-    try:
-        records = read_pairs(args.input)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    from llada_jax.sharding import parse_mesh
 
+    parse_mesh(args.mesh)  # a malformed --mesh before any start-up
     distributed.start(args)
-    from llada_jax.checkpoints import load_model_and_tokenizer
+    from llada_jax.checkpoints import load_on_mesh
     from llada_jax.errors import CheckpointNotFoundError
     from llada_jax.eval import likelihood
 
+    records = distributed.on_main(lambda: _read_input(args))  # process 0 reads; every process evaluates
     try:
-        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+        model, tokenizer, mesh = load_on_mesh(args.model, args.mesh, dtype=args.dtype)
     except CheckpointNotFoundError as e:
         raise UsageError(f"--model: {e}") from e
+    name = "<stdin>" if args.input == "-" else args.input
     prompts, answers = [], []
     for number, record in enumerate(records, 1):
         if "prompt_ids" in record:
             prompt, answer = record["prompt_ids"], record["answer_ids"]
         elif tokenizer is None:
-            raise UsageError(f"{args.input} line {number}: text pairs need a tokenizer, and none is stored with "
-                         f"{args.model} (give 'prompt_ids' / 'answer_ids' instead)")
+            raise UsageError(f"{name} line {number}: text pairs need a tokenizer, and none is stored with "
+                             f"{args.model} (give 'prompt_ids' / 'answer_ids' instead)")
         else:
             prompt, answer = likelihood.encode_pair(tokenizer, record["prompt"], record["answer"])
         prompts.append(prompt)
         answers.append(answer)
+    from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES
+
+    on = dict(mesh=mesh, rules=DEFAULT_LOGICAL_AXIS_RULES, examples_per_call=args.examples_per_call)
     try:
         result = likelihood.log_likelihood(model, prompts, answers, args.mc_num, args.batch_size, args.cfg_scale,
-                                           rng=args.seed, examples_per_call=args.examples_per_call,
-                                           return_stderr=True)
-        greedy = likelihood.greedy_check(model, prompts, answers, args.cfg_scale,
-                                         examples_per_call=args.examples_per_call) if args.greedy else None
+                                           rng=args.seed, return_stderr=True, **on)
+        greedy = likelihood.greedy_check(model, prompts, answers, args.cfg_scale, **on) if args.greedy else None
     except ValueError as e:
-        raise UsageError(f"{args.input}: {e}") from e
-    from llada_jax.checkpoints.atomic import atomic_file
+        raise UsageError(f"{name}: {e}") from e
+    import jax
 
-    with atomic_file(args.output) as out:
-        for i, record in enumerate(records):
-            line = {"id": record["id"]} if "id" in record else {}
-            line.update(log_likelihood=float(result.log_likelihood[i]), stderr=float(result.stderr[i]),
-                        answer_tokens=len(answers[i]))
-            if greedy is not None:
-                line["greedy"] = bool(greedy[i])
-            out.write(json.dumps(line) + "\n")
-    print(f"wrote {len(records)} lines to {args.output}", file=sys.stderr)
+    if jax.process_index() != 0:
+        return 0
+    lines = []
+    for i, record in enumerate(records):
+        line = {"id": record["id"]} if "id" in record else {}
+        line.update(log_likelihood=float(result.log_likelihood[i]), stderr=float(result.stderr[i]),
+                    answer_tokens=len(answers[i]))
+        if greedy is not None:
+            line["greedy"] = bool(greedy[i])
+        lines.append(json.dumps(line) + "\n")
+    if args.output == "-":
+        sys.stdout.write("".join(lines))
+        sys.stdout.flush()
+    else:
+        from llada_jax.checkpoints.atomic import atomic_file
+
+        with atomic_file(args.output) as out:
+            out.writelines(lines)
+    print(f"wrote {len(records)} lines to {'<stdout>' if args.output == '-' else args.output}", file=sys.stderr)
     return 0
+
+
+def _read_input(args) -> list[dict]:
+    """Process 0's reading of the pairs (and the check that the output can be written)."""
+    if args.output != "-" and storage.is_url(args.output):
+        storage.check_writable(args.output.rsplit("/", 1)[0])
+    if args.input != "-" and not (os.path.exists(args.input) or storage.is_url(args.input)
+                                  and storage.is_file(args.input)):
+        raise UsageError(f"--input: {args.input}: no such file")
+    try:
+        return read_pairs(args.input)
+    except ValueError as e:
+        raise UsageError(str(e)) from e

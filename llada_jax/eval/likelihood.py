@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llada_jax import sharding
 from llada_jax.diffusion import token_cross_entropy
 from llada_jax.sampling import noise, remasking
 from llada_jax.sampling.prompts import LENGTH_BUCKET, left_pad
@@ -52,27 +53,32 @@ class Likelihood(NamedTuple):
 
 
 def log_likelihood(model, prompt_ids, answer_ids, mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.0,
-                   *, rng=0, mask_id: int | None = None, examples_per_call: int = 8, return_stderr: bool = False):
+                   *, rng=0, mask_id: int | None = None, examples_per_call: int = 8, return_stderr: bool = False,
+                   mesh=None, rules=None):
     """Monte Carlo estimate of log p(answer | prompt) (see the module docstring).
 
     `prompt_ids` / `answer_ids`: one example (sequences of ints) or N examples (lists of sequences). Returns a
     float, or float64 [N]; with `return_stderr=True` a `Likelihood` (estimates, standard errors) of floats or
     arrays. An empty answer has log-likelihood 0. `mc_num` must be a multiple of `batch_size` (the official
-    assertion); `rng`: an int seed, a key, or one key per example.
+    assertion); `rng`: an int seed, a key, or one key per example. With `mesh` (and the logical-axis `rules`), the
+    parameters are laid out on it and each call's examples split over its data axes (`examples_per_call` is
+    rounded up to a multiple of their size), across every process of the mesh.
     """
     single, prompts, answers = _examples(prompt_ids, answer_ids)
     _check_options(mc_num, batch_size, cfg_scale, examples_per_call)
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     _check_lengths(model.config, prompts, answers, mask_id)
-    keys = noise.row_keys(rng, len(prompts))
+    typed_keys = noise.row_keys(rng, len(prompts))
+    keys, key_impl = np.asarray(jax.random.key_data(typed_keys)), str(jax.random.key_impl(typed_keys))
     estimates = np.zeros(len(prompts))
     errors = np.zeros(len(prompts))
-    graphdef, state = nnx.split(model)
+    run = _Runner(model, mesh, rules)
+    examples_per_call = run.round_up(examples_per_call)
     for rows, batch in _groups(prompts, answers, examples_per_call, model.config):
-        losses = _likelihood_program(graphdef, state, *batch, keys[np.asarray(rows + [rows[0]] * (
-            examples_per_call - len(rows)))], batches=mc_num // batch_size, batch_size=batch_size,
-            cfg_scale=float(cfg_scale), mask_id=mask_id)
-        losses = np.asarray(losses, np.float64)[:, :len(rows)]  # [batches, examples]
+        row_keys = keys[np.asarray(rows + [rows[0]] * (examples_per_call - len(rows)))]
+        losses = run(_likelihood_program, *batch, row_keys, batches=mc_num // batch_size, batch_size=batch_size,
+                     cfg_scale=float(cfg_scale), mask_id=mask_id, key_impl=key_impl)
+        losses = losses.astype(np.float64)[:, :len(rows)]  # [batches, examples]
         estimates[rows] = -losses.mean(0)
         n = losses.shape[0]
         errors[rows] = losses.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.nan
@@ -82,18 +88,19 @@ def log_likelihood(model, prompt_ids, answer_ids, mc_num: int = 128, batch_size:
 
 
 def greedy_check(model, prompt_ids, answer_ids, cfg_scale: float = 0.0, *, mask_id: int | None = None,
-                 examples_per_call: int = 8):
+                 examples_per_call: int = 8, mesh=None, rules=None):
     """Whether each answer is the greedy decode of its prompt (the official `suffix_greedy_prediction`, one
-    committed token per step). Returns a bool, or bool [N]. An empty answer is greedy."""
+    committed token per step). Returns a bool, or bool [N]. An empty answer is greedy. `mesh`: as for
+    `log_likelihood`."""
     single, prompts, answers = _examples(prompt_ids, answer_ids)
     _check_options(1, 1, cfg_scale, examples_per_call)
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     _check_lengths(model.config, prompts, answers, mask_id)
     out = np.ones(len(prompts), bool)
-    graphdef, state = nnx.split(model)
-    for rows, batch in _groups(prompts, answers, examples_per_call, model.config):
-        ok = _greedy_program(graphdef, state, *batch, cfg_scale=float(cfg_scale), mask_id=mask_id)
-        out[rows] = np.asarray(ok)[:len(rows)]
+    run = _Runner(model, mesh, rules)
+    for rows, batch in _groups(prompts, answers, run.round_up(examples_per_call), model.config):
+        ok = run(_greedy_program, *batch, cfg_scale=float(cfg_scale), mask_id=mask_id)
+        out[rows] = ok[:len(rows)]
     return bool(out[0]) if single else out
 
 
@@ -189,7 +196,33 @@ def _groups(prompts, answers, per_call, config):
         for r, i in enumerate(fill):
             answer[r, :len(answers[i])] = answers[i]
             lengths[r] = len(answers[i])
-        yield rows, (jnp.asarray(prompt), jnp.asarray(prompt_mask), jnp.asarray(answer), jnp.asarray(lengths))
+        yield rows, (prompt, prompt_mask, answer, lengths)
+
+
+class _Runner:
+    """Runs the jitted programs on host inputs whose first axis is the examples: on one device, or on a mesh
+    (parameters laid out by the rules, the examples split over the data axes, every process of the mesh taking
+    part); returns numpy on every process."""
+
+    def __init__(self, model, mesh, rules):
+        self.graphdef, state = nnx.split(model)
+        self.mesh, self.rules = mesh, tuple(rules or sharding.current_rules())
+        self.state = state if mesh is None else jax.device_put(state, sharding.state_shardings(state, mesh,
+                                                                                               self.rules))
+
+    def round_up(self, examples: int) -> int:
+        """`examples` rounded up to a multiple of the data-parallel size (1 without a mesh)."""
+        parallel = 1 if self.mesh is None else sharding.data_parallel_size(self.rules, self.mesh)
+        return -(-examples // parallel) * parallel
+
+    def __call__(self, program, *inputs, **static):
+        if self.mesh is None:
+            return np.asarray(program(self.graphdef, self.state, *map(jnp.asarray, inputs), **static))
+        placed = [sharding.global_array(x, jax.NamedSharding(self.mesh, sharding.batch_spec(self.rules, self.mesh,
+                                                                                            np.ndim(x))))
+                  for x in inputs]
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            return sharding.fetch(program(self.graphdef, self.state, *placed, **static))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,11 +265,14 @@ def _guided_answer_logits(model, ids, attn, plen, cfg_scale, mask_id):
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "batches", "batch_size", "cfg_scale", "mask_id"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "batches", "batch_size", "cfg_scale", "mask_id",
+                                             "key_impl"))
 def _likelihood_program(graphdef, state, prompt, prompt_mask, answer, lengths, keys, *, batches: int,
-                        batch_size: int, cfg_scale: float, mask_id: int):
-    """Per Monte Carlo batch and example, the batch's mean loss: float32 [batches, E]."""
+                        batch_size: int, cfg_scale: float, mask_id: int, key_impl: str):
+    """Per Monte Carlo batch and example, the batch's mean loss: float32 [batches, E] (`keys`: the raw data of
+    keys of the PRNG implementation `key_impl`)."""
     model = nnx.merge(graphdef, state)
+    keys = jax.random.wrap_key_data(keys, impl=key_impl)
     examples, plen = prompt.shape
     width = answer.shape[1]
     answer_valid = jnp.arange(width)[None, :] < lengths[:, None]

@@ -20,6 +20,11 @@ Model args (`--model_args k=v,...`):
     is_check_greedy   also run the greedy check (the official `suffix_greedy_prediction`, L model calls per
                       request; default False, as the official code recommends)
     examples_per_call loglikelihood requests per jitted call (default 8)
+    mesh_data, mesh_fsdp, mesh_tensor
+                      the device mesh over every device of every process (as `--mesh` of `sample`; default:
+                      every device on data); the parameters are sharded by the logical-axis rules. Launched as
+                      several processes (launch/local_multiprocess.sh, SLURM, a TPU pod), every process runs every
+                      request and process 0 writes lm-eval's results
     seed              random seed of the estimator and of sampling (default 1234)
     gen_batch_size    prompts per sampler call in generate_until (default 8)
     sampling_method (or method), gen_length, block_length, steps, temperature, remasking (or
@@ -38,13 +43,18 @@ ignored: the model args fix the sampler, as in the official harness. `loglikelih
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+import sys
 
 import jax
 import numpy as np
 from lm_eval.api import registry
 from lm_eval.api.model import LM
 from tqdm import tqdm
+
+from llada_jax import sharding
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,7 @@ class LLaDAJaxLM(LM):
                  batch_size: int | str | None = 16, cfg: float = 0.0, cfg_scale: float | None = None,
                  is_check_greedy: bool = False, examples_per_call: int = 8, seed: int = 1234,
                  gen_batch_size: int = 8, model=None, tokenizer=None, device=None, max_batch_size=None,
+                 mesh_data: int | None = None, mesh_fsdp: int | None = None, mesh_tensor: int | None = None,
                  **sampler_args):
         super().__init__()
         from llada_jax.sampling import create_sampler
@@ -73,10 +84,16 @@ class LLaDAJaxLM(LM):
         if model is None:
             if pretrained is None:
                 raise ValueError("llada_jax: give pretrained=PATH (an Orbax checkpoint or HF model directory)")
-            from llada_jax.checkpoints import load_model_and_tokenizer
+            from llada_jax import distributed
+            from llada_jax.checkpoints import load_on_mesh
 
-            model, stored = load_model_and_tokenizer(pretrained, dtype=dtype)
+            distributed.start(argparse.Namespace())  # several processes: from the LLADA_JAX_* / SLURM / TPU set-up
+            sizes = {"data": mesh_data, "fsdp": mesh_fsdp, "tensor": mesh_tensor}
+            mesh_flag = ",".join(f"{axis}={int(n)}" for axis, n in sizes.items() if n is not None)
+            model, stored, self.mesh = load_on_mesh(pretrained, mesh_flag or None, dtype=dtype)
             tokenizer = stored if tokenizer is None else tokenizer
+        else:
+            self.mesh = None
         self.model = model
         self.helper = load_tokenizer(tokenizer) if not isinstance(tokenizer, TokenizerHelper) else tokenizer
         if self.helper is None:
@@ -92,7 +109,14 @@ class LLaDAJaxLM(LM):
         self.gen_batch_size = int(gen_batch_size)
         options = {_SAMPLER_ARGS[k]: v for k, v in sampler_args.items()}
         method = options.pop("method", "semi_ar_padding")
-        self.sampler = create_sampler(method, cfg_scale=self.cfg, eot_id=self.helper.eot_id, **options)
+        from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES
+
+        self.rules = DEFAULT_LOGICAL_AXIS_RULES
+        self.sampler = create_sampler(method, cfg_scale=self.cfg, eot_id=self.helper.eot_id, mesh=self.mesh,
+                                      rules=self.rules if self.mesh is not None else None, **options)
+        # Every process of a mesh runs every request (the model is spread over all of them), so lm-eval must not
+        # split the requests over processes: to lm-eval each process is rank 0 of 1 (`main` keeps the other
+        # processes from writing results).
         self.sampler.options.resolved(self.model.config)  # token ids fit the model: fail now, not mid-run
         if self.mc_num % self.batch_size:
             raise ValueError(f"llada_jax: mc_num {self.mc_num} must be a multiple of the batch size "
@@ -132,11 +156,11 @@ class LLaDAJaxLM(LM):
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(self.seed), i))(np.arange(len(requests)))
         for start in tqdm(range(0, len(requests), chunk), desc="loglikelihood", disable=disable_tqdm):
             part = slice(start, start + chunk)
+            on = dict(examples_per_call=self.examples_per_call, mesh=self.mesh, rules=self.rules)
             out_ll[part] = log_likelihood(self.model, prompts[part], answers[part], self.mc_num, self.batch_size,
-                                          self.cfg, rng=keys[part], examples_per_call=self.examples_per_call)
+                                          self.cfg, rng=keys[part], **on)
             if self.is_check_greedy:
-                out_greedy[part] = greedy_check(self.model, prompts[part], answers[part], self.cfg,
-                                                examples_per_call=self.examples_per_call)
+                out_greedy[part] = greedy_check(self.model, prompts[part], answers[part], self.cfg, **on)
         results = [(float(ll), bool(g)) for ll, g in zip(out_ll, out_greedy)]
         for request, result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", request.args, result)
@@ -173,7 +197,7 @@ class LLaDAJaxLM(LM):
                                            rows=self.gen_batch_size)
             keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(
                 np.array(rows + [rows[0]] * (self.gen_batch_size - len(rows)), np.uint32))
-            generated = np.asarray(self.sampler(self.model, ids, mask, rng=keys))[:, length:]
+            generated = sharding.fetch(self.sampler(self.model, ids, mask, rng=keys))[:, length:]
             for r, i in enumerate(rows):
                 outputs[i] = self._finish(generated[r], stops[i])
         for request, text in zip(requests, outputs):
@@ -204,10 +228,33 @@ register()
 
 
 def main() -> None:
-    """lm-eval's command line with `llada_jax` registered (the console script `llada-jax-lm-eval`)."""
+    """lm-eval's command line with `llada_jax` registered (the console script `llada-jax-lm-eval`). Launched as
+    several processes, each runs every request on the shared mesh; only process 0 prints and writes results (the
+    others run without --output_path / --log_samples, their standard output discarded)."""
     from lm_eval.__main__ import cli_evaluate
 
+    from llada_jax import distributed
+
+    distributed.start(argparse.Namespace())  # before any device is touched: LLADA_JAX_* / SLURM / TPU set-up
+    if jax.process_index() != 0:
+        sys.argv = _without_outputs(sys.argv)
+        sys.stdout = open(os.devnull, "w")
     cli_evaluate()
+
+
+def _without_outputs(argv: list[str]) -> list[str]:
+    """lm-eval's arguments without the ones that write files (--output_path / -o VALUE, --log_samples / -s)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--output_path", "-o"):
+            skip = True
+        elif arg in ("--log_samples", "-s") or arg.startswith("--output_path="):
+            continue
+        else:
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

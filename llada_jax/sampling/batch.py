@@ -11,12 +11,15 @@ writes the same lines as an uninterrupted one, whatever the batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 
 import jax
 import numpy as np
 
+from llada_jax import sharding
 from llada_jax.sampling import prompts as prompt_io
 
 WINDOW_BATCHES = 16  # batches per sorting window
@@ -49,11 +52,12 @@ def read_done(output: str, records: list[dict]) -> int:
     return len(lines)
 
 
-def sample_file(model, tokenizer, sampler, records: list[dict], encoded: list[list[int]], output: str, *,
+def sample_file(model, tokenizer, sampler, records: list[dict], encoded: list[list[int]], output, *,
                 batch_size: int, seed: int, start: int = 0, progress: bool = True, after_write=None) -> int:
-    """Sample every record from index `start` on and append the lines to the local file `output`; `after_write()`
-    runs after every write (an upload of the file, when the output lives in object storage). Returns lines
-    written."""
+    """Sample every record from index `start` on and append the lines to `output`: a local file path, a text
+    stream (standard output), or None (the other processes of a multi-process run: they sample, process 0
+    writes). `after_write()` runs after every write (an upload of the file, when the output lives in object
+    storage). Returns the lines done."""
     from tqdm import tqdm
 
     config = model.config
@@ -65,7 +69,7 @@ def sample_file(model, tokenizer, sampler, records: list[dict], encoded: list[li
     bar = tqdm(total=len(records), initial=start, unit="prompt", desc="sampling", disable=not progress,
                dynamic_ncols=True)
     window = batch_size * WINDOW_BATCHES
-    with open(output, "a", encoding="utf-8") as out:
+    with _opened(output) as out:
         for first in range(start, len(records), window):
             indices = sorted(range(first, min(first + window, len(records))), key=lambda i: len(encoded[i]))
             for b in range(0, len(indices), batch_size):
@@ -76,23 +80,33 @@ def sample_file(model, tokenizer, sampler, records: list[dict], encoded: list[li
                 keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(
                     np.array(rows + [rows[0]] * (batch_size - len(rows)), np.uint32))
                 out_ids, stats = sampler(model, ids, mask, rng=keys, return_stats=True)
-                generated = np.asarray(out_ids)[:, length:]
-                nfe = np.asarray(stats.nfe)
+                generated = sharding.fetch(out_ids)[:, length:]
+                nfe = sharding.fetch(stats.nfe)
                 for r, i in enumerate(rows):
                     pending[i] = _line(records[i], generated[r], int(nfe[r]), tokenizer)
                 lines = []
                 while next_line in pending:
                     lines.append(pending.pop(next_line))
                     next_line += 1
-                if lines:
+                if lines and out is not None:
                     out.write("".join(lines))
                     out.flush()
-                    os.fsync(out.fileno())
+                    if hasattr(out, "fileno") and output is not sys.stdout:
+                        os.fsync(out.fileno())
                     if after_write is not None:
                         after_write()
                 bar.update(len(rows))
     bar.close()
     return next_line - start
+
+
+@contextlib.contextmanager
+def _opened(output):
+    if output is None or hasattr(output, "write"):
+        yield output
+        return
+    with open(output, "a", encoding="utf-8") as f:
+        yield f
 
 
 def _line(record: dict, generated: np.ndarray, nfe: int, tokenizer) -> str:

@@ -8,11 +8,12 @@ prompt is sent as raw text and every turn stands alone.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
-import numpy as np
 
+from llada_jax import distributed, sharding
 from llada_jax.sampling import prompts as prompt_io
 
 COMMANDS = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
@@ -46,20 +47,24 @@ class Chat:
         out, stats = self.sampler(self.model, prompt, mask, rng=jax.random.fold_in(self.key, self.turn)[None],
                                   return_stats=True)
         self.turn += 1
-        answer = self.tokenizer.decode(np.asarray(out)[0, length:], skip_special_tokens=True)
+        answer = self.tokenizer.decode(sharding.fetch(out)[0, length:], skip_special_tokens=True)
         if self.use_template:
             self.messages = messages + [{"role": "assistant", "content": answer}]
-        return answer, int(np.asarray(stats.nfe)[0])
+        return answer, int(sharding.fetch(stats.nfe)[0])
 
 
 def interactive(chat: Chat, *, stdin=None, stdout=None) -> int:
+    """The terminal chat. In a multi-process run process 0 reads the terminal and prints; every process samples
+    (each line read is given to all)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if jax.process_index() != 0:
+        stdout = open(os.devnull, "w")
     opts = chat.sampler.options
     print(f"LLaDA chat: {opts.method}, {opts.remasking}, gen_length {opts.gen_length}, steps {opts.steps}, "
           f"block_length {opts.layout.block_length}. {COMMANDS}", file=stdout, flush=True)
     while True:
         print("You: ", end="", file=stdout, flush=True)
-        line = stdin.readline()
+        line = distributed.on_main(stdin.readline)
         if not line:
             print(file=stdout)
             return 0

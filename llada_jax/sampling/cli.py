@@ -23,14 +23,16 @@ def register(sub) -> None:
     p.add_argument("--model", "--model_name_or_path", dest="model", required=True,
                    help="Orbax checkpoint (run, checkpoints/ or step directory) or HF model directory")
     p.add_argument("--input", required=True, help='JSONL: {"input_ids": [...]}, {"prompt": "..."} or '
-                                                  '{"messages": [...]} per line, optional "id"')
-    p.add_argument("--output", required=True, help="JSONL, one line per input line, in the same order")
+                                                  '{"messages": [...]} per line, optional "id"; - for standard input')
+    p.add_argument("--output", required=True, help="JSONL, one line per input line, in the same order; - for "
+                                                   "standard output (progress and logs go to standard error)")
     p.add_argument("--resume", action="store_true", help="continue a partly written --output")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    _sampling_flags(p)
+    sampling_flags(p)
     distributed.add_flags(p)
+    distributed.add_mesh_flag(p)
     p.set_defaults(func=run_sample)
 
     p = sub.add_parser("inference", help="answer one prompt (--prompt) or chat in the terminal (--interactive)")
@@ -42,12 +44,13 @@ def register(sub) -> None:
     p.add_argument("--no_chat_template", action="store_true",
                    help="send raw text (base models); default: the chat template when the tokenizer has one")
     p.add_argument("--seed", type=int, default=0)
-    _sampling_flags(p)
+    sampling_flags(p)
     distributed.add_flags(p)
+    distributed.add_mesh_flag(p)
     p.set_defaults(func=run_inference)
 
 
-def _sampling_flags(p) -> None:
+def sampling_flags(p) -> None:
     p.add_argument("--sampling_method", choices=METHODS, default="semi_ar_padding")
     p.add_argument("--remasking_strategy", choices=REMASKING, default="low_confidence")
     p.add_argument("--gen_length", type=int, default=128, help="generated tokens per prompt (default 128)")
@@ -70,31 +73,72 @@ def _sampling_flags(p) -> None:
                    help="compute and parameter dtype (default: as the checkpoint)")
 
 
-def _sampler(args, tokenizer=None):
-    """The sampler the flags describe (validated before anything is loaded)."""
-    from llada_jax.sampling import create_sampler
+def sampler_options(args, tokenizer=None):
+    """The `SamplerOptions` the flags describe, validated (a bad value names its flag)."""
+    from llada_jax.sampling import SamplerOptions
 
     try:
-        return create_sampler(
-            args.sampling_method, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-            temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking_strategy,
-            logits_eos_inf=args.logits_eos_inf, confidence_eos_eot_inf=args.confidence_eos_eot_inf,
+        return SamplerOptions(
+            method=args.sampling_method, gen_length=args.gen_length, block_length=args.block_length,
+            steps=args.steps, temperature=args.temperature, cfg_scale=args.cfg_scale,
+            remasking=args.remasking_strategy, logits_eos_inf=args.logits_eos_inf,
+            confidence_eos_eot_inf=args.confidence_eos_eot_inf,
             eot_id=tokenizer.eot_id if tokenizer is not None else None, threshold=args.threshold,
             cache=args.cache, cache_refresh=args.cache_refresh)
     except ValueError as e:
         raise UsageError(f"--{e}" if str(e).split()[0] in ("gen_length", "block_length", "steps", "temperature",
-                                                       "cfg_scale", "threshold", "cache_refresh") else str(e)) from e
+                                                           "cfg_scale", "threshold", "cache_refresh") else str(e)) from e
 
 
-def load(args):
-    """(model, tokenizer or None) of --model, with --dtype applied."""
-    from llada_jax.checkpoints import load_model_and_tokenizer
+def _sampler(args, tokenizer=None, mesh=None):
+    """The sampler the flags describe (validated before anything is loaded), on `mesh` when given."""
+    from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES
+    from llada_jax.sampling import Sampler
+
+    return Sampler(sampler_options(args, tokenizer), mesh=mesh,
+                   rules=DEFAULT_LOGICAL_AXIS_RULES if mesh is not None else None)
+
+
+def start(args):
+    """Multi-process start-up, then the model and its tokenizer on the `--mesh` of every device (checked against
+    the devices and the model's shape before anything is loaded): (model, tokenizer or None, mesh)."""
+    from llada_jax.checkpoints import load_on_mesh
     from llada_jax.errors import CheckpointNotFoundError
 
+    distributed.start(args)
     try:
-        return load_model_and_tokenizer(args.model, dtype=args.dtype)
+        return load_on_mesh(args.model, args.mesh, dtype=args.dtype)
     except CheckpointNotFoundError as e:
         raise UsageError(f"--model: {e}") from e
+
+
+def _sample_job(args) -> dict:
+    """Process 0's reading of the input and of the output's state: {"records", "start", "staged"}."""
+    from llada_jax.sampling import batch, prompts
+
+    if args.input != "-" and not (os.path.exists(args.input) or storage.is_url(args.input)
+                                  and storage.is_file(args.input)):
+        raise UsageError(f"--input: {args.input}: no such file")
+    try:
+        records = prompts.read_records(args.input)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    # An output in object storage is written to a local copy, uploaded whole after every write (no appends there)
+    output, staged = args.output, None
+    if storage.is_url(args.output):
+        storage.check_writable(args.output.rsplit("/", 1)[0])
+        output = staged = os.path.join(tempfile.mkdtemp(prefix="llada_jax_sample_"), "output.jsonl")
+        if storage.exists(args.output):
+            storage.download(args.output, output)
+    start = 0
+    if args.output != "-" and os.path.exists(output) and os.path.getsize(output) > 0:
+        if not args.resume:
+            raise UsageError(f"--output {args.output} already exists; pass --resume to continue it, or remove it")
+        try:
+            start = batch.read_done(output, records)
+        except ValueError as e:
+            raise UsageError(f"--resume: {e}") from e
+    return {"records": records, "start": start, "staged": staged}
 
 
 def run_sample(args) -> int:
@@ -103,82 +147,72 @@ def run_sample(args) -> int:
     _sampler(args)  # flags first: a bad --gen_length fails before anything is read or loaded
     if args.batch_size <= 0:
         raise UsageError(f"--batch_size must be a positive integer, got {args.batch_size}")
-    if not storage.is_file(args.input):
-        raise UsageError(f"--input: {args.input}: no such file")
-    try:
-        records = prompts.read_records(args.input)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    # An output in object storage is written to a local copy, uploaded whole after every write (no appends there)
-    output = args.output
-    if storage.is_url(args.output):
-        storage.check_writable(args.output.rsplit("/", 1)[0])
-        output = os.path.join(tempfile.mkdtemp(prefix="llada_jax_sample_"), "output.jsonl")
-        if storage.exists(args.output):
-            storage.download(args.output, output)
-    start = 0
-    if os.path.exists(output) and os.path.getsize(output) > 0:
-        if not args.resume:
-            raise UsageError(f"--output {args.output} already exists; pass --resume to continue it, or remove it")
-        try:
-            start = batch.read_done(output, records)
-        except ValueError as e:
-            raise UsageError(f"--resume: {e}") from e
-    if start == len(records):
-        print(f"{args.output}: all {len(records)} lines are already done", file=sys.stderr)
-        return 0
+    if args.resume and args.output == "-":
+        raise UsageError("--resume needs an --output file (standard output cannot be continued)")
+    from llada_jax.sharding import parse_mesh
 
-    distributed.start(args)
+    parse_mesh(args.mesh)  # a malformed --mesh before any start-up
+    model, tokenizer, mesh = start(args)
     import jax
 
-    if jax.process_count() > 1:
-        raise UsageError("sample runs in one process (it writes one output file); on a pod, run one sample per host "
-                     "on its own part of the input")
-    model, tokenizer = load(args)
-    sampler = _sampler(args, tokenizer)
+    main = jax.process_index() == 0
+    job = distributed.on_main(lambda: _sample_job(args))  # process 0 reads; every process samples
+    records, start_line = job["records"], job["start"]
+    if start_line == len(records):
+        if main:
+            print(f"{args.output}: all {len(records)} lines are already done", file=sys.stderr)
+        return 0
+    sampler = _sampler(args, tokenizer, mesh)
     encoded = []
     limit = model.config.max_sequence_length - args.gen_length
+    name = "<stdin>" if args.input == "-" else args.input
     for number, record in enumerate(records, 1):
-        where = f"{args.input} line {number}"
+        where = f"{name} line {number}"
         if prompts.needs_tokenizer(record) and tokenizer is None:
             raise UsageError(f"{where}: a text prompt needs a tokenizer, and none is stored with {args.model} "
-                         f"(give 'input_ids' instead)")
-        ids = prompts.encode(record, tokenizer) if number > start else []
+                             f"(give 'input_ids' instead)")
+        ids = prompts.encode(record, tokenizer) if number > start_line else []
         if len(ids) > limit:
-            raise UsageError(f"{where}: the prompt has {len(ids)} tokens; with --gen_length {args.gen_length} at most "
-                         f"{limit} fit the model's max_sequence_length {model.config.max_sequence_length}")
+            raise UsageError(f"{where}: the prompt has {len(ids)} tokens; with --gen_length {args.gen_length} at "
+                             f"most {limit} fit the model's max_sequence_length {model.config.max_sequence_length}")
         vocab = model.config.padded_vocab_size
         if ids and max(ids) >= vocab:
             raise UsageError(f"{where}: token id {max(ids)} is outside the model's vocabulary [0, {vocab})")
         encoded.append(ids)
-    upload = (lambda: storage.upload(output, args.output)) if output != args.output else None
+    output, upload = None, None
+    if main:
+        output = sys.stdout if args.output == "-" else job["staged"] or args.output
+        if job["staged"]:
+            def upload():
+                storage.upload(job["staged"], args.output)
     written = batch.sample_file(model, tokenizer, sampler, records, encoded, output,
-                                batch_size=args.batch_size, seed=args.seed, start=start,
-                                progress=not args.no_progress, after_write=upload)
-    print(f"wrote {written} lines to {args.output} ({start + written} of {len(records)} done)", file=sys.stderr)
+                                batch_size=args.batch_size, seed=args.seed, start=start_line,
+                                progress=main and not args.no_progress, after_write=upload)
+    if main:
+        print(f"wrote {written} lines to {name if args.output == '-' else args.output} ({start_line + written} of "
+              f"{len(records)} done)", file=sys.stderr)
     return 0
 
 
 def run_inference(args) -> int:
     from llada_jax.sampling import chat
+    from llada_jax.sharding import parse_mesh
 
     _sampler(args)
-    distributed.start(args)
-    import jax
-
-    if jax.process_count() > 1:
-        raise UsageError("inference runs in one process (one prompt or one terminal chat); on a pod, run it on one "
-                     "host without the multi-process flags")
-    model, tokenizer = load(args)
+    parse_mesh(args.mesh)
+    model, tokenizer, mesh = start(args)
     if tokenizer is None:
         raise UsageError(f"--model: no tokenizer is stored with {args.model}; inference needs one")
     use_template = tokenizer.declares_chat_template and not args.no_chat_template
-    session = chat.Chat(model, tokenizer, _sampler(args, tokenizer), use_template=use_template, seed=args.seed)
+    session = chat.Chat(model, tokenizer, _sampler(args, tokenizer, mesh), use_template=use_template, seed=args.seed)
     if args.interactive:
         return chat.interactive(session)
     try:
         answer, _ = session.reply(args.prompt)
     except ValueError as e:
         raise UsageError(f"--prompt: {e}") from e
-    print(answer)
+    import jax
+
+    if jax.process_index() == 0:
+        print(answer)
     return 0

@@ -9,7 +9,9 @@ and optionally an "id" (copied to the output). Every error names the file and th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 
 import numpy as np
 
@@ -55,13 +57,15 @@ def parse_record(text: str, where: str) -> dict:
 
 
 def read_records(path: str) -> list[dict]:
-    """All records of a JSONL file (blank lines are errors too: output lines pair with input lines)."""
+    """All records of a JSONL file, or of standard input for "-" (blank lines are errors too: output lines
+    pair with input lines)."""
     records = []
-    with storage.open_file(path) as f:
+    name = "<stdin>" if path == "-" else path
+    with (contextlib.nullcontext(sys.stdin) if path == "-" else storage.open_file(path)) as f:
         for number, line in enumerate(f, 1):
-            records.append(parse_record(line, f"{path} line {number}"))
+            records.append(parse_record(line, f"{name} line {number}"))
     if not records:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"{name}: no prompts")
     return records
 
 

@@ -67,26 +67,31 @@ class Sampler:
         return out if len(out) > 1 else ids
 
     def _run_sharded(self, run, graphdef, state, prompt_ids, attention_mask, keys):
+        """The program on the mesh: parameters laid out by the logical-axis rules, the batch over the data axes
+        (padded with copies of row 0 to a multiple of their size), across every process of the mesh. The result is
+        a global array laid out like the batch (`sharding.fetch` gives all of it to every process)."""
         mesh, rules = self.mesh, self.rules or sharding.current_rules()
         batch = prompt_ids.shape[0]
         extra = -batch % sharding.data_parallel_size(rules, mesh)
-        if extra:
-            def pad(a):
-                return None if a is None else jnp.concatenate([a, jnp.repeat(a[:1], extra, axis=0)], axis=0)
-            prompt_ids, attention_mask, keys = pad(prompt_ids), pad(attention_mask), pad(keys)
+
+        def rows(a, ndim):  # the same host array on every process -> rows split over the data axes
+            a = np.asarray(a)
+            if extra:
+                a = np.concatenate([a, np.repeat(a[:1], extra, axis=0)], axis=0)
+            spec = sharding.batch_spec(rules, mesh, ndim)
+            return sharding.global_array(a, jax.NamedSharding(mesh, spec))
+
         state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
-        spec = sharding.batch_spec(rules, mesh)
-        rows = jax.NamedSharding(mesh, spec)
-        prompt_ids = jax.device_put(prompt_ids, rows)
-        if attention_mask is not None:
-            attention_mask = jax.device_put(attention_mask, rows)
+        prompt_ids = rows(prompt_ids, 2)
+        attention_mask = None if attention_mask is None else rows(attention_mask, 2)
         if keys is not None:
-            keys = jax.device_put(keys, jax.NamedSharding(mesh, jax.P(spec[0])))
+            keys = jax.random.wrap_key_data(rows(jax.random.key_data(keys), 2), impl=jax.random.key_impl(keys))
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
             ids, stats, history = run(graphdef, state, prompt_ids, attention_mask, keys)
-        if history is not None:
-            history = history[:, :batch]
-        return ids[:batch], SampleStats(stats.nfe[:batch], stats.forward_calls), history
+        if extra:  # the padding rows out (`sharding.fetch` gives the whole result on every process)
+            ids, stats = ids[:batch], SampleStats(stats.nfe[:batch], stats.forward_calls)
+            history = None if history is None else history[:, :batch]
+        return ids, stats, history
 
 
 def create_sampler(method: str = "semi_ar_padding", *, mesh=None, rules=None, **options) -> Sampler:

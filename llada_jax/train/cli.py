@@ -33,21 +33,34 @@ def register(sub) -> None:
 
 
 def register_compile_check(sub) -> None:
+    from llada_jax.sampling.cli import sampling_flags
+
     p = sub.add_parser(
-        "compile-check", help="compile the train step ahead of time for N devices and print memory and FLOPs",
+        "compile-check", help="compile the train step (or the sampler) ahead of time for N devices: memory, FLOPs",
         description="Lower and compile a config's train step for N (fake CPU) devices without allocating "
                     "parameters; prints per-device memory and FLOPs per step. Mesh overrides: "
-                    "--config.mesh.fsdp=8 etc.")
-    p.add_argument("--config", required=True, help="configs/*.py or a JSON config")
+                    "--config.mesh.fsdp=8 etc. With --sample: the sampler of `llada-jax sample` instead, for a "
+                    "model preset or saved model (its config only), --mesh, --batch_size, --prompt_length and "
+                    "the sampling flags.")
+    p.add_argument("--config", default=None, help="configs/*.py or a JSON config (the train step)")
     p.add_argument("--num_devices", type=int, required=True)
     p.add_argument("--task", choices=("pretrain", "sft"), default=None, help="default: the config's task")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    s = p.add_argument_group("the sampler (--sample)")
+    s.add_argument("--sample", action="store_true", help="size the sampler instead of the train step")
+    s.add_argument("--model", default="llada_8b", help="a preset (tiny | llada_8b) or a saved model's path")
+    s.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T", help="as `sample --mesh`")
+    s.add_argument("--batch_size", type=int, default=8)
+    s.add_argument("--prompt_length", type=int, default=512)
+    sampling_flags(s)
     p.set_defaults(func=run_compile_check, accepts_config_overrides=True)
 
 
 def run_compile_check(args) -> int:
     if args.num_devices <= 0:
         raise UsageError("--num_devices must be positive")
+    if not args.sample and not args.config:
+        raise UsageError("--config is required (or --sample to size the sampler)")
     # Fake devices must be requested before JAX starts its backends.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.num_devices}").strip()
@@ -55,27 +68,54 @@ def run_compile_check(args) -> int:
     import jax
 
     from llada_jax.config import apply_overrides, load_config, model_config_from
-    from llada_jax.train.aot import compile_train_step, format_report
     from llada_jax.train.loop import make_run_mesh
 
     try:
-        config = load_config(args.config, task=args.task)
-        apply_overrides(config, args.extra)
         devices = jax.devices()
         if len(devices) < args.num_devices:
             raise UsageError(f"only {len(devices)} devices available (JAX was started before the flag could apply)")
-        mesh = make_run_mesh(config, devices[: args.num_devices])
-        report = compile_train_step(config, model_config_from(config), mesh)
+        devices = devices[: args.num_devices]
+        if args.sample:
+            from llada_jax.sampling import aot
+
+            report = _compile_sampler(args, devices)
+        else:
+            from llada_jax.train import aot
+
+            config = load_config(args.config, task=args.task)
+            apply_overrides(config, args.extra)
+            report = aot.compile_train_step(config, model_config_from(config), make_run_mesh(config, devices))
     except LLaDAError:
         raise
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
-    print(format_report(report))
+    print(aot.format_report(report))
     if args.json:
         from llada_jax.checkpoints.atomic import write_json
 
         write_json(args.json, report)
     return 0
+
+
+def _compile_sampler(args, devices) -> dict:
+    from llada_jax import sharding
+    from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES, LLaDAConfig
+    from llada_jax.sampling import aot
+    from llada_jax.sampling.cli import sampler_options
+
+    if args.model in ("tiny", "llada_8b"):
+        config = LLaDAConfig.preset(args.model)
+    else:
+        from llada_jax.checkpoints import read_model_config
+
+        config = read_model_config(args.model)
+    if args.dtype:
+        config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
+    sizes = sharding.mesh_shape(sharding.parse_mesh(args.mesh), len(devices))
+    sharding.check_model_fits(sizes, config)
+    mesh = sharding.make_mesh(sizes, devices)
+    return aot.compile_sampler(config, sampler_options(args), mesh, DEFAULT_LOGICAL_AXIS_RULES,
+                               batch=args.batch_size, prompt_length=args.prompt_length)
 
 
 def build_config(args):

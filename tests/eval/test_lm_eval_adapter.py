@@ -124,3 +124,46 @@ def test_lm_eval_runs_llada_jax_on_local_tasks(tmp_path, monkeypatch):
     for s, row in zip(samples("toy_gen"), out_ids):
         text = tok.decode(row).split(".")[0]
         assert s["resps"][0][0] == tok.decode(tok.encode(text), skip_special_tokens=True)
+
+
+def test_lm_eval_on_two_processes_equals_one(tmp_path):
+    """`llada-jax-lm-eval` launched as 2 processes x 2 devices on a data=2, tensor=2 mesh: the same scores as one
+    process on one device; only process 0 writes results."""
+    from tests.runs import cli, launch
+
+    helper = build_bpe_tokenizer(TEXTS, str(tmp_path / "tok"), vocab_size=300)
+    model = LLaDAForMaskedLM(LLaDAConfig.tiny(**config_overrides(helper), max_sequence_length=64), rngs=nnx.Rngs(1))
+    run = save_model(model, str(tmp_path / "run"), tokenizer_dir=str(tmp_path / "tok"))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write(tasks / "toy_mc.yaml", MC_YAML.format(path=write(tmp_path / "mc.jsonl", "".join(json.dumps(r) + "\n"
+                                                                                         for r in MC))))
+    write(tasks / "toy_gen.yaml", GEN_YAML.format(path=write(tmp_path / "gen.jsonl", "".join(json.dumps(r) + "\n"
+                                                                                            for r in GEN))))
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
+    scores = {}
+    for name, mesh in (("one", ""), ("two", ",mesh_data=2,mesh_tensor=2")):
+        out = tmp_path / name
+        args = ["--model", "llada_jax", "--model_args", f"pretrained={run},mc_num=8,gen_length=8,block_length=4,"
+                f"steps=4{mesh}", "--tasks", "toy_mc,toy_gen", "--include_path", str(tasks), "--batch_size", "4",
+                "--output_path", str(out), "--log_samples"]
+        if name == "one":
+            cli(*args, devices=1, module="llada_jax.eval.lm_eval_adapter", env=env)
+        else:
+            proc = launch(2, 2, *args, module="llada_jax.eval.lm_eval_adapter", env=env)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        results = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
+        assert len(results) == 1  # written once
+        samples = {}
+        for path in glob.glob(str(out / "**" / "samples_*.jsonl"), recursive=True):
+            for line in open(path):
+                s = json.loads(line)
+                samples[(path.rsplit("samples_", 1)[1].split("_2")[0], s["doc_id"])] = s["resps"]
+        scores[name] = samples
+    assert scores["one"].keys() == scores["two"].keys() and scores["one"]
+    for key, resps in scores["one"].items():
+        other = scores["two"][key]
+        if "toy_mc" in key[0]:  # loglikelihoods: float32 sums in another order
+            np.testing.assert_allclose([float(r[0][0]) for r in other], [float(r[0][0]) for r in resps], rtol=1e-5)
+        else:
+            assert other == resps

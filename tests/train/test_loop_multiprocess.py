@@ -2,25 +2,12 @@
 
 import json
 import os
-import subprocess
 import time
 
 import numpy as np
 
 from llada_jax.train.metrics import read_metrics
-from tests.runs import ROOT, TINY, cli, command, environment
-
-LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
-
-
-def launch(n, devices, *args, env=None, timeout=600, kill=None):
-    """`llada-jax ARGS` as n processes of `devices` devices; `kill` = (step, process) kills that process after
-    that training step."""
-    full_env = environment(**(env or {}))
-    full_env.pop("XLA_FLAGS", None)  # the launcher sets the per-process device count
-    return subprocess.run([LAUNCH, "--devices_per_process", str(devices), "--heartbeat_timeout", "10", str(n), "--",
-                           *command(*(kill or ())), *args], env=full_env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+from tests.runs import TINY, cli, launch
 
 
 def run_args(data, out, steps, *extra):

@@ -1,0 +1,72 @@
+"""Ahead-of-time sizing of a sampling job: `llada-jax compile-check --sample`.
+
+Lowers and compiles the jitted sampler program of `samplers.program` for a model shape (a preset, or the config of
+a saved model: no weights are read), a mesh over N devices (fake CPU devices when the machine has fewer), a
+batch and prompt / generation lengths, without allocating any parameter, and reports the per-device memory:
+the parameters' share (arguments), the program's temporaries (activations, the KV cache with a cache option,
+the logits) and its outputs. So a user sees before booking hardware whether, say, LLaDA-8B in bf16 with
+tensor=8 fits 16 GB chips. The figures come from XLA's CPU compiler: layouts and fusion differ on TPU / GPU, so
+they are an estimate of the same order, not an exact budget.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llada_jax import sharding
+from llada_jax.config import LLaDAConfig
+from llada_jax.model import abstract_model
+from llada_jax.sampling.options import SamplerOptions
+from llada_jax.sampling.samplers import program
+
+
+def compile_sampler(config: LLaDAConfig, options: SamplerOptions, mesh: jax.sharding.Mesh, rules, *,
+                    batch: int, prompt_length: int) -> dict:
+    """The compiled sampler's memory per device and its shapes (see the module docstring)."""
+    opts = options.resolved(config)
+    parallel = sharding.data_parallel_size(rules, mesh)
+    rows = -(-batch // parallel) * parallel  # the sampler pads the batch to the data-parallel size
+    graphdef, state = abstract_model(config)
+    shardings = sharding.state_shardings(state, mesh, rules)
+    state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
+    row_sharding = jax.NamedSharding(mesh, sharding.batch_spec(rules, mesh))
+    ids = jax.ShapeDtypeStruct((rows, prompt_length), jnp.int32, sharding=row_sharding)
+    keys = None
+    if opts.needs_rng:
+        key_type = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
+        keys = jax.ShapeDtypeStruct(key_type.shape, key_type.dtype,
+                                    sharding=jax.NamedSharding(mesh, sharding.batch_spec(rules, mesh, 1)))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        compiled = program.lower(graphdef, state, ids, ids, keys, opts=opts, record=False).compile()
+    memory = compiled.memory_analysis()
+    n_params = sum(int(x.size) for x in jax.tree.leaves(state))
+    return {
+        "devices": mesh.size,
+        "mesh": dict(mesh.shape),
+        "parameters": n_params,
+        "param_dtype": config.param_dtype,
+        "batch": rows,
+        "prompt_length": prompt_length,
+        "gen_length": opts.gen_length,
+        "method": opts.method,
+        "cache": opts.cache,
+        "argument_bytes": int(memory.argument_size_in_bytes),
+        "output_bytes": int(memory.output_size_in_bytes),
+        "temp_bytes": int(memory.temp_size_in_bytes),
+        "peak_bytes_estimate": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                   + memory.temp_size_in_bytes),
+    }
+
+
+def format_report(r: dict) -> str:
+    gib = 1024**3
+    return "\n".join([
+        f"sampler on {r['devices']} devices, mesh {r['mesh']}: {r['parameters']:,} parameters ({r['param_dtype']}), "
+        f"batch {r['batch']}, prompt {r['prompt_length']} + {r['gen_length']} generated, {r['method']}, "
+        f"cache {r['cache']}",
+        f"per-device memory: parameters and inputs {r['argument_bytes'] / gib:.2f} GiB, temporaries "
+        f"{r['temp_bytes'] / gib:.2f} GiB, outputs {r['output_bytes'] / gib:.3f} GiB, peak estimate "
+        f"{r['peak_bytes_estimate'] / gib:.2f} GiB",
+    ])
