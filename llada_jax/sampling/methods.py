@@ -137,8 +137,8 @@ def _advance(state: State, kv, at: Place, full: bool | jax.Array, attention_mask
     """One step: the network (a full pass, or a window against the cache `kv`), then `step`. (state, kv)."""
 
     def full_pass():
-        logits, new_kv = net.full(state.x, attention_mask)
-        return step(state, logits, at, ctx), new_kv
+        out, new_kv = net.full(state.x, attention_mask)
+        return step(state, out, at, ctx), new_kv
 
     def window_pass():
         return step(state, net.window(state.x, attention_mask, kv, at.start), at, ctx), kv

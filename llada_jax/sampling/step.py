@@ -1,7 +1,7 @@
-"""One denoising step, a pure function of (state, logits) -> state.
+"""One denoising step, a pure function of (state, network output) -> state.
 
 As in the official `generate.py`, given the logits of the current sequence x (with CFG already applied, see
-`network`):
+`network`; they are computed for the current block only, unless a mask before it needs them all):
 
     x0          = argmax(logits [+ T * Gumbel])     (`remasking.predict`)
     confidence  = softmax(logits)[x0]  or  U[0, 1)  (low_confidence / random)
@@ -89,12 +89,13 @@ def masks_in_block(x: jax.Array, start, ctx: Context) -> jax.Array:
     return (x == ctx.opts.mask_id) & (col >= start) & (col < start + ctx.opts.layout.block_length)
 
 
-def step(state: State, logits: jax.Array, at: Place, ctx: Context) -> State:
-    """One denoising step from `logits` [B, n, V] of the whole sequence (n = L) or of the block alone."""
+def step(state: State, out, at: Place, ctx: Context) -> State:
+    """One denoising step from the network's output `out` (`network.Output`) of the whole sequence or of a
+    window starting at the block."""
     opts, x = ctx.opts, state.x
     col = jnp.arange(x.shape[1])[None, :]
     masked = (x == opts.mask_id) & ctx.valid
-    x0, confidence = _predict(logits, x, masked, at, ctx)
+    x0, confidence = _predict(out, x, masked, at, ctx)
     confidence = jnp.where(masked & (col < at.start + opts.layout.block_length), confidence, -jnp.inf)
     x0 = jnp.where(masked, x0, x)  # committed tokens never change
     if opts.threshold is None:
@@ -109,28 +110,27 @@ def step(state: State, logits: jax.Array, at: Place, ctx: Context) -> State:
     return State(x, nfe, state.forward_calls + 1, history)
 
 
-def _predict(logits: jax.Array, x: jax.Array, masked: jax.Array, at: Place, ctx: Context):
+def _predict(out, x: jax.Array, masked: jax.Array, at: Place, ctx: Context):
     """(x0, confidence) [B, L]; positions not scored get x0 = x and confidence -inf.
 
-    Only masked positions before the block end can be committed. Usually they all lie in the block, so x0
-    and its confidence (and their noise) are computed for the block's positions only; if any active row has
-    a mask before the block (a mask token in a prompt, or one left over by an earlier block) and the logits
-    cover the whole sequence, for every position. Both give the same decisions (the noise is keyed by
+    Only masked positions before the block end can be committed. Usually they all lie in the block, so the
+    logits, x0 and its confidence (and their noise) are computed for the block's positions only; if any active
+    row has a mask before the block (a mask token in a prompt, or one left over by an earlier block) and the
+    network ran the whole sequence, for every position. Both give the same decisions (the noise is keyed by
     position)."""
     block_length = ctx.opts.layout.block_length
 
-    def block_only(block_logits):
+    def block_only():
         positions = jax.lax.dynamic_slice_in_dim(ctx.positions, at.start, block_length, axis=1)
-        x0, confidence = _scored(block_logits, positions, at.t, ctx)
+        x0, confidence = _scored(out.logits(at.start, block_length), positions, at.t, ctx)
         return (jax.lax.dynamic_update_slice_in_dim(x, x0, at.start, axis=1),
                 jax.lax.dynamic_update_slice_in_dim(jnp.full(x.shape, -jnp.inf), confidence, at.start, axis=1))
 
-    if logits.shape[1] != x.shape[1]:  # a window against the cache: the block's logits only
-        return block_only(logits)
+    if out.windowed:  # a window against the cache: the block's logits only
+        return block_only()
     col = jnp.arange(x.shape[1])[None, :]
     early = jnp.any(masked & (col < at.start) & at.active[:, None])
-    return jax.lax.cond(early, lambda: _scored(logits, ctx.positions, at.t, ctx),
-                        lambda: block_only(jax.lax.dynamic_slice_in_dim(logits, at.start, block_length, axis=1)))
+    return jax.lax.cond(early, lambda: _scored(out.logits(0, x.shape[1]), ctx.positions, at.t, ctx), block_only)
 
 
 def _scored(logits: jax.Array, positions: jax.Array, t, ctx: Context):

@@ -43,15 +43,23 @@ def logits_fn(model):
 
 
 class EosAfter(nnx.Module):
-    """Test model: the tiny model with EOS made the certain prediction at real positions >= `start`."""
+    """Test model: the tiny model with EOS made the certain prediction at real positions >= `start`. The sampler
+    asks a model for `hidden_states` and then the `logits` of the positions it needs; here the position rides
+    along as an extra channel of the hidden states."""
 
     def __init__(self, inner, start):
         self.inner, self.config, self.start = inner, inner.config, start
 
+    def hidden_states(self, ids, attention_mask=None):
+        pos = positions_from_mask(attention_mask, *ids.shape).astype(jnp.float32)
+        return jnp.concatenate([self.inner.hidden_states(ids, attention_mask), pos[..., None]], axis=-1)
+
+    def logits(self, hidden):
+        logits = self.inner.logits(hidden[..., :-1])
+        return logits.at[..., EOS].add(jnp.where(hidden[..., -1] >= self.start, 1e3, 0.0))
+
     def __call__(self, ids, attention_mask=None):
-        logits = self.inner(ids, attention_mask)
-        pos = positions_from_mask(attention_mask, *ids.shape)
-        return logits.at[..., EOS].add(jnp.where(pos >= self.start, 1e3, 0.0))
+        return self.logits(self.hidden_states(ids, attention_mask))
 
 
 PROMPTS = np.array([[3, 17, 42, 99, 7, 250], [8, 1, 300, 65, 12, 77]], np.int32)
