@@ -7,6 +7,12 @@ the parameters' share (arguments), the program's temporaries (activations, the K
 the logits) and its outputs. So a user sees before booking hardware whether, say, LLaDA-8B in bf16 with
 tensor=8 fits 16 GB chips. The figures come from XLA's CPU compiler: layouts and fusion differ on TPU / GPU, so
 they are an estimate of the same order, not an exact budget.
+
+One CPU artefact is removed: the CPU has no bfloat16 matmul, so XLA converts bf16 weights to float32 before each
+matmul, and its while-loop invariant code motion hoists those conversions out of the sampler's loops, which
+would hold a float32 copy of every weight (twice the bf16 parameters) for the whole run; TPU and GPU multiply in
+bf16 and hold no such copy. The sampler is therefore compiled for sizing with that pass off (the conversion
+stays inside the loop: one layer's weights at a time, which the figures still include).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from llada_jax.config import LLaDAConfig
 from llada_jax.model import abstract_model
 from llada_jax.sampling.options import SamplerOptions
 from llada_jax.sampling.samplers import program
+
+NO_HOISTED_CONVERSIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
 def compile_sampler(config: LLaDAConfig, options: SamplerOptions, mesh: jax.sharding.Mesh, rules, *,
@@ -39,7 +47,9 @@ def compile_sampler(config: LLaDAConfig, options: SamplerOptions, mesh: jax.shar
         keys = jax.ShapeDtypeStruct(key_type.shape, key_type.dtype,
                                     sharding=jax.NamedSharding(mesh, sharding.batch_spec(rules, mesh, 1)))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        compiled = program.lower(graphdef, state, ids, ids, keys, opts=opts, record=False).compile()
+        lowered = program.lower(graphdef, state, ids, ids, keys, opts=opts, record=False)
+        on_cpu = mesh.devices.flat[0].platform == "cpu"
+        compiled = lowered.compile(NO_HOISTED_CONVERSIONS if on_cpu else None)
     memory = compiled.memory_analysis()
     n_params = sum(int(x.size) for x in jax.tree.leaves(state))
     return {

@@ -136,7 +136,8 @@ def make_run_mesh(config, devices=None) -> jax.sharding.Mesh:
     dp = sharding.data_parallel_size(rules, mesh)
     if config.batch_size % dp:
         raise MeshError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel shards of "
-                        f"mesh {dict(mesh.shape)}")
+                        f"mesh {dict(mesh.shape)}: give a multiple of {dp} (the same sequences per update with "
+                        f"fewer gradient_accumulation_steps), or put devices on the tensor axis")
     if config.batch_size % jax.process_count():
         raise MeshError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     return mesh
