@@ -1,9 +1,11 @@
 """`sample` and `eval-likelihood` on a mesh of several processes (launch/local_multiprocess.sh, gloo collectives):
-the outputs do not depend on the layout; bad meshes are one error before loading; stdin / stdout."""
+the outputs do not depend on the layout; a dead process ends the others; bad meshes are one error before
+loading; stdin / stdout."""
 
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -64,6 +66,24 @@ def test_eval_likelihood_values_do_not_depend_on_the_process_layout(saved, tmp_p
         np.testing.assert_allclose([r["log_likelihood"] for r in rows], [r["log_likelihood"] for r in first],
                                    rtol=1e-5, err_msg=layout)
         assert [r["greedy"] for r in rows] == [r["greedy"] for r in first], layout
+
+
+def test_a_killed_process_makes_its_peer_exit_with_an_error_and_resume_completes(saved, tmp_path):
+    run_dir = saved[0]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", RECORDS)
+    expected = tmp_path / "expected.jsonl"
+    cli("sample", "--model", run_dir, "--input", prompts, "--output", str(expected), *FLAGS, devices=1)
+    out = tmp_path / "out.jsonl"
+    args = ["sample", "--model", run_dir, "--input", prompts, "--output", str(out), *FLAGS]
+    start = time.monotonic()
+    proc = launch(2, 2, *args, "--mesh", "data=2,tensor=2", kill=(1, 1), timeout=300)  # process 1 dies after its first batch of three
+    elapsed = time.monotonic() - start
+    # process 0 does not hang in the next collective: the coordination service's heartbeat (10 s) ends it
+    assert proc.returncode != 0 and elapsed < 120, (elapsed, proc.stderr[-2000:])
+    written = out.read_text() if out.exists() else ""
+    assert expected.read_text().startswith(written) and len(written.splitlines()) < len(RECORDS)  # whole lines
+    run_layout("2 processes x 2 devices, data=2 tensor=2", *args, "--resume")
+    assert out.read_text() == expected.read_text()
 
 
 @pytest.mark.parametrize("mesh,devices,message", [
