@@ -21,6 +21,9 @@ import ml_collections
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_out_proj")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# bidirectional: LLaDA (every position sees every other); causal: an autoregressive model (position i sees
+# positions <= i), used to prove an AR import exact and as the start of causal-to-bidirectional adaptation.
+ATTENTION_TYPES = ("bidirectional", "causal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,11 @@ class LLaDAConfig:
     eos_token_id: int = 126081
     pad_token_id: int = 126081
     bos_token_id: int = 126080
+    include_qkv_bias: bool = False  # biases on q/k/v (Qwen2), the official config's own field
+    attention_type: str = "bidirectional"  # one of ATTENTION_TYPES
+    # The prediction for position i is read from the network's output at i - 1 (position 0 from its own):
+    # the next-token alignment of an AR model kept through adaptation (Dream, DiffuLLaMA).
+    shift_logits: bool = False
     # JAX-side settings (not part of the HF config).
     dtype: str = "float32"  # compute dtype of matmuls and attention
     param_dtype: str = "float32"  # storage dtype of the parameters (the fp32 master copy by default)
@@ -73,6 +81,11 @@ class LLaDAConfig:
                 fail(name, f"expected one of {DTYPES}, got {getattr(self, name)!r}")
         if self.remat_policy not in REMAT_POLICIES:
             fail("remat_policy", f"expected one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.attention_type not in ATTENTION_TYPES:
+            fail("attention_type", f"expected one of {ATTENTION_TYPES}, got {self.attention_type!r}")
+        for name in ("include_qkv_bias", "shift_logits", "weight_tying", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, f"expected true or false, got {getattr(self, name)!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             fail("attention_impl", f"expected one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
@@ -227,6 +240,12 @@ def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") ->
     # Resume from this step of output_dir instead of the latest (0: the latest finished step); the steps after it
     # are deleted. For a newest checkpoint that cannot be read (the error lists the readable older steps).
     c.checkpoint.restore_step = 0
+
+    # Causal-to-bidirectional adaptation of an AR checkpoint (DiffuLLaMA's attention-mask annealing): over the
+    # first mask_annealing_steps optimizer steps the attention goes from causal to the model's own
+    # (bidirectional), each future position visible with a probability growing linearly to 1 (0: off).
+    c.adaptation = ml_collections.ConfigDict()
+    c.adaptation.mask_annealing_steps = 0
 
     c.max_consecutive_nonfinite = 10  # stop after this many skipped (non-finite) updates in a row
     c.wandb = ml_collections.ConfigDict()

@@ -6,7 +6,10 @@ One block (the official `LLaDALlamaBlock`):
     out = h + ff_out(silu(ff_proj(m)) * up_proj(m)),                              m = ff_norm(h)
 
 with RMSNorm computed in float32, half-rotation ("rotate_half") rotary embeddings computed in float32,
-attention without a causal mask (optionally grouped-query), and no biases. The model is the embedding
+attention without a causal mask (optionally grouped-query), and no biases. Models imported from an
+autoregressive checkpoint may have q/k/v biases (`include_qkv_bias`, Qwen2), causal attention
+(`attention_type="causal"`), and read the prediction for position i from the output at i - 1
+(`shift_logits`, the AR alignment that Dream and DiffuLLaMA keep; `prediction_states`). The model is the embedding
 `wte`, the blocks, a final `ln_f`, and an untied output head `ff_out` (or the transposed embedding when
 `weight_tying`). Parameter names are the official module names, so the Hugging Face key table
 (`llada_jax.checkpoints.hf_keys`) is a short list.
@@ -92,22 +95,35 @@ def _resolve_attention_impl(config: LLaDAConfig) -> str:
     return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
 
 
-def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str) -> Array:
-    """Bidirectional scaled dot-product attention, softmax in float32. key_mask: [B, S] (True = attend).
+def visible_pairs(attention_type: str, query_index: Array, key_length: int) -> Array | None:
+    """bool [L, S]: which keys each query may see by the attention type (None: all). `query_index` [L] holds
+    the queries' indices into the S keys (a window of a sequence starts past 0)."""
+    if attention_type == "bidirectional":
+        return None
+    return jnp.arange(key_length, dtype=jnp.int32)[None, :] <= query_index[:, None]
+
+
+def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str, pairs: Array | None = None) -> Array:
+    """Scaled dot-product attention, softmax in float32. key_mask: [B, S] (True = attend); pairs: [L, S] or
+    [B, L, S] (True = this query may see this key: causal or annealed masks), None for bidirectional.
 
     q [B, L, N, H], k / v [B, S, K, H] with N a multiple of K (grouped-query attention); returns [B, L, N, H].
     """
+    b, length, n, h = q.shape
+    s = k.shape[1]
+    # One boolean [B or 1, L or 1, S] mask: keys by key_mask, query-key pairs by `pairs`.
+    mask = None if key_mask is None else key_mask.astype(bool)[:, None, :]
+    if pairs is not None:
+        pairs = pairs.reshape((-1, length, s))
+        mask = pairs if mask is None else mask & pairs
     if impl == "cudnn":
         # cuDNN takes a mask as a bias with the full [L, S] extent (batch and heads may broadcast); a key mask
         # [B, 1, 1, S] is rejected ("Bias must have same seq length as QKV").
-        mask = None
-        if key_mask is not None:
-            mask = jnp.broadcast_to(key_mask[:, None, None, :].astype(bool), (q.shape[0], 1, q.shape[1], k.shape[1]))
+        full = None if mask is None else jnp.broadcast_to(mask[:, None], (b, 1, length, s))
         try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, mask=full, implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError) as e:  # shape / dtype / GPU cuDNN does not support
             _warn_cudnn_fallback(e, q, k)
-    b, length, n, h = q.shape
     kv = k.shape[2]
     g = n // kv
     # Heads-major layout, 4-D: the G = N / K query heads of a kv head are rows of one batched matmul with it
@@ -115,7 +131,6 @@ def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str) -
     # jax.nn.dot_product_attention, makes XLA:CPU's forward pass about 2x slower, even for G = 1.)
     qh = q.reshape(b, length, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * length, h)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    mask = None if key_mask is None else key_mask.astype(bool)
     out = _sdpa(qh, kh, vh, mask)  # [B, K, G * L, H]
     return out.reshape(b, kv, g, length, h).transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
 
@@ -135,7 +150,18 @@ def _warn_cudnn_fallback(error: Exception, q: Array, k: Array) -> None:
 _MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)
 
 
-def _sdpa_forward(q, k, v, key_mask):
+def _masked(scores, mask, fill):
+    """`scores` [B, K, M, S] (M = G * L rows, query-head-group major) where `mask` [B or 1, L or 1, S] allows,
+    `fill` elsewhere; the [L, S] mask is applied to each group's rows without being repeated G times."""
+    if mask is None:
+        return scores
+    b, k, m, s = scores.shape
+    length = mask.shape[1]
+    grouped = scores.reshape(b, k, m // length, length, s)
+    return jnp.where(mask[:, None, None], grouped, fill).reshape(b, k, m, s)
+
+
+def _sdpa_forward(q, k, v, mask):
     """q [B, K, M, H], k / v [B, K, S, H] -> (out [B, K, M, H], (exp_scores [B, K, M, S], row_sums [B, K, M, 1])).
 
     The softmax is left unnormalised through the second matmul: out = (E V) / rowsum(E) with E = exp(scores -
@@ -143,8 +169,7 @@ def _sdpa_forward(q, k, v, key_mask):
     """
     f32 = jnp.float32
     scores = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=f32) * f32(q.shape[-1] ** -0.5)
-    if key_mask is not None:
-        scores = jnp.where(key_mask[:, None, None, :], scores, _MASKED_SCORE)
+    scores = _masked(scores, mask, _MASKED_SCORE)
     exp_scores = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     row_sums = jnp.sum(exp_scores, axis=-1, keepdims=True)
     out = jnp.einsum("bkms,bksh->bkmh", exp_scores.astype(v.dtype), v, preferred_element_type=f32) / row_sums
@@ -152,7 +177,7 @@ def _sdpa_forward(q, k, v, key_mask):
 
 
 @jax.custom_vjp
-def _sdpa(q, k, v, key_mask):
+def _sdpa(q, k, v, mask):
     """Softmax attention with the flash-attention form of the backward pass.
 
     With P = softmax(scores), autodiff computes d(scores) = P (dP - sum_s(P dP)), a reduction over every
@@ -160,16 +185,16 @@ def _sdpa(q, k, v, key_mask):
     memory-bound part of the backward pass on every backend. The forward keeps the float32 exponentials and
     their row sums (the memory autodiff would keep for P) for the backward.
     """
-    return _sdpa_forward(q, k, v, key_mask)[0]
+    return _sdpa_forward(q, k, v, mask)[0]
 
 
-def _sdpa_fwd(q, k, v, key_mask):
-    out, (exp_scores, row_sums) = _sdpa_forward(q, k, v, key_mask)
-    return out, (q, k, v, key_mask, exp_scores, row_sums, out)
+def _sdpa_fwd(q, k, v, mask):
+    out, (exp_scores, row_sums) = _sdpa_forward(q, k, v, mask)
+    return out, (q, k, v, mask, exp_scores, row_sums, out)
 
 
 def _sdpa_bwd(residuals, d_out):
-    q, k, v, key_mask, exp_scores, row_sums, out = residuals
+    q, k, v, mask, exp_scores, row_sums, out = residuals
     f32 = jnp.float32
     inv_sums = 1.0 / row_sums  # P = exp_scores * inv_sums
     d_probs = jnp.einsum("bkmh,bksh->bkms", d_out, v, preferred_element_type=f32)
@@ -177,9 +202,7 @@ def _sdpa_bwd(residuals, d_out):
     # d(scores) = P (dP - delta), and 0 for masked keys (their scores are constants; P is 0 there anyway,
     # except in a row with no key left). The 1/sqrt(H) scale goes with it to q and k.
     d_scores = exp_scores * ((d_probs - delta) * (inv_sums * f32(q.shape[-1] ** -0.5)))
-    if key_mask is not None:
-        d_scores = jnp.where(key_mask[:, None, None, :], d_scores, 0.0)
-    d_scores = d_scores.astype(q.dtype)
+    d_scores = _masked(d_scores, mask, 0.0).astype(q.dtype)
     d_q = jnp.einsum("bkms,bksh->bkmh", d_scores, k)
     # dK and dV as their [H, S] transposes (row-major products of the [M, S] matrices; transposing those
     # instead, as P^T dO asks, is slower on CPU), then swapped back: a small [S, H] transpose.
@@ -247,6 +270,10 @@ class LLaDABlock(nnx.Module):
         self.q_proj = _param(_trunc_normal(rngs, (d, n, hd), d**-0.5, pd), ("embed", "heads", "head_dim"))
         self.k_proj = _param(_trunc_normal(rngs, (d, k, hd), d**-0.5, pd), ("embed", "kv_heads", "head_dim"))
         self.v_proj = _param(_trunc_normal(rngs, (d, k, hd), d**-0.5, pd), ("embed", "kv_heads", "head_dim"))
+        if config.include_qkv_bias:
+            self.q_bias = _param(jnp.zeros((n, hd), pd), ("heads", "head_dim"))
+            self.k_bias = _param(jnp.zeros((k, hd), pd), ("kv_heads", "head_dim"))
+            self.v_bias = _param(jnp.zeros((k, hd), pd), ("kv_heads", "head_dim"))
         self.attn_out = _param(
             _trunc_normal(rngs, (n, hd, d), d**-0.5 * depth_scale, pd), ("heads", "head_dim", "embed"))
         self.ff_norm = _param(jnp.ones((d,), pd), ("norm",))
@@ -254,21 +281,22 @@ class LLaDABlock(nnx.Module):
         self.up_proj = _param(_trunc_normal(rngs, (d, m), d**-0.5, pd), ("embed", "mlp"))
         self.ff_out = _param(_trunc_normal(rngs, (m, d), m**-0.5 * depth_scale, pd), ("mlp", "embed"))
 
-    def __call__(self, x: Array, cos: Array, sin: Array, key_mask: Array | None) -> Array:
-        return self.forward(x, cos, sin, key_mask)[0]
+    def __call__(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, pairs: Array | None = None) -> Array:
+        return self.forward(x, cos, sin, key_mask, pairs=pairs)[0]
 
     def qkv(self, x: Array) -> tuple[Array, Array, Array]:
         """Queries [B, n, heads, head_dim], keys and values [B, n, kv_heads, head_dim] of x, before RoPE."""
         c = self.config
         dt = _dtype(c.dtype)
         h = rms_norm(x, self.attn_norm[...], c.rms_norm_eps).astype(dt)
-        q = sharding.constrain(dense(h, self.q_proj[...].astype(dt)), BLNH)
-        k = sharding.constrain(dense(h, self.k_proj[...].astype(dt)), BLKH)
-        v = sharding.constrain(dense(h, self.v_proj[...].astype(dt)), BLKH)
-        return q, k, v
+        q, k, v = (dense(h, getattr(self, f"{name}_proj")[...].astype(dt)) for name in "qkv")
+        if c.include_qkv_bias:
+            q, k, v = (y + getattr(self, f"{name}_bias")[...].astype(dt) for name, y in zip("qkv", (q, k, v)))
+        return sharding.constrain(q, BLNH), sharding.constrain(k, BLKH), sharding.constrain(v, BLKH)
 
     def forward(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, cached: "KVCache | None" = None,
-                start=None, key_rope: tuple[Array, Array] | None = None) -> tuple[Array, "KVCache"]:
+                start=None, key_rope: tuple[Array, Array] | None = None, pairs: Array | None = None
+                ) -> tuple[Array, "KVCache"]:
         """The block on `x` [B, n, D]: (output [B, n, D], KVCache of x's positions, each [B, n, kv_heads, head_dim]).
 
         Without `cached`, x is the whole sequence and attends to itself (`key_mask` [B, n]). With `cached`, the
@@ -276,7 +304,8 @@ class LLaDABlock(nnx.Module):
         `start` .. start + n - 1 (`cos` / `sin` of those positions): their fresh keys and values replace the
         cached ones there, and x attends to all S positions (`key_mask` [B, S], `key_rope` the cos / sin of all
         S positions). Keys are cached before RoPE (applied as they are read), so a cache fill computes exactly
-        the numbers of the plain forward.
+        the numbers of the plain forward. `pairs` [n, S] (or [B, n, S]): which keys each query may see (causal
+        attention), None: all.
         """
         c = self.config
         dt = _dtype(c.dtype)
@@ -292,7 +321,7 @@ class LLaDABlock(nnx.Module):
                     for old, new in ((cached.k, k), (cached.v, v)))
             key_cos, key_sin = key_rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, key_cos, key_sin)
-        att = attention(q, k, v, key_mask, _resolve_attention_impl(c))
+        att = attention(q, k, v, key_mask, _resolve_attention_impl(c), pairs)
         att = dense(att, w(self.attn_out), n_in=2)
         x = sharding.constrain(x + checkpoint_name(att, "attn_out"), BLD)
 
@@ -333,9 +362,19 @@ class LLaDAForMaskedLM(nnx.Module):
         if not config.weight_tying:
             self.ff_out = _param(_trunc_normal(rngs, (d, v), d**-0.5, pd), ("embed", "vocab"))
 
-    def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
-        x = self.hidden_states(input_ids, attention_mask)
-        return self.logits(x)
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None) -> Array:
+        """float32 logits [B, L, V], logits[:, i] the prediction for position i (with `shift_logits`, read from
+        the output at i - 1). `visible` [L, L] or [B, L, L] (True = query i may see key j) further restricts the
+        attention (the annealed masks of causal-to-bidirectional adaptation)."""
+        return self.logits(self.prediction_states(self.hidden_states(input_ids, attention_mask, visible)))
+
+    def prediction_states(self, hidden: Array) -> Array:
+        """The final residual streams aligned with the positions they predict: `hidden` [B, L, D] of a whole
+        sequence itself, or with `shift_logits` the stream at i - 1 for position i (position 0 keeps its own,
+        as Dream does)."""
+        if not self.config.shift_logits:
+            return hidden
+        return jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None, **overrides) -> "LLaDAForMaskedLM":
@@ -364,15 +403,20 @@ class LLaDAForMaskedLM(nnx.Module):
         cos, sin = rope_tables(positions_from_mask(attention_mask, batch, length), c.head_dim, c.rope_theta)
         return cos, sin, None if attention_mask is None else attention_mask.astype(bool)
 
-    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
-        """Final residual stream (before ln_f) for `input_ids` [B, L]."""
-        return self._layers(self.embed(input_ids), *self.rope_and_key_mask(attention_mask, *input_ids.shape))[0]
+    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None
+                      ) -> Array:
+        """Final residual stream (before ln_f) for `input_ids` [B, L], at each position (not shifted:
+        `prediction_states` aligns it with the predicted positions). `visible` as in `__call__`."""
+        length = input_ids.shape[1]
+        return self._layers(self.embed(input_ids), *self.rope_and_key_mask(attention_mask, *input_ids.shape),
+                            pairs=self.visible_keys(jnp.arange(length), length, visible))[0]
 
     def hidden_states_and_kv(self, input_ids: Array, attention_mask: Array | None = None) -> tuple[Array, KVCache]:
         """`hidden_states` plus every layer's keys and values of every position (a KV-cache fill):
         (hidden [B, L, D], KVCache [n_layers, B, L, kv_heads, head_dim]). Same numbers as `hidden_states`."""
+        length = input_ids.shape[1]
         return self._layers(self.embed(input_ids), *self.rope_and_key_mask(attention_mask, *input_ids.shape),
-                            collect=True)
+                            pairs=self.visible_keys(jnp.arange(length), length), collect=True)
 
     def hidden_states_from_kv(self, window_ids: Array, start, cache: KVCache,
                               attention_mask: Array | None = None) -> Array:
@@ -385,11 +429,20 @@ class LLaDAForMaskedLM(nnx.Module):
         b, n = window_ids.shape
         key_cos, key_sin, key_mask = self.rope_and_key_mask(attention_mask, b, cache.k.shape[2])
         cos, sin = (jax.lax.dynamic_slice_in_dim(t, start, n, axis=1) for t in (key_cos, key_sin))
-        return self._layers(self.embed(window_ids), cos, sin, key_mask, cache=cache, start=start,
+        pairs = self.visible_keys(start + jnp.arange(n), cache.k.shape[2])
+        return self._layers(self.embed(window_ids), cos, sin, key_mask, pairs=pairs, cache=cache, start=start,
                             key_rope=(key_cos, key_sin))[0]
 
-    def _layers(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, *, cache: KVCache | None = None,
-                start=None, key_rope=None, collect: bool = False) -> tuple[Array, KVCache | None]:
+    def visible_keys(self, query_index: Array, key_length: int, visible: Array | None = None) -> Array | None:
+        """Which keys each query sees: the attention type's pattern, restricted by `visible`; None for all."""
+        pairs = visible_pairs(self.config.attention_type, query_index, key_length)
+        if visible is None:
+            return pairs
+        return visible if pairs is None else pairs & visible
+
+    def _layers(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, *, pairs: Array | None = None,
+                cache: KVCache | None = None, start=None, key_rope=None, collect: bool = False
+                ) -> tuple[Array, KVCache | None]:
         """Run every block over x: (x, the blocks' KVCache of x's positions when `collect` or with `cache`)."""
         c = self.config
         plain = cache is None and not collect
@@ -397,8 +450,8 @@ class LLaDAForMaskedLM(nnx.Module):
         def apply_block(graphdef, params, x, layer_cache):
             block = nnx.merge(graphdef, params)
             if plain:
-                return block(x, cos, sin, key_mask), None
-            return block.forward(x, cos, sin, key_mask, layer_cache, start, key_rope)
+                return block(x, cos, sin, key_mask, pairs), None
+            return block.forward(x, cos, sin, key_mask, layer_cache, start, key_rope, pairs)
 
         if c.scan_layers:
             graphdef, params = nnx.split(self.blocks)

@@ -11,6 +11,8 @@ so that heads can be sharded directly:
     attn_out    [n, hd, d]  split_in     ...attn_out.weight                           [d, n*hd]
     ff_proj     [d, m]      transpose    ...ff_proj.weight                            [m, d]     (up_proj alike)
     ff_out      [m, d]      transpose    ...ff_out.weight                             [d, m]
+    q_bias      [n, hd]     flatten      ...q_proj.bias                               [n*hd]     (k, v alike;
+                                                                                            include_qkv_bias)
     *_norm, ln_f [d]        as_is        ...attn_norm.weight, ff_norm.weight, ln_f.weight
     ff_out      [d, V]      transpose    model.transformer.ff_out.weight              [V, d]  (absent when tied)
 
@@ -46,12 +48,16 @@ class Transform:
             return array.reshape(array.shape[0], -1).T
         if self.name == "split_in":  # [heads, head_dim, out] -> [out, heads * head_dim]
             return array.reshape(-1, array.shape[-1]).T
+        if self.name == "flatten":  # [heads, head_dim] -> [heads * head_dim]
+            return array.reshape(-1)
         return array.T
 
     def from_hf(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """The official tensor in our layout, `shape` being our parameter's (per-layer) shape."""
         if self.name == "as_is":
             return tensor
+        if self.name == "flatten":
+            return tensor.reshape(shape)
         return tensor.T.reshape(shape)
 
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -62,10 +68,13 @@ class Transform:
             return (int(np.prod(shape[1:])), shape[0])
         if self.name == "split_in":
             return (shape[-1], int(np.prod(shape[:-1])))
+        if self.name == "flatten":
+            return (int(np.prod(shape)),)
         return tuple(reversed(shape))
 
 
-AS_IS, TRANSPOSE, SPLIT_OUT, SPLIT_IN = (Transform(n) for n in ("as_is", "transpose", "split_out", "split_in"))
+AS_IS, TRANSPOSE, SPLIT_OUT, SPLIT_IN, FLATTEN = (
+    Transform(n) for n in ("as_is", "transpose", "split_out", "split_in", "flatten"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +95,9 @@ LLADA_KEYS: tuple[Entry, ...] = (
     Entry(_BLOCK + "q_proj.weight", "q_proj", SPLIT_OUT),
     Entry(_BLOCK + "k_proj.weight", "k_proj", SPLIT_OUT),
     Entry(_BLOCK + "v_proj.weight", "v_proj", SPLIT_OUT),
+    Entry(_BLOCK + "q_proj.bias", "q_bias", FLATTEN),
+    Entry(_BLOCK + "k_proj.bias", "k_bias", FLATTEN),
+    Entry(_BLOCK + "v_proj.bias", "v_bias", FLATTEN),
     Entry(_BLOCK + "attn_out.weight", "attn_out", SPLIT_IN),
     Entry(_BLOCK + "ff_norm.weight", "ff_norm", AS_IS),
     Entry(_BLOCK + "ff_proj.weight", "ff_proj", TRANSPOSE),
@@ -162,6 +174,28 @@ def leaf_tensors(path: tuple, config: LLaDAConfig, table: tuple[Entry, ...] = LL
     if len(path) == 3 and path[0] == BLOCKS and str(path[1]).isdigit():  # unrolled: one layer
         return [(t, None) for t in by_key.values() if t.layer == int(path[1]) and t.entry.param == path[2]]
     return []
+
+
+# The LLaMA / Mistral / Qwen2 layout of transformers (`LlamaForCausalLM` and its kin), imported by
+# `llada_jax.checkpoints.ar_import`: the same network under other names (gate_proj is ff_proj, the gated one).
+_LAYER = "model.layers.{layer}."
+AR_KEYS: tuple[Entry, ...] = (
+    Entry("model.embed_tokens.weight", "wte", AS_IS),
+    Entry(_LAYER + "input_layernorm.weight", "attn_norm", AS_IS),
+    Entry(_LAYER + "self_attn.q_proj.weight", "q_proj", SPLIT_OUT),
+    Entry(_LAYER + "self_attn.k_proj.weight", "k_proj", SPLIT_OUT),
+    Entry(_LAYER + "self_attn.v_proj.weight", "v_proj", SPLIT_OUT),
+    Entry(_LAYER + "self_attn.q_proj.bias", "q_bias", FLATTEN),
+    Entry(_LAYER + "self_attn.k_proj.bias", "k_bias", FLATTEN),
+    Entry(_LAYER + "self_attn.v_proj.bias", "v_bias", FLATTEN),
+    Entry(_LAYER + "self_attn.o_proj.weight", "attn_out", SPLIT_IN),
+    Entry(_LAYER + "post_attention_layernorm.weight", "ff_norm", AS_IS),
+    Entry(_LAYER + "mlp.gate_proj.weight", "ff_proj", TRANSPOSE),
+    Entry(_LAYER + "mlp.up_proj.weight", "up_proj", TRANSPOSE),
+    Entry(_LAYER + "mlp.down_proj.weight", "ff_out", TRANSPOSE),
+    Entry("model.norm.weight", "ln_f", AS_IS),
+    Entry("lm_head.weight", "ff_out", TRANSPOSE),
+)
 
 
 def hf_state_dict(model) -> dict[str, np.ndarray]:

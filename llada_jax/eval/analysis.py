@@ -62,6 +62,7 @@ def _maps_program(graphdef, state, ids, mask):
     model = nnx.merge(graphdef, state)
     c = model.config
     cos, sin, key_mask = model.rope_and_key_mask(mask, *ids.shape)
+    pairs = model.visible_keys(jnp.arange(ids.shape[1]), ids.shape[1])  # causal models: [L, L]; else None
     group = c.n_heads // c.effective_n_kv_heads
     x = model.embed(ids)
     maps = []
@@ -72,8 +73,10 @@ def _maps_program(graphdef, state, ids, mask):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) / np.sqrt(c.head_dim)
         if key_mask is not None:
             scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
+        if pairs is not None:
+            scores = jnp.where(pairs[None, None], scores, -jnp.inf)
         maps.append(jax.nn.softmax(scores, axis=-1))
-        x = block(x, cos, sin, key_mask)
+        x = block(x, cos, sin, key_mask, pairs)
     return jnp.stack(maps)
 
 

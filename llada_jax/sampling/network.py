@@ -17,8 +17,9 @@ demand for the positions asked (`logits(start, size)`). A step commits only posi
 it asks for the block's logits alone (the output head and its softmax over the vocabulary are most of a step's
 work for a small model with a real vocabulary: 8.2M of 11.6M multiply-adds per position for d_model 256, four
 layers and 32,000 tokens), and for every position only when a mask before the block remains (a mask in a
-prompt). The logits are aligned with the positions they predict (logits[i] is the prediction for position i),
-which is the one place a model whose prediction for i is read from output i - 1 would differ.
+prompt). The logits are aligned with the positions they predict (logits[i] is the prediction for position i):
+for a `shift_logits` model (the prediction for i read from the output at i - 1) `Output.logits` reads the stream
+one position to the left, and a window against the cache starts one position before the block to have it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ class Output(NamedTuple):
 
     def logits(self, start, size: int) -> jax.Array:
         """float32 guided logits [B, size, V] of positions start .. start + size - 1 (`start` may be traced)."""
-        hidden = jax.lax.dynamic_slice_in_dim(self.hidden, start - self.first, size, axis=1)
+        if self.model.config.shift_logits:  # position i from the stream at max(i - 1, 0)
+            at = jnp.maximum(start + jnp.arange(size) - 1, 0) - self.first
+            hidden = jnp.take(self.hidden, at, axis=1, mode="clip")
+        else:
+            hidden = jax.lax.dynamic_slice_in_dim(self.hidden, start - self.first, size, axis=1)
         return self.guidance.combine(self.model.logits(hidden))
 
 
@@ -108,12 +113,18 @@ class CachedForward:
 
     def window(self, x: jax.Array, attention_mask: jax.Array | None, kv: KVCache, start) -> Output:
         """The output of the block starting at `start` (and, with the prefix cache, the positions after it), run
-        against the cache `kv`."""
+        against the cache `kv`; for a `shift_logits` model from the position before the block."""
         ids, both_mask = self.guidance.inputs(x, attention_mask)
-        size = ids.shape[1] - start if self.unrolls_blocks else self.block_length
-        window = jax.lax.dynamic_slice_in_dim(ids, start, size, axis=1)
-        hidden = self.model.hidden_states_from_kv(window, start, kv, both_mask)
-        return Output(hidden[:, :self.block_length], start, self.model, self.guidance, windowed=True)
+        shift = int(self.model.config.shift_logits)
+        first = jnp.maximum(start - shift, 0) if shift else start
+        if self.unrolls_blocks:  # start is a Python int
+            first = max(start - shift, 0)
+            size = ids.shape[1] - first
+        else:
+            size = min(self.block_length + shift, ids.shape[1])
+        window = jax.lax.dynamic_slice_in_dim(ids, first, size, axis=1)
+        hidden = self.model.hidden_states_from_kv(window, first, kv, both_mask)
+        return Output(hidden[:, :self.block_length + shift], first, self.model, self.guidance, windowed=True)
 
     def full_at(self, i) -> bool | jax.Array:
         """Whether step i > 0 of a block is a full, cache-refreshing pass (step 0 always is)."""
