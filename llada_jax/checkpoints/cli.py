@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llada_jax.config import DTYPES
+from llada_jax.config import ATTENTION_TYPES, DTYPES
 from llada_jax.errors import CheckpointError, UsageError
 
 
@@ -29,16 +29,27 @@ def register(sub) -> None:
     to_hf.set_defaults(func=run_to_hf)
 
     from_hf = convert.add_parser(
-        "from-hf", help="Hugging Face directory -> Orbax checkpoint",
-        description="Write a Hugging Face LLaDA directory (config.json + model.safetensors or sharded "
-                    "safetensors with an index, bf16 or fp32) as an Orbax model checkpoint that every "
-                    "--model / --model_name_or_path accepts; tokenizer files go to <output>/tokenizer. "
-                    "Tensors are converted one at a time.")
+        "from-hf", help="Hugging Face directory (LLaDA, or LLaMA / Mistral / Qwen2) -> Orbax checkpoint",
+        description="Write a Hugging Face directory (config.json + model.safetensors or sharded safetensors "
+                    "with an index, bf16 or fp32) as an Orbax model checkpoint that every --model / "
+                    "--model_name_or_path accepts; tokenizer files go to <output>/tokenizer. The directory holds "
+                    "a LLaDA model, or an autoregressive one (model_type llama, mistral or qwen2), which gets a "
+                    "mask token (<|mdm_mask|> added to the tokenizer copy, or --mask_token) and an embedding and "
+                    "head padded to a multiple of 128 rows. Tensors are converted one at a time.")
     from_hf.add_argument("--input", required=True, metavar="HF_DIR", help="the Hugging Face model directory")
     from_hf.add_argument("--output", required=True, metavar="CKPT_DIR", help="the run directory to create")
     from_hf.add_argument("--dtype", choices=DTYPES, default=None,
                          help="parameter dtype of the checkpoint (default: the dtype of the HF weights)")
     from_hf.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    from_hf.add_argument("--mask_token", default=None,
+                         help="AR checkpoints: an existing unused token of the tokenizer to use as the mask token "
+                              "(e.g. '<|reserved_special_token_0|>'); default: add <|mdm_mask|>")
+    from_hf.add_argument("--attention_type", choices=ATTENTION_TYPES, default=None,
+                         help="AR checkpoints: the converted model's attention (default: bidirectional, a LLaDA "
+                              "model; causal gives the AR model's own logits)")
+    from_hf.add_argument("--shift_logits", action="store_true",
+                         help="AR checkpoints: read the prediction for position i from the output at i - 1 (the "
+                              "AR alignment, as Dream and DiffuLLaMA keep it)")
     from_hf.set_defaults(func=run_from_hf)
 
 
@@ -66,5 +77,8 @@ def run_to_hf(args) -> int:
 def run_from_hf(args) -> int:
     from llada_jax.checkpoints.hf_import import convert_from_hf
 
+    overrides = {"attention_type": args.attention_type} if args.attention_type else {}
+    if args.shift_logits:
+        overrides["shift_logits"] = True
     return _run(convert_from_hf, input_dir=args.input, output_dir=args.output, dtype=args.dtype,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, mask_token=args.mask_token, **overrides)

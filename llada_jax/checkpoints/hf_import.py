@@ -1,4 +1,7 @@
-"""A Hugging Face LLaDA directory -> this project's parameters: a model in memory, or an Orbax checkpoint.
+"""A Hugging Face directory -> this project's parameters: a model in memory, or an Orbax checkpoint.
+
+The directory holds an official LLaDA model, or an autoregressive LLaMA / Mistral / Qwen2 one (`ar_import`:
+the same network under other key names, plus a mask token and padded vocabulary rows).
 
 The directory is checked completely before anything is converted: config.json (model type, architecture
 switches, shapes), every weight key against the key table (missing and unexpected keys), every shape against
@@ -14,12 +17,12 @@ from typing import Iterator
 
 import numpy as np
 
-from llada_jax.checkpoints import hf_keys, layout, storage
+from llada_jax.checkpoints import ar_import, hf_keys, layout, storage
 from llada_jax.checkpoints.hf_config import from_hf_config, read_hf_config
 from llada_jax.checkpoints.safetensors_io import DTYPES, TensorReader, short_list
 from llada_jax.config import DTYPES as FLOAT_NAMES
 from llada_jax.config import LLaDAConfig
-from llada_jax.errors import WeightsError
+from llada_jax.errors import HFConfigError, WeightsError
 
 # safetensors dtype codes of the float dtypes a model may be stored in -> our dtype names.
 FLOAT_CODES = {code: dtype.name for code, dtype in DTYPES.items() if dtype.name in FLOAT_NAMES}
@@ -32,19 +35,58 @@ class HFCheckpoint:
     config: LLaDAConfig  # with the requested dtype / param_dtype / overrides
     reader: TensorReader
     stored_dtype: str  # float32 | bfloat16 | float16 (float32 when the files mix dtypes)
+    table: tuple = hf_keys.LLADA_KEYS  # the key table of the files
+    shapes: LLaDAConfig | None = None  # the files' own shapes when they differ from `config` (an AR vocabulary)
+    vocab: ar_import.VocabPlan | None = None  # an AR checkpoint's mask token and added rows
+
+    @property
+    def is_ar(self) -> bool:
+        return self.vocab is not None
+
+    def tensors(self) -> tuple[hf_keys.Tensor, ...]:
+        return hf_keys.tensors((self.shapes or self.config).replace(scan_layers=self.config.scan_layers), self.table)
+
+    def write_tokenizer(self, dst: str) -> None:
+        """The directory's tokenizer files into `dst` (an AR model's with its mask token added)."""
+        if self.vocab is not None and ar_import.tokenizer_dir(self.directory):
+            ar_import.write_tokenizer(self.directory, dst, self.vocab)
+        else:
+            layout.copy_tokenizer_files(self.directory, dst)
 
 
-def open_hf_dir(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
+def read_config(directory: str, *, mask_token: str | None = None, **overrides):
+    """(config.json, LLaDAConfig, ARConfig or None) of an HF directory, LLaDA or AR, checked."""
+    hf_config = read_hf_config(directory)
+    source = storage.join(directory, layout.HF_CONFIG_FILE)
+    if ar_import.is_ar_config(hf_config):
+        ar = ar_import.from_ar_config(hf_config, source=source, tokenizer_dir=ar_import.tokenizer_dir(directory),
+                                      mask_token=mask_token, **overrides)
+        return hf_config, ar.config, ar
+    if hf_config.get("model_type") != "llada":
+        raise HFConfigError(f"{source}: model_type is {hf_config.get('model_type')!r}; supported: 'llada' and the "
+                            f"autoregressive {', '.join(map(repr, ar_import.AR_MODEL_TYPES))}")
+    if mask_token is not None:
+        raise ValueError(f"{source}: mask_token applies to autoregressive checkpoints; this is a LLaDA model "
+                         f"with mask_token_id {hf_config.get('mask_token_id')}")
+    return hf_config, from_hf_config(hf_config, source=source, **overrides), None
+
+
+def open_hf_dir(path: str, *, dtype: str | None = None, param_dtype: str | None = None, mask_token: str | None = None,
                 **overrides) -> HFCheckpoint:
-    """Read and check an HF directory. param_dtype defaults to the stored dtype, dtype to param_dtype."""
+    """Read and check an HF directory. param_dtype defaults to the stored dtype, dtype to param_dtype;
+    `mask_token` (AR checkpoints): an existing token to use as the mask instead of adding <|mdm_mask|>."""
     directory = storage.clean(path)
     if not storage.is_dir(directory):
         raise FileNotFoundError(f"{path}: no such model directory")
-    hf_config = read_hf_config(directory)
     source = storage.join(directory, layout.HF_CONFIG_FILE)
-    config = from_hf_config(hf_config, source=source)
+    # Architecture fields an AR import is converted with (the others are set after the weights are checked)
+    ar_fields = {k: overrides.pop(k) for k in ("attention_type", "shift_logits", "max_sequence_length")
+                 if k in overrides}
+    hf_config, config, ar = read_config(directory, mask_token=mask_token, **ar_fields)
+    overrides.update({} if ar else ar_fields)
     reader = TensorReader(directory)
-    check_weights(reader, config, directory)
+    table = hf_keys.AR_KEYS if ar else hf_keys.LLADA_KEYS
+    check_weights(reader, ar.source if ar else config, directory, table)
     codes = {t.dtype for t in reader.tensors.values()}
     stored = FLOAT_CODES[codes.pop()] if len(codes) == 1 else "float32"
     param_dtype = param_dtype or stored
@@ -53,18 +95,24 @@ def open_hf_dir(path: str, *, dtype: str | None = None, param_dtype: str | None 
         config = config.replace(**changes)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from e
-    return HFCheckpoint(directory, hf_config, config, reader, stored)
+    if ar is None:
+        return HFCheckpoint(directory, hf_config, config, reader, stored)
+    return HFCheckpoint(directory, hf_config, config, reader, stored, table, ar.source, ar.vocab)
 
 
-def check_weights(reader: TensorReader, config: LLaDAConfig, directory: str) -> None:
-    expected = {t.key: t for t in hf_keys.tensors(config)}
+def check_weights(reader: TensorReader, config: LLaDAConfig, directory: str,
+                  table: tuple = hf_keys.LLADA_KEYS) -> None:
+    expected = {t.key: t for t in hf_keys.tensors(config, table)}
+    head = next(e.hf for e in table if not e.in_block and e.param == "ff_out")
     missing = [k for k in expected if k not in reader]
-    unexpected = sorted(k for k in reader.tensors if k not in expected)
+    # A tied AR model may still store its head (transformers writes tied weights once, older files twice): the
+    # embedding is the head then, and the stored copy is not read.
+    tied_copy = {head} if table is hf_keys.AR_KEYS and config.weight_tying else set()
+    unexpected = sorted(k for k in reader.tensors if k not in expected and k not in tied_copy)
     problems = []
     if missing:
         problems.append(f"missing weight(s) {short_list(missing)}")
     if unexpected:
-        head = next(e.hf for e in hf_keys.LLADA_KEYS if not e.in_block and e.param == "ff_out")
         hint = " (weight_tying is true in config.json, so there is no separate output head)" if (
             config.weight_tying and head in unexpected) else ""
         problems.append(f"unexpected weight(s) {short_list(unexpected)}{hint}")
@@ -90,7 +138,7 @@ def iter_param_leaves(ck: HFCheckpoint, *, scan_layers: bool | None = None) -> I
     config = ck.config
     scan = config.scan_layers if scan_layers is None else scan_layers
     np_dtype = np.dtype(jnp.dtype(config.param_dtype))
-    all_tensors = hf_keys.tensors(config)
+    all_tensors = ck.tensors()
     n_head = next((i for i, t in enumerate(all_tensors) if t.layer is not None), len(all_tensors))
     head = list(all_tensors[:n_head])
     tail = [t for t in all_tensors[n_head:] if t.layer is None]
@@ -100,7 +148,11 @@ def iter_param_leaves(ck: HFCheckpoint, *, scan_layers: bool | None = None) -> I
             by_param.setdefault(t.entry.param, []).append(t)
 
     def read(tensor: hf_keys.Tensor) -> np.ndarray:
-        return tensor.from_hf(ck.reader.read(tensor.key))
+        array = tensor.from_hf(ck.reader.read(tensor.key))
+        if ck.vocab is not None and tensor.layer is None and tensor.entry.param in ("wte", "ff_out"):
+            # the embedding [V, d] / head [d, V] with the mask token's row and the padding rows
+            array = ar_import.grow_rows(array, 0 if tensor.entry.param == "wte" else 1, ck.vocab)
+        return array
 
     # Top-level parameters stay transposed views of the tensor read (no copy when the dtype is kept).
     for t in head:
@@ -142,11 +194,13 @@ def load_hf_model(path: str, dtype: str | None = None, *, param_dtype: str | Non
     return merge_params(ck.config, traverse_util.unflatten_dict(params))
 
 
-def convert_from_hf(input_dir: str, output_dir: str, *, dtype: str | None = None,
-                    overwrite: bool = False) -> str:
-    """Write an HF directory as an Orbax model checkpoint (step 0) that `load_model` / `load_pretrained`
-    accept, with the tokenizer files in `<output>/tokenizer`. `dtype` sets the stored parameter dtype (and
-    the compute dtype); by default the HF dtype is kept.
+def convert_from_hf(input_dir: str, output_dir: str, *, dtype: str | None = None, overwrite: bool = False,
+                    mask_token: str | None = None, **overrides) -> str:
+    """Write an HF directory (LLaDA, or an AR LLaMA / Mistral / Qwen2 model) as an Orbax model checkpoint
+    (step 0) that `load_model` / `load_pretrained` accept, with the tokenizer files in `<output>/tokenizer` (an
+    AR tokenizer with the mask token added). `dtype` sets the stored parameter dtype (and the compute dtype);
+    by default the HF dtype is kept. `mask_token` and `overrides` (attention_type, shift_logits, ...): as
+    `open_hf_dir`.
 
     A local output is built in a temporary directory and renamed into place. An output in object storage is
     written straight there, the tokenizer first and the Orbax step last: the step counts only once Orbax has
@@ -158,12 +212,13 @@ def convert_from_hf(input_dir: str, output_dir: str, *, dtype: str | None = None
 
     if storage.clean(input_dir) == storage.clean(output_dir):
         raise ValueError(f"{output_dir}: the output must differ from the input")
-    ck = open_hf_dir(input_dir, param_dtype=dtype, scan_layers=True)
+    ck = open_hf_dir(input_dir, param_dtype=dtype, scan_layers=True, mask_token=mask_token, **overrides)
 
     def write(run_dir: str) -> None:
-        layout.copy_tokenizer_files(ck.directory, storage.join(run_dir, layout.TOKENIZER))
+        ck.write_tokenizer(storage.join(run_dir, layout.TOKENIZER))
         params = traverse_util.unflatten_dict(dict(iter_param_leaves(ck)))
-        save_params(run_dir, params, ck.config, step=0, hf_config=ck.hf_config)
+        # an AR config.json is not the base of an exported LLaDA one
+        save_params(run_dir, params, ck.config, step=0, hf_config=None if ck.is_ar else ck.hf_config)
 
     if storage.is_url(output_dir):
         storage.check_writable(output_dir)

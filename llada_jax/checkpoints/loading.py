@@ -15,11 +15,13 @@ from llada_jax.config import LLaDAConfig
 
 def load_pretrained(path: str, dtype: str | None = None, **overrides):
     """Load a model from an Orbax checkpoint (a run directory, its checkpoints/ directory, or a step) or a
-    Hugging Face directory (one with config.json), detected automatically.
+    Hugging Face directory (one with config.json: LLaDA, or an autoregressive LLaMA / Mistral / Qwen2 model,
+    converted with a mask token: see `llada_jax.checkpoints.ar_import`), detected automatically.
 
     `dtype` sets the compute dtype; keyword arguments: `param_dtype` (default: as stored), `mesh` and `rules`
     (shard the parameters as they are placed), and LLaDAConfig fields that do not change shapes
-    (scan_layers, remat_policy, attention_impl).
+    (scan_layers, remat_policy, attention_impl); for an AR directory also `attention_type`, `shift_logits` and
+    `mask_token` (an existing token to use as the mask).
     """
     if layout.model_format(path) == "hf":
         from llada_jax.checkpoints.hf_import import load_hf_model
@@ -40,7 +42,11 @@ def load_model_and_tokenizer(path: str, *, dtype: str | None = None, tokenizer: 
         overrides = {"param_dtype": dtype, **overrides}
     model = load_pretrained(path, dtype, **overrides)
     directory = tokenizer or layout.tokenizer_path(path)
-    return model, TokenizerHelper(storage.local_copy(directory)) if directory else None
+    if not directory:
+        return model, None
+    # an AR directory's tokenizer has no mask token: the converted model's is named
+    mask_id = model.config.mask_token_id if layout.model_format(path) == "hf" and _is_ar(path) else None
+    return model, TokenizerHelper(storage.local_copy(directory), mask_token_id=mask_id)
 
 
 def load_on_mesh(path: str, mesh: str | None = None, *, dtype: str | None = None):
@@ -63,10 +69,17 @@ def load_on_mesh(path: str, mesh: str | None = None, *, dtype: str | None = None
 def read_model_config(path: str) -> LLaDAConfig:
     """The LLaDAConfig (architecture) of a saved model, Orbax or Hugging Face, without loading its weights."""
     if layout.model_format(path) == "hf":
-        from llada_jax.checkpoints.hf_config import from_hf_config, read_hf_config
+        from llada_jax.checkpoints.hf_import import read_config
 
-        return from_hf_config(read_hf_config(path), source=storage.join(path, layout.HF_CONFIG_FILE))
+        return read_config(storage.clean(path))[1]
     from llada_jax.checkpoints.orbax_model import read_model_config as read_orbax_config
 
     return read_orbax_config(path)
+
+
+def _is_ar(path: str) -> bool:
+    from llada_jax.checkpoints.ar_import import is_ar_config
+    from llada_jax.checkpoints.hf_config import read_hf_config
+
+    return is_ar_config(read_hf_config(storage.clean(path)))
 
