@@ -128,8 +128,33 @@ class LLaDAConfig:
         return cls(**{**fields, **overrides})
 
     @classmethod
+    def llama2_7b(cls, **overrides) -> "LLaDAConfig":
+        """LLaMA-2-7B as it is imported (the official LLaDA pretraining config starts from it): 32000 tokens plus
+        the mask token 32000, the embedding and head padded to 32128 rows; RoPE theta 10000, eps 1e-5."""
+        fields = dict(
+            d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=11008, vocab_size=32001,
+            embedding_size=32128, max_sequence_length=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+            weight_tying=False, mask_token_id=32000, eos_token_id=2, pad_token_id=2, bos_token_id=1,
+        )
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def qwen2_5_7b(cls, **overrides) -> "LLaDAConfig":
+        """Qwen2.5-7B as it is imported (Dream 7B starts from it): 28 layers, grouped-query attention (28 query,
+        4 key/value heads), q/k/v biases, 152064 embedding rows (the mask token 151665 is the first id past the
+        tokenizer's 151665), RoPE theta 1e6, eps 1e-6, 32768 positions."""
+        fields = dict(
+            d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, mlp_hidden_size=18944, vocab_size=152064,
+            embedding_size=152064, max_sequence_length=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+            weight_tying=False, include_qkv_bias=True, mask_token_id=151665, eos_token_id=151643,
+            pad_token_id=151643, bos_token_id=151643,
+        )
+        return cls(**{**fields, **overrides})
+
+    @classmethod
     def preset(cls, name: str, **overrides) -> "LLaDAConfig":
-        presets = {"tiny": cls.tiny, "llada_8b": cls.llada_8b}
+        presets = {"tiny": cls.tiny, "llada_8b": cls.llada_8b, "llama2_7b": cls.llama2_7b,
+                   "qwen2_5_7b": cls.qwen2_5_7b}
         if name not in presets:
             raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(presets)}")
         return presets[name](**overrides)
@@ -282,7 +307,8 @@ _JSON_SECTIONS = {"pretraining": "pretrain", "sft": "sft"}
 
 
 def load_config(path: str, task: str | None = None) -> ml_collections.ConfigDict:
-    """Load an experiment: a `configs/*.py` file with `get_config()`, or a JSON file (as `llada-jax create-configs` writes).
+    """Load an experiment: a `configs/*.py` file with `get_config()` (`file.py:ARG` calls `get_config("ARG")`), or
+    a JSON file (as `llada-jax create-configs` writes).
 
     A JSON file holds {"pretraining": {...}} and/or {"sft": {...}} sections of flat seed keys
     (learning_rate, batch_size, ...) and optional nested groups ("model", "optimizer", "mesh", ...); `task`
@@ -291,6 +317,10 @@ def load_config(path: str, task: str | None = None) -> ml_collections.ConfigDict
     import importlib.util
     import os
 
+    arg = None
+    if ".py:" in path:
+        path, arg = path.split(".py:", 1)
+        path += ".py"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     if path.endswith(".py"):
@@ -299,7 +329,7 @@ def load_config(path: str, task: str | None = None) -> ml_collections.ConfigDict
         spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
             raise ValueError(f"{path}: a config file must define get_config()")
-        config = module.get_config()
+        config = module.get_config() if arg is None else module.get_config(arg)
         if task is not None and config.task != task:
             raise ValueError(f"{path}: this is a {config.task!r} config, but the command is {task!r}")
         return config

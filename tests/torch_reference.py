@@ -2,6 +2,9 @@
 
 It shares no code with llada_jax: weights come in as plain numpy arrays in the official PyTorch layout
 (Linear weights [out, in]), attention is computed with explicit matrices, and GQA repeats kv heads.
+The config.json fields of converted autoregressive models are followed too: q/k/v biases (present in `weights`
+when `include_qkv_bias`), `attention_type` "causal" (query i sees keys j <= i, by index) and `shift_logits`
+(position i takes the logits computed at i - 1, position 0 its own).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def llada_logits(weights: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarray,
                  attention_mask: np.ndarray | None = None, attention_probs: list | None = None) -> np.ndarray:
     """Logits [B, L, V] for HF-named `weights` (e.g. "model.transformer.blocks.0.q_proj.weight").
-    `attention_probs`, a list, receives each layer's attention probabilities [B, heads, L, L] (numpy)."""
+    `attention_probs`, a list, receives each layer's attention probabilities [B, heads, L, L] (numpy).
+    A query with no key to see (a padded one before the first real token of a causal row) attends
+    uniformly to every key."""
     W = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in weights.items()}
     ids = torch.from_numpy(np.asarray(input_ids, np.int64))
     b, length = ids.shape
@@ -47,18 +52,27 @@ def llada_logits(weights: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarra
 
     p = "model.transformer."
     x = W[p + "wte.weight"][ids]
-    key_bias = torch.where(mask.bool(), 0.0, float("-inf"))[:, None, None, :]
+    allowed = mask.bool()[:, None, None, :]  # [B, 1, 1 or L, L]
+    if cfg.get("attention_type", "bidirectional") == "causal":
+        allowed = allowed & (torch.arange(length)[None, :] <= torch.arange(length)[:, None])
+    else:
+        assert cfg.get("attention_type", "bidirectional") == "bidirectional", cfg["attention_type"]
+
+    def proj(h, name):
+        y = h @ W[name + ".weight"].T
+        return y + W[name + ".bias"] if name + ".bias" in W else y
+
     for i in range(cfg["n_layers"]):
         q_ = f"{p}blocks.{i}."
         h = rms_norm(x, W[q_ + "attn_norm.weight"], eps)
-        q = (h @ W[q_ + "q_proj.weight"].T).view(b, length, n_heads, hd).transpose(1, 2)
-        k = (h @ W[q_ + "k_proj.weight"].T).view(b, length, n_kv, hd).transpose(1, 2)
-        v = (h @ W[q_ + "v_proj.weight"].T).view(b, length, n_kv, hd).transpose(1, 2)
+        q = proj(h, q_ + "q_proj").view(b, length, n_heads, hd).transpose(1, 2)
+        k = proj(h, q_ + "k_proj").view(b, length, n_kv, hd).transpose(1, 2)
+        v = proj(h, q_ + "v_proj").view(b, length, n_kv, hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k = k.repeat_interleave(n_heads // n_kv, dim=1)
         v = v.repeat_interleave(n_heads // n_kv, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd) + key_bias  # no causal mask
+        scores = ((q @ k.transpose(-1, -2)) / math.sqrt(hd)).masked_fill(~allowed, -1e30)
         probs = torch.softmax(scores, dim=-1)
         if attention_probs is not None:
             attention_probs.append(probs.numpy())
@@ -70,4 +84,7 @@ def llada_logits(weights: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarra
         x = x + act @ W[q_ + "ff_out.weight"].T
     x = rms_norm(x, W[p + "ln_f.weight"], eps)
     head = W[p + "wte.weight"] if cfg.get("weight_tying") else W[p + "ff_out.weight"]
-    return (x @ head.T).numpy()
+    logits = x @ head.T
+    if cfg.get("shift_logits"):
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    return logits.numpy()

@@ -20,7 +20,7 @@ import importlib
 
 _EXPORTS = {
     "load_model_and_tokenizer": "loading", "load_pretrained": "loading", "read_model_config": "loading",
-    "load_on_mesh": "loading",
+    "load_on_mesh": "loading", "model_tokenizer": "loading",
     "save_pretrained": "hf_export", "convert_to_hf": "hf_export", "convert_from_hf": "hf_import",
     "load_model": "orbax_model", "save_model": "orbax_model",
 }

@@ -41,7 +41,6 @@ FIXED_FIELDS: dict[str, Any] = {
     "embedding_dropout": 0.0,
     "flash_attention": False,
     "include_bias": False,
-    "include_qkv_bias": False,
     "init_cutoff_factor": None,
     "init_device": "meta",
     "init_fn": "mitchell",
@@ -65,6 +64,11 @@ SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size
                 "max_sequence_length", "rope_theta", "rms_norm_eps", "weight_tying",
                 "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
 
+# LLaDAConfig fields that select a model type, written under the same name: include_qkv_bias is the official
+# field (q/k/v biases, Qwen2); attention_type and shift_logits are this project's (an imported AR model, Dream),
+# read by its modeling code and import, unknown to the official code, which reads any model as bidirectional.
+MODEL_TYPE_FIELDS = ("include_qkv_bias", "attention_type", "shift_logits")
+
 # Official fields whose value changes the network: (field, the official default when absent, accepted
 # values, what this project implements). Anything else is refused on import.
 _REQUIRED_VALUES = (
@@ -74,7 +78,6 @@ _REQUIRED_VALUES = (
     ("rope", False, (True,), "rotary position embeddings"),
     ("alibi", False, (False,), "no ALiBi"),
     ("include_bias", False, (False,), "no biases"),
-    ("include_qkv_bias", False, (False, None), "no q/k/v biases"),
     ("bias_for_layer_norm", None, (False, None), "no norm biases"),
     ("layer_norm_with_affine", True, (True,), "norms with a weight"),
     ("attention_layer_norm", False, (False,), "no q/k norms"),
@@ -89,7 +92,8 @@ def to_hf_config(config: LLaDAConfig, torch_dtype: str, base: dict | None = None
     """The official config.json for `config`, with weights stored in `torch_dtype`.
 
     `base` (the config.json a model was imported from) keeps its other fields and their spelling, so an
-    HF -> Orbax -> HF round trip writes the same file; the shape fields always come from `config`.
+    HF -> Orbax -> HF round trip writes the same file; the shape and model-type fields always come from
+    `config` (a field absent from the base stays absent while it keeps the meaning of its absence).
     """
     if torch_dtype not in DTYPES:
         raise ValueError(f"torch_dtype must be one of {DTYPES}, got {torch_dtype!r}")
@@ -105,14 +109,15 @@ def to_hf_config(config: LLaDAConfig, torch_dtype: str, base: dict | None = None
         out.update({k: FIXED_FIELDS[k] for k in ("model_type", "architectures", "auto_map")})
         out.update({k: 0.0 for k in ("attention_dropout", "residual_dropout", "embedding_dropout")})
     implied = from_hf_config(base) if base is not None else None
-    for name in SHAPE_FIELDS:
+    for name in SHAPE_FIELDS + MODEL_TYPE_FIELDS:
         value = getattr(config, name)
         if implied is None and name == "bos_token_id" and value is None:
             continue  # not an official field
-        if implied is not None and name not in out and getattr(implied, name) == value:
-            continue  # absent from the base and still meaning the same (e.g. no bos_token_id)
-        if not (name in out and _same(out[name], value)):  # keep the base's spelling (500000 vs 500000.0)
-            out[name] = value
+        if implied is not None and getattr(implied, name) == value:
+            # The base means the same: keep its spelling (500000 vs 500000.0, include_qkv_bias null) or the
+            # field's absence (no bos_token_id, attention_type, shift_logits: a bidirectional LLaDA).
+            continue
+        out[name] = value
     if "tie_word_embeddings" in out:
         out["tie_word_embeddings"] = config.weight_tying
     out["torch_dtype"] = torch_dtype
@@ -160,6 +165,12 @@ def from_hf_config(d: dict[str, Any], *, source: str = HF_CONFIG_FILE, **overrid
         else:
             default = getattr(defaults, name)
             fields[name] = default if default is not None and default < padded else None
+    include_qkv_bias = d.get("include_qkv_bias", False)
+    fields.update(
+        include_qkv_bias=False if include_qkv_bias is None else include_qkv_bias,  # the official Optional[bool]
+        # This project's fields (see MODEL_TYPE_FIELDS): absent from an official config.json, a LLaDA model.
+        attention_type=d.get("attention_type", "bidirectional"), shift_logits=d.get("shift_logits", False),
+    )
     fields.update(overrides)
     try:
         return LLaDAConfig(**fields)
@@ -178,13 +189,6 @@ def read_hf_config(directory: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise HFConfigError(f"{path}: expected a JSON object")
     return d
-
-
-def _same(a, b) -> bool:
-    def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-    return (type(a) is type(b) or (number(a) and number(b))) and a == b
 
 
 def _transformers_version() -> str | None:

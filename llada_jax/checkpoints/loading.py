@@ -4,6 +4,7 @@
                                      the lm-eval adapter and the demo load
     load_pretrained(path)            the model alone (`LLaDAForMaskedLM.from_pretrained`)
     load_on_mesh(path, mesh)         the model and tokenizer on a device mesh (sample, inference, evaluation)
+    model_tokenizer(path)            the tokenizer stored with it (an AR model's with the mask token added)
     read_model_config(path)          its LLaDAConfig, without the weights
 """
 
@@ -41,12 +42,34 @@ def load_model_and_tokenizer(path: str, *, dtype: str | None = None, tokenizer: 
     if dtype is not None:
         overrides = {"param_dtype": dtype, **overrides}
     model = load_pretrained(path, dtype, **overrides)
-    directory = tokenizer or layout.tokenizer_path(path)
+    mask_token = overrides.get("mask_token")
+    directory = tokenizer or model_tokenizer(path, mask_token=mask_token)
     if not directory:
         return model, None
-    # an AR directory's tokenizer has no mask token: the converted model's is named
-    mask_id = model.config.mask_token_id if layout.model_format(path) == "hf" and _is_ar(path) else None
+    # an existing token made the mask (mask_token=...) is not named <|mdm_mask|>: the helper is told its id
+    mask_id = model.config.mask_token_id if mask_token is not None else None
     return model, TokenizerHelper(storage.local_copy(directory), mask_token_id=mask_id)
+
+
+def model_tokenizer(path: str, *, mask_token: str | None = None) -> str | None:
+    """The tokenizer directory stored with a saved model, or None. An autoregressive HF directory's tokenizer
+    has no mask token: it is copied to a local temporary directory with the mask token added, as the model's
+    conversion plans it (`ar_import.VocabPlan`)."""
+    directory = layout.tokenizer_path(path)
+    if directory is None or layout.model_format(path) != "hf":
+        return directory
+    from llada_jax.checkpoints.hf_import import read_config
+
+    ar = read_config(storage.clean(path), mask_token=mask_token)[2]
+    if ar is None or not ar.vocab.add_to_tokenizer:
+        return directory
+    import tempfile
+
+    from llada_jax.checkpoints.ar_import import write_tokenizer
+
+    local = tempfile.mkdtemp(prefix="llada_jax_tokenizer_")
+    write_tokenizer(directory, local, ar.vocab)
+    return local
 
 
 def load_on_mesh(path: str, mesh: str | None = None, *, dtype: str | None = None):
@@ -75,11 +98,4 @@ def read_model_config(path: str) -> LLaDAConfig:
     from llada_jax.checkpoints.orbax_model import read_model_config as read_orbax_config
 
     return read_orbax_config(path)
-
-
-def _is_ar(path: str) -> bool:
-    from llada_jax.checkpoints.ar_import import is_ar_config
-    from llada_jax.checkpoints.hf_config import read_hf_config
-
-    return is_ar_config(read_hf_config(storage.clean(path)))
 

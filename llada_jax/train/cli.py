@@ -7,6 +7,8 @@ import os
 from llada_jax import distributed
 from llada_jax.errors import LLaDAError, UsageError
 
+PRESETS = ("tiny", "llada_8b", "llama2_7b", "qwen2_5_7b")  # LLaDAConfig presets compile-check --sample sizes
+
 # The pretrain / sft flags, written into the config after the config file and --config.* overrides.
 SEED_FLAGS = (
     ("model_name_or_path", str), ("data_path", str), ("output_dir", str), ("batch_size", int),
@@ -48,7 +50,7 @@ def register_compile_check(sub) -> None:
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     s = p.add_argument_group("the sampler (--sample)")
     s.add_argument("--sample", action="store_true", help="size the sampler instead of the train step")
-    s.add_argument("--model", default="llada_8b", help="a preset (tiny | llada_8b) or a saved model's path")
+    s.add_argument("--model", default="llada_8b", help=f"a preset ({' | '.join(PRESETS)}) or a saved model's path")
     s.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T", help="as `sample --mesh`")
     s.add_argument("--batch_size", type=int, default=8)
     s.add_argument("--prompt_length", type=int, default=512)
@@ -103,7 +105,7 @@ def _compile_sampler(args, devices) -> dict:
     from llada_jax.sampling import aot
     from llada_jax.sampling.cli import sampler_options
 
-    if args.model in ("tiny", "llada_8b"):
+    if args.model in PRESETS:
         config = LLaDAConfig.preset(args.model)
     else:
         from llada_jax.checkpoints import read_model_config

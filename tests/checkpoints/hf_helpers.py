@@ -72,6 +72,19 @@ def jax_model(kind, seed=0, **overrides):
     return LLaDAForMaskedLM(LLaDAConfig.tiny(**KINDS[kind]["config"], **overrides), rngs=nnx.Rngs(seed))
 
 
+def perturb_qkv_biases(model, seed=1, scale=0.5):
+    """Give the q/k/v biases (initialised to zero) random values, so that a dropped, misplaced or mis-shaped
+    bias changes the logits."""
+    rng = np.random.RandomState(seed)
+    found = 0
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param) and path[-1] in ("q_bias", "k_bias", "v_bias"):
+            var[...] = jnp.asarray(rng.randn(*var.shape) * scale, var.dtype)
+            found += 1
+    assert found, "the model has no q/k/v biases"
+    return model
+
+
 def hf_automodel(path, dtype=None):
     import transformers
 
@@ -97,8 +110,8 @@ def official_style_dir(path, config, dtype="bfloat16", shard="5GB", seed=0):
     random weights written by the `safetensors` package (not by this project's writer)."""
     model = LLaDAForMaskedLM(config, rngs=nnx.Rngs(seed))
     hf = to_hf_config(config, dtype)
-    hf.pop("bos_token_id")
-    hf.pop("tie_word_embeddings")
+    for name in ("bos_token_id", "tie_word_embeddings", "attention_type", "shift_logits"):  # not official
+        hf.pop(name)
     hf["transformers_version"] = "4.46.3"
     os.makedirs(path)
     with open(os.path.join(path, "config.json"), "w") as f:

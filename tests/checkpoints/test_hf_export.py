@@ -21,6 +21,8 @@ from tests.checkpoints.hf_helpers import (
     OFFICIAL_MODEL_CONFIG_FIELDS,
     assert_nothing_written,
     hf_automodel,
+    jax_model,
+    perturb_qkv_biases,
     read_all,
     torch_logits,
 )
@@ -62,6 +64,7 @@ def test_config_json_has_the_official_fields(exports):
         d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=192, vocab_size=512,
         max_sequence_length=512, rope_theta=10000.0, rms_norm_eps=1e-5, mask_token_id=511, eos_token_id=510,
         pad_token_id=510, torch_dtype="float32", block_group_size=1, rope_full_precision=True,
+        attention_type="bidirectional", shift_logits=False,  # this project's fields, always written
         auto_map={"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
                   "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
     )
@@ -175,12 +178,15 @@ def test_official_modeling_code_loads_the_export(exports, tmp_path, dtype):
     if int(transformers.__version__.split(".")[0]) >= 5:
         pytest.skip(f"the official modeling code does not run under transformers {transformers.__version__} "
                     "(its model never calls post_init()); run this test with transformers 4.x")
-    for kind, (model, path) in exports.items():
+    models = {kind: (model, KINDS[kind]["shard"]) for kind, (model, _) in exports.items()}
+    # q/k/v biases (include_qkv_bias, which the official code reads): random values, not the initial zeros
+    models["qkv_bias"] = (perturb_qkv_biases(jax_model("gqa", include_qkv_bias=True)), KINDS["gqa"]["shard"])
+    for kind, (model, shard) in models.items():
         official = str(tmp_path / f"official_{kind}_{dtype}")  # a directory name no other test loaded code from
-        if dtype == "float32":
-            shutil.copytree(path, official)
+        if dtype == "float32" and kind in exports:
+            shutil.copytree(exports[kind][1], official)
         else:
-            model.save_pretrained(official, dtype=dtype, max_shard_size=KINDS[kind]["shard"])
+            model.save_pretrained(official, dtype=dtype, max_shard_size=shard)
         for f in ("configuration_llada.py", "modeling_llada.py"):
             shutil.copy(os.path.join(os.environ["LLADA_OFFICIAL_CODE"], f), official)
         hf = hf_automodel(official, dtype=torch.float32)

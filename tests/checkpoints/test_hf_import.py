@@ -67,7 +67,7 @@ def test_tokenizer_files_travel_both_ways(tmp_path):
 
 @pytest.mark.parametrize("case,error,match", [
     ("no_config", FileNotFoundError, r"no config\.json"),
-    ("model_type", HFConfigError, r"model_type is 'llama'"),
+    ("model_type", HFConfigError, r"model_type is 'gpt2'; supported: 'llada' and the autoregressive 'llama'"),
     ("block_type", HFConfigError, r"block_type='sequential' is not supported"),
     ("missing_key", WeightsError, r"missing weight\(s\) model\.transformer\.blocks\.1\.up_proj\.weight"),
     ("unexpected_key", WeightsError, r"unexpected weight\(s\) model\.transformer\.blocks\.0\.q_proj\.bias"),
@@ -85,7 +85,7 @@ def test_bad_hf_input_is_a_clear_error_and_writes_nothing(good_hf, tmp_path, cas
     if case == "no_config":
         os.remove(os.path.join(path, "config.json"))
     elif case == "model_type":
-        edit_config(path, model_type="llama")
+        edit_config(path, model_type="gpt2")
     elif case == "block_type":
         edit_config(path, block_type="sequential")
     elif case == "missing_key":

@@ -7,6 +7,9 @@ config.json describes the same network to the official code, to this code and to
 every field. The usual transformers names (hidden_size, num_hidden_layers, num_attention_heads,
 num_key_value_heads, intermediate_size, max_position_embeddings) are aliases of the official ones. Fields
 this implementation does not use (dropouts, init_*, precision, flash_attention, ...) are kept as given.
+Two fields are llada-jax's own, for models converted from an autoregressive checkpoint, and absent from
+official configs: `attention_type` ("bidirectional", LLaDA, or "causal") and `shift_logits` (the logits
+for position i are the output at i - 1, as in Dream).
 """
 
 from transformers import PretrainedConfig
@@ -48,6 +51,8 @@ class LLaDAConfig(PretrainedConfig):
         alibi=False,
         include_bias=False,
         include_qkv_bias=False,
+        attention_type="bidirectional",
+        shift_logits=False,
         use_cache=False,
         **kwargs,
     ):
@@ -71,6 +76,8 @@ class LLaDAConfig(PretrainedConfig):
         self.alibi = alibi
         self.include_bias = include_bias
         self.include_qkv_bias = include_qkv_bias
+        self.attention_type = attention_type
+        self.shift_logits = shift_logits
         self.use_cache = use_cache
         # transformers' generic name for weight tying follows the official field.
         kwargs["tie_word_embeddings"] = weight_tying

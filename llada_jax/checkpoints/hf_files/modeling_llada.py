@@ -13,14 +13,22 @@ ff_proj,up_proj,ff_out}`, `model.transformer.ln_f`, `model.transformer.ff_out`),
 checkpoints and this project's exports load unchanged. With `weight_tying` there is no `ff_out` head and the
 logits use the embedding matrix.
 
+Models converted from an autoregressive checkpoint may differ in three config fields: `include_qkv_bias`
+(q/k/v projections with biases, `...q_proj.bias` etc., as in Qwen2 and the official code), `attention_type`
+"causal" (position i attends to positions <= i; the default "bidirectional" is LLaDA) and `shift_logits`
+(the logits for position i are the output at i - 1, position 0 keeping its own, as in Dream). The last two
+are llada-jax fields that the official code does not read.
+
 `attention_mask` ([batch, length], 1 = real token) follows llada-jax rather than the official code: padded
 keys are ignored by every query, *and* rotary positions count real tokens only, so a left-padded row gives
 the same logits on its real tokens as the unpadded row. (The official code on the Hub ignores attention_mask;
 the later variant in the ML-GSAI/LLaDA GitHub repository masks padded keys and counts positions over the
-padding, the same up to rounding as rotary positions are relative. Without padding all agree.)
+padding, the same up to rounding as rotary positions are relative. Without padding all agree.) A causal
+mask counts indices, padding included, so with left padding a real token still sees the real tokens before it.
 
-The forward pass returns `MaskedLMOutput(logits=...)` with logits in the parameters' dtype; `labels` are not
-accepted, as the LLaDA loss needs the masking probabilities (see llada_jax.diffusion).
+The forward pass returns `MaskedLMOutput(logits=...)` with logits in the parameters' dtype (`hidden_states`
+are never shifted); `labels` are not accepted, as the LLaDA loss needs the masking probabilities (see
+llada_jax.diffusion).
 """
 
 import math
@@ -78,7 +86,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LLaDABlock(nn.Module):
-    """One pre-norm bidirectional LLaMA block (the official `LLaDALlamaBlock` parameters)."""
+    """One pre-norm LLaMA block (the official `LLaDALlamaBlock` parameters)."""
 
     def __init__(self, config: LLaDAConfig, layer_id: int):
         super().__init__()
@@ -86,10 +94,11 @@ class LLaDABlock(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.effective_n_kv_heads, hd
         m = config.effective_mlp_hidden_size
         depth = 1.0 / math.sqrt(2.0 * (layer_id + 1))
+        qkv_bias = bool(config.include_bias or config.include_qkv_bias)  # the official rule
         self.attn_norm = LLaDARMSNorm(d, config.rms_norm_eps)
-        self.q_proj = _linear(d, self.n_heads * hd, d**-0.5)
-        self.k_proj = _linear(d, self.n_kv_heads * hd, d**-0.5)
-        self.v_proj = _linear(d, self.n_kv_heads * hd, d**-0.5)
+        self.q_proj = _linear(d, self.n_heads * hd, d**-0.5, bias=qkv_bias)
+        self.k_proj = _linear(d, self.n_kv_heads * hd, d**-0.5, bias=qkv_bias)
+        self.v_proj = _linear(d, self.n_kv_heads * hd, d**-0.5, bias=qkv_bias)
         self.attn_out = _linear(self.n_heads * hd, d, d**-0.5 * depth)
         self.ff_norm = LLaDARMSNorm(d, config.rms_norm_eps)
         self.ff_proj = _linear(d, m, d**-0.5)
@@ -97,7 +106,7 @@ class LLaDABlock(nn.Module):
         self.ff_out = _linear(m, d, m**-0.5 * depth)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_bias: Optional[torch.Tensor]) -> torch.Tensor:
+                key_bias: Optional[torch.Tensor], is_causal: bool = False) -> torch.Tensor:
         b, length, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
@@ -106,20 +115,21 @@ class LLaDABlock(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mask = None if key_bias is None else key_bias.to(q.dtype)  # a no-op unless inputs_embeds differ
         if self.n_kv_heads == self.n_heads:
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         elif _SDPA_HAS_GQA:
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
         else:
             group = self.n_heads // self.n_kv_heads
             att = F.scaled_dot_product_attention(
-                q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), attn_mask=mask)
+                q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), attn_mask=mask,
+                is_causal=is_causal)
         x = x + self.attn_out(att.transpose(1, 2).reshape(b, length, -1))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
 
-def _linear(fan_in: int, fan_out: int, init_std: float) -> nn.Linear:
-    layer = nn.Linear(fan_in, fan_out, bias=False)
+def _linear(fan_in: int, fan_out: int, init_std: float, bias: bool = False) -> nn.Linear:
+    layer = nn.Linear(fan_in, fan_out, bias=bias)
     layer.llada_init_std = init_std  # read by _init_weights
     return layer
 
@@ -146,6 +156,7 @@ class LLaDAModel(nn.Module):
                 inputs_embeds: Optional[torch.Tensor] = None, output_hidden_states: bool = False):
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
         b, length = x.shape[:2]
+        causal = self.config.attention_type == "causal"
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: the unmasked (faster) attention path
         if attention_mask is None:
@@ -154,19 +165,25 @@ class LLaDAModel(nn.Module):
         else:
             real = attention_mask.to(device=x.device, dtype=torch.bool)
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-            # Additive bias [batch, 1, 1, keys]: a large negative number rather than -inf, so a row with no
-            # real token gives uniform attention instead of NaN.
-            key_bias = torch.zeros(real.shape, dtype=x.dtype, device=x.device)
-            key_bias = key_bias.masked_fill(~real, torch.finfo(x.dtype).min)[:, None, None, :]
+            # Additive bias [batch, 1, 1 or queries, keys]: a large negative number rather than -inf, so a query
+            # with no key to see (a row of padding; with a causal mask also a padded query before the first real
+            # token) gives uniform attention over all keys instead of NaN. One bias for both masks: two such
+            # numbers added would overflow to -inf.
+            allowed = real[:, None, None, :]
+            if causal:
+                allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            key_bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+            key_bias = key_bias.masked_fill(~allowed, torch.finfo(x.dtype).min)
+        is_causal = causal and key_bias is None  # else the causal mask is in key_bias
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         hidden_states = []
         for block in self.transformer.blocks:
             if output_hidden_states:
                 hidden_states.append(x)
             if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(block.__call__, x, cos, sin, key_bias)
+                x = self._gradient_checkpointing_func(block.__call__, x, cos, sin, key_bias, is_causal)
             else:
-                x = block(x, cos, sin, key_bias)
+                x = block(x, cos, sin, key_bias, is_causal)
         x = self.transformer.ln_f(x)
         if output_hidden_states:
             hidden_states.append(x)  # after the final norm, as the official model returns it
@@ -174,6 +191,8 @@ class LLaDAModel(nn.Module):
             logits = F.linear(x, self.transformer.wte.weight)
         else:
             logits = self.transformer.ff_out(x)
+        if self.config.shift_logits:  # the prediction for position i from the output at i - 1 (0 keeps its own)
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits, (tuple(hidden_states) if output_hidden_states else None)
 
 
@@ -192,6 +211,8 @@ class LLaDAPreTrainedModel(PreTrainedModel):
             if std is None:
                 std = module.weight.shape[-1] ** -0.5
             nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, LLaDARMSNorm):
             nn.init.ones_(module.weight)
 
@@ -205,10 +226,12 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
                               ("rope", True)):
             if getattr(config, field, wanted) != wanted:
                 raise ValueError(f"{field}={getattr(config, field)!r} is not supported (expected {wanted!r})")
-        for field in ("alibi", "include_bias", "include_qkv_bias", "attention_layer_norm", "input_emb_norm",
-                      "scale_logits"):
+        for field in ("alibi", "include_bias", "attention_layer_norm", "input_emb_norm", "scale_logits"):
             if getattr(config, field, False):
                 raise ValueError(f"{field}=True is not supported by this implementation")
+        if config.attention_type not in ("bidirectional", "causal"):
+            raise ValueError(f"attention_type={config.attention_type!r} is not supported "
+                             "(expected 'bidirectional' or 'causal')")
         self.model = LLaDAModel(config)
         self.post_init()
 
@@ -239,7 +262,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         if kwargs.get("labels") is not None:
             raise ValueError("labels are not supported: the LLaDA loss needs the masking probabilities")
         if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
-            raise ValueError("LLaDA is bidirectional: there is no key/value cache")
+            raise ValueError("this implementation has no key/value cache")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if output_hidden_states is None:
