@@ -88,6 +88,17 @@ def positions_from_mask(attention_mask: Array | None, batch: int, length: int) -
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def prediction_sources(attention_mask: Array | None, index: Array, batch: int) -> Array:
+    """int32 [B, n]: for the positions `index` [n] of a sequence (`attention_mask` [B, L] or None), the index of
+    the output that predicts them under `shift_logits`: the one before, except at a row's first real token
+    (position 0), which predicts itself. Padding positions (before the first real token) point at themselves."""
+    if attention_mask is None:
+        positions = jnp.broadcast_to(index, (batch, index.shape[0]))
+    else:
+        positions = jnp.take(positions_from_mask(attention_mask, *attention_mask.shape), index, axis=1)
+    return jnp.where(positions > 0, index - 1, index).astype(jnp.int32)
+
+
 def _resolve_attention_impl(config: LLaDAConfig) -> str:
     if config.attention_impl != "auto":
         return config.attention_impl
@@ -366,15 +377,17 @@ class LLaDAForMaskedLM(nnx.Module):
         """float32 logits [B, L, V], logits[:, i] the prediction for position i (with `shift_logits`, read from
         the output at i - 1). `visible` [L, L] or [B, L, L] (True = query i may see key j) further restricts the
         attention (the annealed masks of causal-to-bidirectional adaptation)."""
-        return self.logits(self.prediction_states(self.hidden_states(input_ids, attention_mask, visible)))
+        hidden = self.hidden_states(input_ids, attention_mask, visible)
+        return self.logits(self.prediction_states(hidden, attention_mask))
 
-    def prediction_states(self, hidden: Array) -> Array:
+    def prediction_states(self, hidden: Array, attention_mask: Array | None = None) -> Array:
         """The final residual streams aligned with the positions they predict: `hidden` [B, L, D] of a whole
-        sequence itself, or with `shift_logits` the stream at i - 1 for position i (position 0 keeps its own,
-        as Dream does)."""
+        sequence itself, or with `shift_logits` the stream at i - 1 for position i (a row's first real token keeps
+        its own, as position 0 does in Dream, so a left-padded row predicts as the unpadded one)."""
         if not self.config.shift_logits:
             return hidden
-        return jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
+        sources = prediction_sources(attention_mask, jnp.arange(hidden.shape[1]), hidden.shape[0])
+        return jnp.take_along_axis(hidden, sources[..., None], axis=1)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None, **overrides) -> "LLaDAForMaskedLM":

@@ -124,31 +124,160 @@ def test_left_padding_invariance():
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
-def test_attention_and_its_gradients_match_jax_reference(dtype, tol):
+@pytest.mark.parametrize("queries", [7, 5])  # 5: a window of queries against 7 keys (the cached samplers)
+def test_attention_and_its_gradients_match_jax_reference(dtype, tol, queries):
     """The model's attention (heads-major layout, flash-attention form of the backward pass) against autodiff
-    of jax.nn.dot_product_attention, with grouped-query heads and masked keys (a fully masked row included)."""
-    from llada_jax.model import attention
+    of jax.nn.dot_product_attention, with grouped-query heads, masked keys (a fully masked row included) and
+    query-key pair masks: causal [L, S] (queries at positions 2 .. 6 for a window), and random per-row
+    [B, L, S] ones (rows with no visible key included)."""
+    from llada_jax.model import attention, visible_pairs
 
-    keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (2, 7, 4, 8), dtype)
+    keys = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(keys[0], (2, queries, 4, 8), dtype)
     k, v = (jax.random.normal(kk, (2, 7, 2, 8), dtype) for kk in keys[1:3])
     d_out = jax.random.normal(keys[3], q.shape, dtype)
     key_mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [0] * 7], bool)
+    causal = visible_pairs("causal", jnp.arange(7 - queries, 7), 7)  # [L, S]
+    np.testing.assert_array_equal(causal, np.arange(7)[None, :] <= np.arange(7 - queries, 7)[:, None])
+    random_pairs = jax.random.bernoulli(keys[4], 0.4, (2, queries, 7)).at[0, 1].set(False)  # [B, L, S]
 
-    def reference(q, k, v, mask):
+    def reference(q, k, v, mask, pairs):
         rep = q.shape[2] // k.shape[2]
-        m = None if mask is None else mask[:, None, None, :]
+        m = jnp.ones((2, 1, queries, 7), bool)
+        if mask is not None:
+            m = m & mask[:, None, None, :]
+        if pairs is not None:
+            m = m & jnp.broadcast_to(pairs, (2, queries, 7))[:, None]
         return jax.nn.dot_product_attention(q, jnp.repeat(k, rep, 2), jnp.repeat(v, rep, 2), mask=m,
                                             implementation="xla")
 
-    for mask in (None, key_mask):
-        ours, ours_vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask, "xla"), q, k, v)
-        ref, ref_vjp = jax.vjp(lambda q, k, v: reference(q, k, v, mask), q, k, v)
+    for mask, pairs in ((None, None), (key_mask, None), (None, causal), (key_mask, causal), (None, random_pairs),
+                        (key_mask, random_pairs)):
+        ours, ours_vjp = jax.vjp(lambda q, k, v, m=mask, p=pairs: attention(q, k, v, m, "xla", p), q, k, v)
+        ref, ref_vjp = jax.vjp(lambda q, k, v, m=mask, p=pairs: reference(q, k, v, m, p), q, k, v)
         assert ours.dtype == ref.dtype == jnp.dtype(dtype)
         np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
         for a, b in zip(ours_vjp(d_out), ref_vjp(d_out)):
             assert a.dtype == b.dtype
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+# --- model types of converted autoregressive models: causal attention, q/k/v biases, shifted logits -----------
+
+
+def copy_params(source, target):
+    """`target` with every parameter of `source` (models of the same shapes, other attention or shift)."""
+    nnx.update(target, nnx.state(source, nnx.Param))
+    return target
+
+
+def test_causal_outputs_do_not_see_later_tokens():
+    model = make_model(attention_type="causal", n_kv_heads=2)
+    ids = random_ids(11, (2, 10))
+    first = np.asarray(model(ids))
+    for i in (1, 4, 9):
+        changed = ids.at[:, i:].set((ids[:, i:] + 1 + jnp.arange(10 - i)) % 500)
+        second = np.asarray(model(changed))
+        np.testing.assert_array_equal(second[:, :i], first[:, :i])  # masked keys add exactly nothing
+        assert np.abs(second[:, i:] - first[:, i:]).max() > 1e-3  # the changed positions themselves move
+
+
+def test_causal_logits_are_the_logits_of_each_prefix_alone():
+    ids = random_ids(12, (2, 9))
+    # one layer: position i of the causal model is position i of the bidirectional model run on ids[:, :i + 1]
+    # (with more layers the prefix's earlier positions would see i in the layers below)
+    one = make_model(attention_type="causal", n_kv_heads=2, n_layers=1)
+    one_bidirectional = copy_params(one, make_model(n_kv_heads=2, n_layers=1))
+    got = np.asarray(one(ids))
+    for i in range(9):
+        np.testing.assert_allclose(got[:, i], np.asarray(one_bidirectional(ids[:, :i + 1]))[:, i], rtol=1e-5,
+                                   atol=1e-5)
+    assert np.abs(got - np.asarray(one_bidirectional(ids))).max() > 1e-3
+    # any depth: the causal model on the prefix alone
+    causal = make_model(attention_type="causal", n_kv_heads=2)
+    bidirectional = copy_params(causal, make_model(n_kv_heads=2))
+    got = np.asarray(causal(ids))
+    for i in range(9):
+        np.testing.assert_allclose(got[:, i], np.asarray(causal(ids[:, :i + 1]))[:, i], rtol=1e-5, atol=1e-5)
+    # `visible` = tril on the bidirectional model, [L, L] or per row [B, L, L], is the causal model
+    tril = jnp.tril(jnp.ones((9, 9), bool))
+    np.testing.assert_allclose(np.asarray(bidirectional(ids, visible=tril)), got, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bidirectional(ids, visible=jnp.stack([tril, tril]))), got, rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_visible_restricts_each_row_separately():
+    model = make_model()
+    ids = random_ids(13, (2, 6))
+    visible = jnp.stack([jnp.tril(jnp.ones((6, 6), bool)), jnp.ones((6, 6), bool)])  # row 0 causal, row 1 all
+    got = np.asarray(model(ids, visible=visible))
+    causal = copy_params(model, make_model(attention_type="causal"))
+    np.testing.assert_allclose(got[0], np.asarray(causal(ids[:1]))[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], np.asarray(model(ids[1:]))[0], rtol=1e-5, atol=1e-5)
+
+
+def set_random_biases(model, seed):
+    for i, name in enumerate(("q_bias", "k_bias", "v_bias")):
+        p = getattr(model.blocks, name)
+        p[...] = 0.5 * jax.random.normal(jax.random.key(seed + i), p[...].shape)
+    return model
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(attention_type="causal"),
+    dict(include_qkv_bias=True),
+    dict(shift_logits=True),
+    dict(attention_type="causal", include_qkv_bias=True, shift_logits=True, n_kv_heads=2),
+    dict(attention_type="causal", shift_logits=True, scan_layers=False),
+])
+def test_model_types_match_the_pytorch_reference(overrides):
+    model = make_model(**overrides)
+    if model.config.include_qkv_bias:
+        assert float(jnp.abs(model.blocks.q_bias[...]).max()) == 0.0  # initialised to zero: make them count
+        set_random_biases(model, 20)
+        without = copy_params(model, make_model(**{**overrides, "include_qkv_bias": False}))
+        ids = random_ids(14, (1, 8))
+        assert np.abs(np.asarray(model(ids)) - np.asarray(without(ids))).max() > 1e-2
+    ids = random_ids(15, (2, 11))
+    mask = jnp.asarray([[0, 0, 0] + [1] * 8, [1] * 11], jnp.int32)
+    ours, ref = np.asarray(model(ids, mask)), torch_logits(model, ids, mask)
+    real = np.asarray(mask, bool)
+    if model.config.shift_logits:  # the first real token of a padded row reads the padding before it
+        real[0, 3] = False
+    np.testing.assert_allclose(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model(ids)), torch_logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_biases_are_added_to_the_projections():
+    model = set_random_biases(make_model(include_qkv_bias=True, n_kv_heads=2, n_layers=1), 30)
+    block = model.blocks
+    x = jax.random.normal(jax.random.key(31), (2, 5, 64))
+    q, k, v = nnx.vmap(lambda b, x: b.qkv(x), in_axes=(0, None))(block, x)
+    h = np.asarray(rms_norm(x, block.attn_norm[...][0], 1e-5), np.float64)
+    for got, name in zip((q[0], k[0], v[0]), "qkv"):
+        w = np.asarray(getattr(block, f"{name}_proj")[...][0], np.float64)
+        b = np.asarray(getattr(block, f"{name}_bias")[...][0], np.float64)
+        np.testing.assert_allclose(np.asarray(got), np.einsum("bld,dnh->blnh", h, w) + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention_type", ["bidirectional", "causal"])
+def test_shift_logits_are_the_unshifted_logits_moved_one_position_right(attention_type):
+    plain = make_model(attention_type=attention_type)
+    shifted = copy_params(plain, make_model(attention_type=attention_type, shift_logits=True))
+    ids = random_ids(16, (2, 9))
+    want, got = np.asarray(plain(ids)), np.asarray(shifted(ids))
+    np.testing.assert_array_equal(got[:, 1:], want[:, :-1])  # position i predicted from the output at i - 1
+    np.testing.assert_array_equal(got[:, 0], want[:, 0])  # position 0 from its own
+    # hidden_states stay unshifted; prediction_states aligns them
+    np.testing.assert_array_equal(np.asarray(shifted.hidden_states(ids)), np.asarray(plain.hidden_states(ids)))
+
+
+def test_shift_logits_left_padding_invariance():
+    model = make_model(shift_logits=True)
+    real = random_ids(17, (1, 6))
+    padded = jnp.concatenate([jnp.full((1, 3), 7, jnp.int32), real], axis=1)
+    mask = jnp.asarray([[0, 0, 0] + [1] * 6], jnp.int32)
+    np.testing.assert_allclose(np.asarray(model(padded, mask))[:, 3:], np.asarray(model(real)), rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_query_attention_equals_mha_with_repeated_kv():

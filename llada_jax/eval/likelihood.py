@@ -257,7 +257,7 @@ def _guided_answer_logits(model, ids, attn, plen, cfg_scale, mask_id):
         col = jnp.arange(ids.shape[1])[None, :]
         un = jnp.where((col < plen) & (attn > 0), mask_id, ids)
         ids, attn = jnp.concatenate([ids, un]), jnp.concatenate([attn, attn])
-    hidden = model.prediction_states(model.hidden_states(ids, attn))[:, plen:]
+    hidden = model.prediction_states(model.hidden_states(ids, attn), attn)[:, plen:]
     logits = model.logits(hidden)
     if cfg_scale > 0:
         cond, un = logits[:rows], logits[rows:]

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from llada_jax.model import KVCache
+from llada_jax.model import KVCache, prediction_sources
 from llada_jax.sampling.options import SamplerOptions
 
 
@@ -42,12 +42,13 @@ class Output(NamedTuple):
     model: object
     guidance: "Guidance"
     windowed: bool = False  # a window against the cache: only the block's logits can be asked for
+    attention_mask: jax.Array | None = None  # [rows, L] of the whole sequence (for shift_logits)
 
     def logits(self, start, size: int) -> jax.Array:
         """float32 guided logits [B, size, V] of positions start .. start + size - 1 (`start` may be traced)."""
-        if self.model.config.shift_logits:  # position i from the stream at max(i - 1, 0)
-            at = jnp.maximum(start + jnp.arange(size) - 1, 0) - self.first
-            hidden = jnp.take(self.hidden, at, axis=1, mode="clip")
+        if self.model.config.shift_logits:  # position i from the stream at i - 1 (a row's first token: its own)
+            at = prediction_sources(self.attention_mask, start + jnp.arange(size), self.hidden.shape[0]) - self.first
+            hidden = jnp.take_along_axis(self.hidden, at[..., None], axis=1, mode="clip")
         else:
             hidden = jax.lax.dynamic_slice_in_dim(self.hidden, start - self.first, size, axis=1)
         return self.guidance.combine(self.model.logits(hidden))
@@ -85,8 +86,9 @@ class Forward:
 
     def full(self, x: jax.Array, attention_mask: jax.Array | None) -> tuple[Output, KVCache | None]:
         """(the whole sequence's output, no cache)."""
-        return Output(self.model.hidden_states(*self.guidance.inputs(x, attention_mask)), 0, self.model,
-                      self.guidance), None
+        ids, both_mask = self.guidance.inputs(x, attention_mask)
+        return Output(self.model.hidden_states(ids, both_mask), 0, self.model, self.guidance,
+                      attention_mask=both_mask), None
 
     def full_at(self, i) -> bool:
         """Whether step i of a block is a full pass."""
@@ -108,8 +110,9 @@ class CachedForward:
 
     def full(self, x: jax.Array, attention_mask: jax.Array | None) -> tuple[Output, KVCache]:
         """(the whole sequence's output, the KV cache of the whole sequence)."""
-        hidden, kv = self.model.hidden_states_and_kv(*self.guidance.inputs(x, attention_mask))
-        return Output(hidden, 0, self.model, self.guidance), kv
+        ids, both_mask = self.guidance.inputs(x, attention_mask)
+        hidden, kv = self.model.hidden_states_and_kv(ids, both_mask)
+        return Output(hidden, 0, self.model, self.guidance, attention_mask=both_mask), kv
 
     def window(self, x: jax.Array, attention_mask: jax.Array | None, kv: KVCache, start) -> Output:
         """The output of the block starting at `start` (and, with the prefix cache, the positions after it), run
@@ -124,7 +127,8 @@ class CachedForward:
             size = min(self.block_length + shift, ids.shape[1])
         window = jax.lax.dynamic_slice_in_dim(ids, first, size, axis=1)
         hidden = self.model.hidden_states_from_kv(window, first, kv, both_mask)
-        return Output(hidden[:, :self.block_length + shift], first, self.model, self.guidance, windowed=True)
+        return Output(hidden[:, :self.block_length + shift], first, self.model, self.guidance, windowed=True,
+                      attention_mask=both_mask)
 
     def full_at(self, i) -> bool | jax.Array:
         """Whether step i > 0 of a block is a full, cache-refreshing pass (step 0 always is)."""

@@ -46,7 +46,10 @@ log = logging.getLogger("llada_jax")
 # Architecture fields taken from a checkpoint given as model_name_or_path (compute settings stay as configured).
 ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
                        "embedding_size", "max_sequence_length", "rope_theta", "rms_norm_eps", "weight_tying",
-                       "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
+                       "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "include_qkv_bias")
+# Fields the run may change (adapting a causal model to bidirectional attention, or training with the shift):
+# config.model's value where it differs from the LLaDA default, else the checkpoint's.
+ADAPTABLE_FIELDS = ("attention_type", "shift_logits")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,6 +92,9 @@ def validate(config) -> None:
                         ("max_consecutive_nonfinite", config.max_consecutive_nonfinite)):
         if not isinstance(value, int) or value <= 0:
             fail(f"{name} must be a positive integer, got {value!r}")
+    annealing = config.adaptation.mask_annealing_steps
+    if not isinstance(annealing, int) or isinstance(annealing, bool) or annealing < 0:
+        fail(f"adaptation.mask_annealing_steps must be an integer >= 0 (0: no annealing), got {annealing!r}")
     o = config.optimizer
     if not config.learning_rate >= 0 or not np.isfinite(config.learning_rate):
         fail(f"learning_rate must be a finite number >= 0, got {config.learning_rate}")
@@ -126,6 +132,9 @@ def resolve_model_config(config) -> LLaDAConfig:
         except ValueError as e:
             raise ConfigError(f"model_name_or_path {config.model_name_or_path}: {e}") from e
         model_config = model_config.replace(**{f: getattr(pretrained, f) for f in ARCHITECTURE_FIELDS})
+        default = LLaDAConfig()
+        model_config = model_config.replace(**{
+            f: getattr(pretrained, f) for f in ADAPTABLE_FIELDS if getattr(model_config, f) == getattr(default, f)})
     return model_config
 
 
@@ -181,10 +190,14 @@ class TrainingRun:
         validate(config)
         from llada_jax.data.pipeline import make_train_iterator
 
-        if not config.data.tokenizer:  # the tokenizer stored with the run or with the starting checkpoint
+        start_from = config.model_name_or_path
+        if not config.data.tokenizer or (start_from and storage.clean(config.data.tokenizer) == storage.clean(
+                start_from)):  # the tokenizer stored with the run or with the starting checkpoint
+            from llada_jax.checkpoints import model_tokenizer
+
             stored = layout.tokenizer_path(config.output_dir) if storage.is_dir(config.output_dir) else None
-            if stored is None and config.model_name_or_path:
-                stored = layout.tokenizer_path(config.model_name_or_path)
+            if stored is None and start_from:  # (an AR model's gets its mask token)
+                stored = model_tokenizer(start_from)
             config.data.tokenizer = stored or ""
         storage.check_writable(config.output_dir, f".llada_jax_write_check_{jax.process_index()}")
         start = checkpoint.check_resumable(config.output_dir, config.seed, config.checkpoint.restore_step)

@@ -9,6 +9,19 @@ The step is `jax.jit` with in/out shardings and the state donated. Inside it, fo
 (seed, step, row), the model, the pretraining or SFT loss and its gradient. The noise of a row depends only
 on (seed, step, its index in the global batch), so a step gives the same result whatever the
 micro-batching, device count or process count. A non-finite loss or gradient norm skips the update.
+
+Attention-mask annealing (`adaptation.mask_annealing_steps` = N > 0), the causal-to-bidirectional adaptation
+of an autoregressive checkpoint in DiffuLLaMA (Gong et al. 2024, "Scaling Diffusion Language Models via
+Adaptation from Autoregressive Models"). At optimizer step s (0-based, `state.step`) the model sees
+
+    visible = tril(ones[L, L]) | bernoulli(key_s, r_s, [L, L]),    r_s = min(1, (s + 1) / N)
+
+query i sees key j when j <= i, and each future key independently with probability r_s: one [L, L] matrix per
+step, shared by every row and micro-batch, keyed by fold_in(step key, ANNEALING_STREAM) (the step key of
+`step_keys`; the noise and length-cut keys are unchanged), so a resumed run draws the same masks. From step
+N - 1 on r = 1 and the mask is all True: the attention is exactly the model's own (bidirectional). r is
+traced, so every step runs the one compiled program; N = 0 passes no mask at all. `eval_loss` uses no mask
+(the fully annealed model, the one being trained towards), so evaluations stay comparable across steps.
 """
 
 from __future__ import annotations
@@ -58,13 +71,15 @@ class StepConfig:
     accumulation: int
     micro_batch: int  # global rows per micro-batch
     length: int
+    mask_annealing_steps: int  # N of the attention-mask annealing (0: off)
 
     @classmethod
     def from_config(cls, config, model_config: LLaDAConfig) -> "StepConfig":
         return cls(task=config.task, seed=int(config.seed), mask_id=model_config.mask_token_id,
                    eps=float(config.eps), random_length_prob=float(config.random_length_prob),
                    accumulation=int(config.gradient_accumulation_steps), micro_batch=int(config.batch_size),
-                   length=int(config.max_length))
+                   length=int(config.max_length),
+                   mask_annealing_steps=int(config.adaptation.mask_annealing_steps))
 
 
 class Trainer:
@@ -165,7 +180,15 @@ class Trainer:
         _, cut_key = step_keys(c.seed, step)
         return random_length_valid(cut_key, c.micro_batch, c.length, c.random_length_prob)
 
-    def _loss(self, params, micro: dict, row_keys, valid):
+    def visible_mask(self, step) -> jax.Array | None:
+        """bool [length, length]: the attention mask of step `step` under mask annealing (the same for every
+        row and micro-batch of the step), or None when annealing is off."""
+        c = self.step_config
+        if c.mask_annealing_steps <= 0:
+            return None
+        return annealing_mask(c.seed, step, c.length, c.mask_annealing_steps)
+
+    def _loss(self, params, micro: dict, row_keys, valid, visible=None):
         c = self.step_config
         model = nnx.merge(self.graphdef, params)
         ids = micro["input_ids"]
@@ -180,10 +203,10 @@ class Trainer:
 
         noisy, masked, p_mask = jax.vmap(noise)(row_keys, ids, prompt_lengths, valid)
         if c.task == "sft":
-            logits = model(noisy)
+            logits = model(noisy, visible=visible)
             loss = sft_loss(logits, ids, masked, p_mask, micro["answer_lengths"])
         else:
-            logits = model(noisy, None if valid is None else valid.astype(jnp.int32))
+            logits = model(noisy, None if valid is None else valid.astype(jnp.int32), visible)
             loss = pretraining_loss(logits, ids, masked, p_mask, valid)
         return loss, jnp.sum(masked)
 
@@ -191,6 +214,7 @@ class Trainer:
         c = self.step_config
         noise_key, _ = step_keys(c.seed, state.step)
         valid = self.length_mask(state.step)
+        visible = self.visible_mask(state.step)
 
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -200,7 +224,7 @@ class Trainer:
             micro, index = xs
             rows = index * c.micro_batch + jnp.arange(c.micro_batch)
             row_keys = jax.vmap(lambda r: jax.random.fold_in(noise_key, r))(rows)
-            (loss, n_masked), grads = grad_fn(state.params, micro, row_keys, valid)
+            (loss, n_masked), grads = grad_fn(state.params, micro, row_keys, valid, visible)
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
             return (grads_sum, loss_sum + loss, masked_sum + n_masked), None
 
@@ -249,6 +273,23 @@ def step_keys(seed: int, step) -> tuple[jax.Array, jax.Array]:
     """(noise key, length-cut key) of a step: all of a step's randomness comes from (seed, step) alone, so
     checkpoints store the seed and the step, not a key."""
     return tuple(jax.random.split(jax.random.fold_in(jax.random.key(seed), step)))
+
+
+# fold_in(step key, ANNEALING_STREAM) keys a step's annealed attention mask. The step's noise and length-cut
+# keys are split from the same key, and split(k)[i] is fold_in(k, i) (partitionable threefry, JAX's default):
+# 0 and 1 are taken, 2 is the next free stream.
+ANNEALING_STREAM = 2
+
+
+def annealing_mask(seed: int, step, length: int, annealing_steps: int) -> jax.Array:
+    """bool [length, length] attention mask of optimizer step `step` (0-based, may be traced) when annealing over
+    `annealing_steps` steps: tril(ones) | bernoulli(key, min(1, (step + 1) / annealing_steps)), the key folded
+    from (seed, step) alone (see the module docstring)."""
+    step = jnp.asarray(step, jnp.int32)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), ANNEALING_STREAM)
+    ratio = jnp.minimum(1.0, (step + 1).astype(jnp.float32) / jnp.float32(annealing_steps))
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    return causal | jax.random.bernoulli(key, ratio, (length, length))
 
 
 def batch_checksum(ids: jax.Array) -> jax.Array:

@@ -135,3 +135,55 @@ def test_eval_likelihood_command_writes_the_api_results(model, tmp_path, capsys)
                           ("[1, 2]\n", "line 1: expected a JSON object, got list")):
         src.write_text(text)
         assert main(args) == 2 and f"pairs.jsonl {message}" in capsys.readouterr().err
+
+
+# --- a shift_logits model (the prediction for position i read from the output at i - 1) -----------------------
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    return LLaDAForMaskedLM(LLaDAConfig.tiny(shift_logits=True), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_shifted_one_token_answers_are_the_model_logits(shifted, cfg_scale):
+    # A one-token answer is always the one masked position: the estimate is exactly minus its cross-entropy
+    # under model(prompt + [MASK]) (CFG: against the prompt masked), here read straight from the model's logits.
+    prompts = [[3, 17, 42], [8, 1, 300, 65, 12, 77, 5], [9], [40, 41, 42, 43]]
+    answers = [[250], [7], [100], [3]]
+    got = log_likelihood(shifted, prompts, answers, mc_num=8, batch_size=4, cfg_scale=cfg_scale, examples_per_call=4)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        logits = np.asarray(shifted(jnp.asarray([p + [MASK]])), np.float64)[0, -1]
+        if cfg_scale > 0:
+            un = np.asarray(shifted(jnp.asarray([[MASK] * len(p) + [MASK]])), np.float64)[0, -1]
+            logits = un + (cfg_scale + 1) * (logits - un)
+        want = logits[a[0]] - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
+    unshifted = LLaDAForMaskedLM(LLaDAConfig.tiny(), rngs=nnx.Rngs(0))  # the same parameters
+    other = log_likelihood(unshifted, prompts, answers, mc_num=8, batch_size=4, cfg_scale=cfg_scale,
+                           examples_per_call=4)
+    assert np.abs(other - got).min() > 1e-3
+
+
+def test_shifted_estimate_agrees_with_the_exact_expectation(shifted):
+    prompt, answer = [3, 17, 42, 99], [250, 8, 1, 300, 65]
+    exact, unweighted = brute_force(shifted, prompt, answer, 4, 0.0)  # from model(ids), shifted by the model
+    est, err = log_likelihood(shifted, prompt, answer, mc_num=1024, batch_size=4, rng=0, return_stderr=True)
+    assert abs(est - exact) < 3 * err and abs(est - unweighted) > 10 * err, (est, exact, unweighted, err)
+
+
+def test_shifted_greedy_check_is_the_shifted_decode(shifted):
+    prompts = [[3, 17, 42, 99], [8, 1, 300, 65, 12, 77]]
+    ids = np.array([[MASK, MASK] + prompts[0], prompts[1]], np.int32)
+    attn = np.array([[0, 0, 1, 1, 1, 1], [1] * 6], np.int32)
+    decoded = np.asarray(generate(shifted, ids, attn, method="fixed_length", gen_length=4, steps=4))[:, 6:].tolist()
+    assert greedy_check(shifted, prompts, decoded).tolist() == [True, True]
+    wrong = [decoded[0], decoded[1][:3] + [(decoded[1][3] + 1) % 500]]
+    assert greedy_check(shifted, prompts, wrong).tolist() == [True, False]
+
+
+def test_shifted_empty_prompt_reads_the_answer_position_itself(shifted):
+    got = log_likelihood(shifted, [], [250], mc_num=4, batch_size=4)
+    logits = np.asarray(shifted(jnp.asarray([[MASK]])), np.float64)[0, 0]  # position 0 keeps its own output
+    want = logits[250] - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    np.testing.assert_allclose(got, want, rtol=1e-5)
