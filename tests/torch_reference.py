@@ -4,7 +4,7 @@ It shares no code with llada_jax: weights come in as plain numpy arrays in the o
 (Linear weights [out, in]), attention is computed with explicit matrices, and GQA repeats kv heads.
 The config.json fields of converted autoregressive models are followed too: q/k/v biases (present in `weights`
 when `include_qkv_bias`), `attention_type` "causal" (query i sees keys j <= i, by index) and `shift_logits`
-(position i takes the logits computed at i - 1, position 0 its own).
+(position i takes the logits computed at i - 1, a row's first real token its own).
 """
 
 from __future__ import annotations
@@ -85,6 +85,10 @@ def llada_logits(weights: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarra
     x = rms_norm(x, W[p + "ln_f.weight"], eps)
     head = W[p + "wte.weight"] if cfg.get("weight_tying") else W[p + "ff_out.weight"]
     logits = x @ head.T
-    if cfg.get("shift_logits"):
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    if cfg.get("shift_logits"):  # a row's first real token (position 0) keeps its own logits
+        rows = []
+        for r in range(b):
+            source = [i if positions[r, i] == 0 else i - 1 for i in range(length)]
+            rows.append(logits[r, source])
+        logits = torch.stack(rows)
     return logits.numpy()

@@ -16,7 +16,8 @@ logits use the embedding matrix.
 Models converted from an autoregressive checkpoint may differ in three config fields: `include_qkv_bias`
 (q/k/v projections with biases, `...q_proj.bias` etc., as in Qwen2 and the official code), `attention_type`
 "causal" (position i attends to positions <= i; the default "bidirectional" is LLaDA) and `shift_logits`
-(the logits for position i are the output at i - 1, position 0 keeping its own, as in Dream). The last two
+(the logits for position i are the output at i - 1, a row's first real token keeping its own, as position 0
+does in Dream). The last two
 are llada-jax fields that the official code does not read.
 
 `attention_mask` ([batch, length], 1 = real token) follows llada-jax rather than the official code: padded
@@ -191,8 +192,10 @@ class LLaDAModel(nn.Module):
             logits = F.linear(x, self.transformer.wte.weight)
         else:
             logits = self.transformer.ff_out(x)
-        if self.config.shift_logits:  # the prediction for position i from the output at i - 1 (0 keeps its own)
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        if self.config.shift_logits:  # position i from the output at i - 1; a row's first real token keeps its own
+            index = torch.arange(length, device=x.device)
+            source = torch.where(positions > 0, index - 1, index)
+            logits = logits.gather(1, source[..., None].expand(-1, -1, logits.shape[-1]))
         return logits, (tuple(hidden_states) if output_hidden_states else None)
 
 
