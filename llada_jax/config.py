@@ -22,8 +22,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_out_proj")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # bidirectional: LLaDA (every position sees every other); causal: an autoregressive model (position i sees
-# positions <= i), used to prove an AR import exact and as the start of causal-to-bidirectional adaptation.
-ATTENTION_TYPES = ("bidirectional", "causal")
+# positions <= i), used to prove an AR import exact and as the start of causal-to-bidirectional adaptation;
+# block_causal: block diffusion (BD3-LM, LLaDA 2.0), a position in block b sees every position of blocks <= b.
+ATTENTION_TYPES = ("bidirectional", "causal", "block_causal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,7 @@ class LLaDAConfig:
     # The prediction for position i is read from the network's output at i - 1 (position 0 from its own):
     # the next-token alignment of an AR model kept through adaptation (Dream, DiffuLLaMA).
     shift_logits: bool = False
+    block_size: int | None = None  # block_causal: positions per block
     # JAX-side settings (not part of the HF config).
     dtype: str = "float32"  # compute dtype of matmuls and attention
     param_dtype: str = "float32"  # storage dtype of the parameters (the fp32 master copy by default)
@@ -83,6 +85,15 @@ class LLaDAConfig:
             fail("remat_policy", f"expected one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.attention_type not in ATTENTION_TYPES:
             fail("attention_type", f"expected one of {ATTENTION_TYPES}, got {self.attention_type!r}")
+        if self.attention_type == "block_causal":
+            if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size <= 0:
+                fail("block_size", f"attention_type block_causal needs a positive block_size, got {self.block_size!r}")
+            if self.shift_logits:
+                fail("shift_logits", "is not supported with attention_type block_causal (the first position of a "
+                                     "block would read the output of the block before it)")
+        elif self.block_size is not None:
+            fail("block_size", f"applies to attention_type block_causal only (attention_type is "
+                               f"{self.attention_type!r})")
         for name in ("include_qkv_bias", "shift_logits", "weight_tying", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, f"expected true or false, got {getattr(self, name)!r}")
@@ -271,6 +282,15 @@ def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") ->
     # (bidirectional), each future position visible with a probability growing linearly to 1 (0: off).
     c.adaptation = ml_collections.ConfigDict()
     c.adaptation.mask_annealing_steps = 0
+
+    # Block diffusion (model.attention_type = "block_causal"): each block's mask rate ~ U[mask_rate_min,
+    # mask_rate_max] (BD3-LM's clipped schedule; its search selects [0.3, 0.8] for blocks of 8 and 16 tokens),
+    # and an optional block-size schedule: ((step, block_size), ...) sorted by step, each size used from its step
+    # on (before the first entry: model.block_size), as LLaDA 2.0 grows the block size and brings it back down.
+    c.block_diffusion = ml_collections.ConfigDict()
+    c.block_diffusion.mask_rate_min = 0.3
+    c.block_diffusion.mask_rate_max = 0.8
+    c.block_diffusion.block_size_schedule = ()
 
     c.max_consecutive_nonfinite = 10  # stop after this many skipped (non-finite) updates in a row
     c.wandb = ml_collections.ConfigDict()

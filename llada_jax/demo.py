@@ -13,6 +13,11 @@
    through transformers when torch is installed, against the trained model's logits);
 7. `report.md`, `loss_curve.png` and `results.json` in the output directory.
 
+With `--attention_type block_causal` the demo also trains the block-diffusion variant of the same model (blocks of
+4 tokens, the BD3-LM objective) with the same commands and data, samples it with `block_diffusion` (an exact KV
+cache, stopping after the block that holds EOS), and the report puts it beside the bidirectional model: exact
+match, NFE and tokens/s (sampling only, compilation excluded).
+
 Every step keeps its files in the output directory, so running the command again resumes where it stopped
 (training from its checkpoints, sampling from its partly written outputs); only the analysis and the reload
 check, seconds each, run again.
@@ -33,6 +38,7 @@ DEFAULTS = dict(d_model=128, n_layers=4, n_heads=4, pretrain_steps=200, sft_step
                 test_size=200, digits=5, seed=0)
 SAMPLING = dict(gen_length=16, block_length=8, steps=16)
 PRETRAIN_LENGTH, SFT_LENGTH = 128, 48
+BLOCK_SIZE = 4  # the block-causal variant's blocks (divides both lengths and gen_length)
 
 
 def register(sub) -> None:
@@ -42,6 +48,8 @@ def register(sub) -> None:
     for name in ("d_model", "n_layers", "n_heads", "pretrain_steps", "sft_steps", "batch_size", "test_size",
                  "digits", "seed"):
         p.add_argument(f"--{name}", type=int, default=DEFAULTS[name], help=f"default {DEFAULTS[name]}")
+    p.add_argument("--attention_type", choices=("bidirectional", "block_causal"), default="bidirectional",
+                   help="block_causal: also train the block-diffusion variant and compare it in the report")
     p.set_defaults(func=run)
 
 
@@ -139,12 +147,13 @@ def _command(argv: list[str]) -> None:
         raise SystemExit(f"llada-jax demo: `llada-jax {' '.join(argv[:1])}` failed with exit code {code}")
 
 
-def _train_config(out: str, name: str, a, task: str) -> str:
+def _train_config(out: str, name: str, a, task: str, attention_type: str = "bidirectional") -> str:
     from llada_jax.checkpoints.atomic import write_json
     from llada_jax.config import LLaDAConfig, sft_defaults, train_config
 
+    blocks = dict(attention_type="block_causal", block_size=BLOCK_SIZE) if attention_type == "block_causal" else {}
     model = LLaDAConfig.tiny(d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_heads,
-                             mlp_hidden_size=3 * a.d_model)
+                             mlp_hidden_size=3 * a.d_model, **blocks)
     c = train_config(model, task=task)
     if task == "sft":
         sft_defaults(c)
@@ -162,13 +171,17 @@ def _train_config(out: str, name: str, a, task: str) -> str:
     return path
 
 
-def train(out: str, paths: dict, tokenizer: str, a, times: dict) -> None:
-    with _timed(times, "pretrain_s", done=_trained(out, "pretrain", a.pretrain_steps)):
-        _command(["pretrain", "--config", _train_config(out, "pretrain", a, "pretrain"), "--data_path",
-                  paths["corpus"], "--output_dir", os.path.join(out, "pretrain"), "--config.data.tokenizer=" + tokenizer])
-    with _timed(times, "sft_s", done=_trained(out, "sft", a.sft_steps)):
-        _command(["sft", "--config", _train_config(out, "sft", a, "sft"), "--data_path", paths["sft_train"],
-                  "--model_name_or_path", os.path.join(out, "pretrain"), "--output_dir", os.path.join(out, "sft")])
+def train(out: str, paths: dict, tokenizer: str, a, times: dict, attention_type: str = "bidirectional") -> None:
+    """Pretrain then fine-tune (into `pretrain/` and `sft/`, or `block_pretrain/` and `block_sft/`)."""
+    prefix = "block_" if attention_type == "block_causal" else ""
+    pre, sft = prefix + "pretrain", prefix + "sft"
+    with _timed(times, f"{pre}_s", done=_trained(out, pre, a.pretrain_steps)):
+        _command(["pretrain", "--config", _train_config(out, pre, a, "pretrain", attention_type), "--data_path",
+                  paths["corpus"], "--output_dir", os.path.join(out, pre), "--config.data.tokenizer=" + tokenizer])
+    with _timed(times, f"{sft}_s", done=_trained(out, sft, a.sft_steps)):
+        _command(["sft", "--config", _train_config(out, sft, a, "sft", attention_type), "--data_path",
+                  paths["sft_train"], "--model_name_or_path", os.path.join(out, pre), "--output_dir",
+                  os.path.join(out, sft)])
 
 
 def _trained(out: str, name: str, steps: int) -> bool:
@@ -211,6 +224,30 @@ def sample_all(out: str, paths: dict, times: dict) -> list[dict]:
                          "mean_nfe": sum(line["nfe"] for line in lines) / len(lines), "seconds": seconds,
                          "examples": [(answers[i], lines[i]["text"]) for i in range(3)]})
     return rows
+
+
+def block_diffusion_comparison(out: str, paths: dict, bidirectional, a) -> dict:
+    """The block-diffusion model beside the bidirectional one on the held-out prompts: exact match, NFE and
+    tokens/s (ModelAnalyzer's comparison: sampling time only), at the same gen_length and one token per step."""
+    from llada_jax.checkpoints import load_model_and_tokenizer
+    from llada_jax.eval.analysis import compare_sampling_methods
+
+    model, tok, records = bidirectional
+    block_model, _ = load_model_and_tokenizer(os.path.join(out, "block_sft"))
+    dataset = [(tok.apply_chat_template(r["messages"]), r["answer"]) for r in records]
+    base = dict(gen_length=SAMPLING["gen_length"], steps=SAMPLING["steps"])
+    rows = compare_sampling_methods(model, dataset, [dict(name="bidirectional, semi_ar_padding", method="semi_ar_padding",
+                                                           block_length=SAMPLING["block_length"], **base)],
+                                    tokenizer=tok, batch_size=100)
+    rows += compare_sampling_methods(block_model, dataset, [
+        dict(name=f"block_causal (blocks of {BLOCK_SIZE}), block_diffusion", method="block_diffusion",
+             block_length=BLOCK_SIZE, **base),
+        dict(name=f"block_causal, block_diffusion, threshold 0.9", method="block_diffusion",
+             block_length=BLOCK_SIZE, threshold=0.9, **base)], tokenizer=tok, batch_size=100)
+    speedup = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return {"rows": rows, "speedup": speedup, "target": {"min_accuracy": TARGET_ACCURACY,
+                                                         "accuracy": rows[1]["accuracy"],
+                                                         "met": rows[1]["accuracy"] >= TARGET_ACCURACY}}
 
 
 def load_trained(out: str, paths: dict) -> tuple:
@@ -311,7 +348,8 @@ def target_check(rows: list[dict]) -> dict:
     return {"min_accuracy": TARGET_ACCURACY, "accuracy": accuracy, "met": accuracy >= TARGET_ACCURACY}
 
 
-def write_report(out: str, a, rows: list[dict], times: dict, export: dict, analysis: dict) -> None:
+def write_report(out: str, a, rows: list[dict], times: dict, export: dict, analysis: dict,
+                 blocks: dict | None = None) -> None:
     from llada_jax.checkpoints.atomic import atomic_file, write_json
     from llada_jax.eval.analysis import format_table
     from llada_jax.train.metrics import read_metrics
@@ -324,6 +362,12 @@ def write_report(out: str, a, rows: list[dict], times: dict, export: dict, analy
                "target": target_check(rows), "timings_s": times, "export": export,
                "final_loss": {"pretrain": pre[-1]["loss"], "sft": sft[-1]["loss"]},
                "settings": {**{k: getattr(a, k) for k in DEFAULTS}, **SAMPLING}}
+    if blocks is not None:
+        results["block_diffusion"] = {
+            "rows": [{k: r[k] for k in ("name", "accuracy", "nfe", "tokens_per_s")} for r in blocks["rows"]],
+            "speedup": blocks["speedup"], "target": blocks["target"],
+            "final_loss": {name: read_metrics(os.path.join(out, name))[-1]["loss"]
+                           for name in ("block_pretrain", "block_sft")}}
     write_json(os.path.join(out, "results.json"), results)
     lines = [
         "# llada-jax demo",
@@ -378,15 +422,23 @@ def run(a) -> int:
     write_json(timings_path, times)
     train(out, paths, tokenizer, a, times)
     write_json(timings_path, times)
+    if a.attention_type == "block_causal":
+        train(out, paths, tokenizer, a, times, "block_causal")
+        write_json(timings_path, times)
     rows = sample_all(out, paths, times)
     write_json(timings_path, times)
     with _timed(times, "analysis_s"):
         trained = load_trained(out, paths)
         analysis = analyse(out, *trained)
+    blocks = None
+    if a.attention_type == "block_causal":
+        with _timed(times, "block_diffusion_comparison_s"):
+            blocks = block_diffusion_comparison(out, paths, trained, a)
     with _timed(times, "export_and_reload_s"):
         export = export_and_reload(out, *trained)
     write_json(timings_path, times)
     loss_curve(out)
-    write_report(out, a, rows, {k: v for k, v in times.items() if not k.startswith("sample_")}, export, analysis)
+    write_report(out, a, rows, {k: v for k, v in times.items() if not k.startswith("sample_")}, export, analysis,
+                 blocks)
     print(open(os.path.join(out, "report.md"), encoding="utf-8").read())
     return 0

@@ -106,12 +106,23 @@ def _resolve_attention_impl(config: LLaDAConfig) -> str:
     return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
 
 
-def visible_pairs(attention_type: str, query_index: Array, key_length: int) -> Array | None:
-    """bool [L, S]: which keys each query may see by the attention type (None: all). `query_index` [L] holds
-    the queries' indices into the S keys (a window of a sequence starts past 0)."""
+def visible_pairs(attention_type: str, query_index: Array, key_length: int, block_size: int | None = None,
+                  block_anchor=0) -> Array | None:
+    """bool [L, S] (or [B, L, S] with a per-row `block_anchor` [B]): which keys each query may see by the attention
+    type (None: all). `query_index` [L] holds the queries' indices into the S keys (a window of a sequence starts
+    past 0). block_causal: index i is in block floor((i - block_anchor) / block_size), so the blocks are laid from
+    the anchor (0 in training; the end of the prompt when sampling, so that generation starts a block and a
+    left-padded prompt is cut into the same blocks as the unpadded one) and a query sees the keys of its block
+    and of every block before it."""
+    keys = jnp.arange(key_length, dtype=jnp.int32)
     if attention_type == "bidirectional":
         return None
-    return jnp.arange(key_length, dtype=jnp.int32)[None, :] <= query_index[:, None]
+    if attention_type == "causal":
+        return keys[None, :] <= query_index[:, None]
+    anchor = jnp.asarray(block_anchor, jnp.int32)[..., None, None]  # [] or [B] -> broadcastable to [B?, L, S]
+    query_block = jnp.floor_divide(query_index[:, None] - anchor, block_size)
+    key_block = jnp.floor_divide(keys[None, :] - anchor, block_size)
+    return key_block <= query_block
 
 
 def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str, pairs: Array | None = None) -> Array:
@@ -373,11 +384,14 @@ class LLaDAForMaskedLM(nnx.Module):
         if not config.weight_tying:
             self.ff_out = _param(_trunc_normal(rngs, (d, v), d**-0.5, pd), ("embed", "vocab"))
 
-    def __call__(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None) -> Array:
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None, *,
+                 positions: Array | None = None, block_anchor=0) -> Array:
         """float32 logits [B, L, V], logits[:, i] the prediction for position i (with `shift_logits`, read from
-        the output at i - 1). `visible` [L, L] or [B, L, L] (True = query i may see key j) further restricts the
-        attention (the annealed masks of causal-to-bidirectional adaptation)."""
-        hidden = self.hidden_states(input_ids, attention_mask, visible)
+        the output at i - 1). `visible` [L, L] or [B, L, L] (True = query i may see key j) replaces the attention
+        type's pattern (the annealed masks of causal-to-bidirectional adaptation, the noisy ++ clean sequence of
+        block-diffusion training); `positions` [B, L] replaces the positions counted from `attention_mask`;
+        `block_anchor` (scalar or [B]) is where block_causal blocks are laid from."""
+        hidden = self.hidden_states(input_ids, attention_mask, visible, positions=positions, block_anchor=block_anchor)
         return self.logits(self.prediction_states(hidden, attention_mask))
 
     def prediction_states(self, hidden: Array, attention_mask: Array | None = None) -> Array:
@@ -410,48 +424,58 @@ class LLaDAForMaskedLM(nnx.Module):
     def embed(self, input_ids: Array) -> Array:
         return sharding.constrain(jnp.take(self.wte[...], input_ids, axis=0), BLD)
 
-    def rope_and_key_mask(self, attention_mask: Array | None, batch: int, length: int):
-        """(cos, sin [B, L, 1, head_dim] of each position, boolean key mask [B, L] or None) for a sequence."""
+    def rope_and_key_mask(self, attention_mask: Array | None, batch: int, length: int,
+                          positions: Array | None = None):
+        """(cos, sin [B, L, 1, head_dim] of each position, boolean key mask [B, L] or None) for a sequence;
+        `positions` [B, L] replaces the positions counted from `attention_mask`."""
         c = self.config
-        cos, sin = rope_tables(positions_from_mask(attention_mask, batch, length), c.head_dim, c.rope_theta)
+        if positions is None:
+            positions = positions_from_mask(attention_mask, batch, length)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         return cos, sin, None if attention_mask is None else attention_mask.astype(bool)
 
-    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None
-                      ) -> Array:
+    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None, *,
+                      positions: Array | None = None, block_anchor=0) -> Array:
         """Final residual stream (before ln_f) for `input_ids` [B, L], at each position (not shifted:
-        `prediction_states` aligns it with the predicted positions). `visible` as in `__call__`."""
+        `prediction_states` aligns it with the predicted positions). Keyword arguments as in `__call__`."""
         length = input_ids.shape[1]
-        return self._layers(self.embed(input_ids), *self.rope_and_key_mask(attention_mask, *input_ids.shape),
-                            pairs=self.visible_keys(jnp.arange(length), length, visible))[0]
+        rope = self.rope_and_key_mask(attention_mask, *input_ids.shape, positions=positions)
+        pairs = visible if visible is not None else self.visible_keys(jnp.arange(length), length, block_anchor)
+        return self._layers(self.embed(input_ids), *rope, pairs=pairs)[0]
 
-    def hidden_states_and_kv(self, input_ids: Array, attention_mask: Array | None = None) -> tuple[Array, KVCache]:
+    def hidden_states_and_kv(self, input_ids: Array, attention_mask: Array | None = None, *, block_anchor=0
+                             ) -> tuple[Array, KVCache]:
         """`hidden_states` plus every layer's keys and values of every position (a KV-cache fill):
         (hidden [B, L, D], KVCache [n_layers, B, L, kv_heads, head_dim]). Same numbers as `hidden_states`."""
         length = input_ids.shape[1]
         return self._layers(self.embed(input_ids), *self.rope_and_key_mask(attention_mask, *input_ids.shape),
-                            pairs=self.visible_keys(jnp.arange(length), length), collect=True)
+                            pairs=self.visible_keys(jnp.arange(length), length, block_anchor), collect=True)
 
-    def hidden_states_from_kv(self, window_ids: Array, start, cache: KVCache,
-                              attention_mask: Array | None = None) -> Array:
+    def hidden_states_from_kv(self, window_ids: Array, start, cache: KVCache, attention_mask: Array | None = None,
+                              *, block_anchor=0) -> Array:
         """Final residual stream of positions `start` .. start + n - 1 of a sequence of S positions, computed
         from their tokens `window_ids` [B, n] and the cached keys and values of the whole sequence (`cache`,
         from `hidden_states_and_kv`; the window's own are recomputed). `attention_mask` [B, S] is the whole
         sequence's; positions outside the window contribute their cached keys and values only, so the result
         equals `hidden_states` of the whole sequence at the window when the cache is up to date with it.
         `start` may be traced; n is static."""
+        return self.window_and_kv(window_ids, start, cache, attention_mask, block_anchor=block_anchor)[0]
+
+    def window_and_kv(self, window_ids: Array, start, cache: KVCache, attention_mask: Array | None = None, *,
+                      block_anchor=0) -> tuple[Array, KVCache]:
+        """`hidden_states_from_kv` plus the window's own keys and values (KVCache [n_layers, B, n, ...]): what
+        an exact block-by-block cache appends once a block is final."""
         b, n = window_ids.shape
         key_cos, key_sin, key_mask = self.rope_and_key_mask(attention_mask, b, cache.k.shape[2])
         cos, sin = (jax.lax.dynamic_slice_in_dim(t, start, n, axis=1) for t in (key_cos, key_sin))
-        pairs = self.visible_keys(start + jnp.arange(n), cache.k.shape[2])
+        pairs = self.visible_keys(start + jnp.arange(n), cache.k.shape[2], block_anchor)
         return self._layers(self.embed(window_ids), cos, sin, key_mask, pairs=pairs, cache=cache, start=start,
-                            key_rope=(key_cos, key_sin))[0]
+                            key_rope=(key_cos, key_sin))
 
-    def visible_keys(self, query_index: Array, key_length: int, visible: Array | None = None) -> Array | None:
-        """Which keys each query sees: the attention type's pattern, restricted by `visible`; None for all."""
-        pairs = visible_pairs(self.config.attention_type, query_index, key_length)
-        if visible is None:
-            return pairs
-        return visible if pairs is None else pairs & visible
+    def visible_keys(self, query_index: Array, key_length: int, block_anchor=0) -> Array | None:
+        """Which keys each query sees by the attention type (see `visible_pairs`); None for all."""
+        c = self.config
+        return visible_pairs(c.attention_type, query_index, key_length, c.block_size, block_anchor)
 
     def _layers(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, *, pairs: Array | None = None,
                 cache: KVCache | None = None, start=None, key_rope=None, collect: bool = False

@@ -4,6 +4,8 @@ Written from the published algorithm (ML-GSAI/LLaDA generate.py), sharing no cod
 plain Python loops over blocks, steps and rows, torch.softmax / torch.topk, and the model called once per
 step through `logits_fn(ids, attention_mask) -> numpy [B, L, V]`. `reference_origin` grows the sequence
 block by block for real (no hidden buffer) to check the fixed-shape semi_ar_origin implementation.
+`reference_block_diffusion` decodes a block-causal model block by block from the whole sequence at every step
+(no cache), with the schedule or a confidence threshold, stopping after the first block with EOS.
 """
 
 from __future__ import annotations
@@ -112,3 +114,47 @@ def reference_origin(logits_fn, prompt, *, steps, gen_length, block_length, mask
     if len(hits):
         gen[int(hits[0]):] = eos_id
     return out.numpy(), decoded
+
+
+def reference_block_diffusion(logits_fn, prompt, *, steps, gen_length, block_size, mask_id, eos_id, cfg_scale=0.0,
+                              threshold=None):
+    """Block diffusion for ONE unpadded prompt [1, P] (temperature 0, low-confidence remasking). Every step calls
+    `logits_fn(ids, None)` on the whole sequence, the prompt then gen_length masks (a block-causal model with its
+    blocks laid from P: nothing after the current block is visible). Block b decodes its own masks only, with
+    steps // num_blocks steps of the linear schedule, or with a `threshold` until none is left (every mask whose
+    confidence reaches it, and always the most confident); decoding stops after the first block that contains
+    EOS. Returns (ids [1, P + G] with EOS after the first generated EOS and at never-decoded positions, the number
+    of steps run)."""
+    prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.int64)
+    assert prompt.shape[0] == 1 and gen_length % block_size == 0
+    plen = prompt.shape[1]
+    num_blocks = gen_length // block_size
+    per_block = block_size if threshold is not None else steps // num_blocks
+    x = torch.cat([prompt, torch.full((1, gen_length), mask_id, dtype=torch.int64)], dim=1)
+    prompt_index = torch.zeros_like(x, dtype=torch.bool)
+    prompt_index[:, :plen] = prompt != mask_id
+    run = 0
+    for nb in range(num_blocks):
+        lo, hi = plen + nb * block_size, plen + (nb + 1) * block_size
+        plan = _schedule(int((x[0, lo:hi] == mask_id).sum()), per_block)
+        for i in range(per_block):
+            if threshold is not None and not (x[0, lo:hi] == mask_id).any():
+                break
+            logits = _logits(logits_fn, x, None, prompt_index, cfg_scale, mask_id)[0, lo:hi]
+            x0 = torch.argmax(logits, dim=-1)
+            conf = torch.gather(torch.softmax(logits.float(), dim=-1), -1, x0[:, None])[:, 0]
+            masked = x[0, lo:hi] == mask_id
+            conf = torch.where(masked, conf, torch.full_like(conf, NEG_INF))
+            if threshold is None:
+                picked = torch.topk(conf, k=plan[i]).indices
+            else:
+                picked = ((conf >= threshold) & masked).nonzero()[:, 0].tolist() + [int(torch.argmax(conf))]
+            x[0, lo:hi][picked] = x0[picked]
+            run += 1
+        if (x[0, lo:hi] == eos_id).any():
+            break
+    gen = x[0, plen:]
+    hits = ((gen == eos_id) | (gen == mask_id)).nonzero()
+    if len(hits):
+        gen[int(hits[0]):] = eos_id
+    return x.numpy(), run

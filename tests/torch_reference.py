@@ -3,8 +3,9 @@
 It shares no code with llada_jax: weights come in as plain numpy arrays in the official PyTorch layout
 (Linear weights [out, in]), attention is computed with explicit matrices, and GQA repeats kv heads.
 The config.json fields of converted autoregressive models are followed too: q/k/v biases (present in `weights`
-when `include_qkv_bias`), `attention_type` "causal" (query i sees keys j <= i, by index) and `shift_logits`
-(position i takes the logits computed at i - 1, a row's first real token its own).
+when `include_qkv_bias`), `attention_type` "causal" (query i sees keys j <= i, by index), "block_causal" with
+`block_size` (query i sees key j when j's block is not after i's, index i in block (i - block_anchor) //
+block_size) and `shift_logits` (position i takes the logits computed at i - 1, a row's first real token its own).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def llada_logits(weights: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarray,
-                 attention_mask: np.ndarray | None = None, attention_probs: list | None = None) -> np.ndarray:
+                 attention_mask: np.ndarray | None = None, attention_probs: list | None = None,
+                 block_anchor=0) -> np.ndarray:
     """Logits [B, L, V] for HF-named `weights` (e.g. "model.transformer.blocks.0.q_proj.weight").
     `attention_probs`, a list, receives each layer's attention probabilities [B, heads, L, L] (numpy).
     A query with no key to see (a padded one before the first real token of a causal row) attends
-    uniformly to every key."""
+    uniformly to every key. `block_anchor` (int or one per row): where a block_causal model's blocks start."""
     W = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in weights.items()}
     ids = torch.from_numpy(np.asarray(input_ids, np.int64))
     b, length = ids.shape
@@ -55,6 +57,12 @@ def llada_logits(weights: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarra
     allowed = mask.bool()[:, None, None, :]  # [B, 1, 1 or L, L]
     if cfg.get("attention_type", "bidirectional") == "causal":
         allowed = allowed & (torch.arange(length)[None, :] <= torch.arange(length)[:, None])
+    elif cfg.get("attention_type") == "block_causal":
+        sees = []
+        for anchor in np.broadcast_to(np.asarray(block_anchor), (b,)):
+            block = [(i - int(anchor)) // cfg["block_size"] for i in range(length)]  # Python floor division
+            sees.append(torch.tensor([[block[j] <= block[i] for j in range(length)] for i in range(length)]))
+        allowed = allowed & torch.stack(sees)[:, None]
     else:
         assert cfg.get("attention_type", "bidirectional") == "bidirectional", cfg["attention_type"]
 

@@ -47,6 +47,8 @@ def register(sub) -> None:
     from_hf.add_argument("--attention_type", choices=ATTENTION_TYPES, default=None,
                          help="AR checkpoints: the converted model's attention (default: bidirectional, a LLaDA "
                               "model; causal gives the AR model's own logits)")
+    from_hf.add_argument("--block_size", type=int, default=None,
+                         help="AR checkpoints: the block size of --attention_type block_causal")
     from_hf.add_argument("--shift_logits", action="store_true",
                          help="AR checkpoints: read the prediction for position i from the output at i - 1 (the "
                               "AR alignment, as Dream and DiffuLLaMA keep it)")
@@ -80,5 +82,7 @@ def run_from_hf(args) -> int:
     overrides = {"attention_type": args.attention_type} if args.attention_type else {}
     if args.shift_logits:
         overrides["shift_logits"] = True
+    if args.block_size is not None:
+        overrides["block_size"] = args.block_size
     return _run(convert_from_hf, input_dir=args.input, output_dir=args.output, dtype=args.dtype,
                 overwrite=args.overwrite, mask_token=args.mask_token, **overrides)

@@ -65,9 +65,10 @@ SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size
                 "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
 
 # LLaDAConfig fields that select a model type, written under the same name: include_qkv_bias is the official
-# field (q/k/v biases, Qwen2); attention_type and shift_logits are this project's (an imported AR model, Dream),
-# read by its modeling code and import, unknown to the official code, which reads any model as bidirectional.
-MODEL_TYPE_FIELDS = ("include_qkv_bias", "attention_type", "shift_logits")
+# field (q/k/v biases, Qwen2); attention_type, shift_logits and block_size are this project's (an imported AR
+# model, Dream, block diffusion), read by its modeling code and import, unknown to the official code, which reads
+# any model as bidirectional. block_size is written for a block_causal model only (absent: None).
+MODEL_TYPE_FIELDS = ("include_qkv_bias", "attention_type", "shift_logits", "block_size")
 
 # Official fields whose value changes the network: (field, the official default when absent, accepted
 # values, what this project implements). Anything else is refused on import.
@@ -111,11 +112,11 @@ def to_hf_config(config: LLaDAConfig, torch_dtype: str, base: dict | None = None
     implied = from_hf_config(base) if base is not None else None
     for name in SHAPE_FIELDS + MODEL_TYPE_FIELDS:
         value = getattr(config, name)
-        if implied is None and name == "bos_token_id" and value is None:
-            continue  # not an official field
+        if implied is None and name in ("bos_token_id", "block_size") and value is None:
+            continue  # not an official field; block_size only for a block_causal model
         if implied is not None and getattr(implied, name) == value:
             # The base means the same: keep its spelling (500000 vs 500000.0, include_qkv_bias null) or the
-            # field's absence (no bos_token_id, attention_type, shift_logits: a bidirectional LLaDA).
+            # field's absence (no bos_token_id, attention_type, shift_logits, block_size: a bidirectional LLaDA).
             continue
         out[name] = value
     if "tie_word_embeddings" in out:
@@ -170,6 +171,7 @@ def from_hf_config(d: dict[str, Any], *, source: str = HF_CONFIG_FILE, **overrid
         include_qkv_bias=False if include_qkv_bias is None else include_qkv_bias,  # the official Optional[bool]
         # This project's fields (see MODEL_TYPE_FIELDS): absent from an official config.json, a LLaDA model.
         attention_type=d.get("attention_type", "bidirectional"), shift_logits=d.get("shift_logits", False),
+        block_size=d.get("block_size"),
     )
     fields.update(overrides)
     try:

@@ -18,9 +18,28 @@ stratified counts (uniform on 1..L when L / batch_size rounds without ties); `te
 computes it exactly over every mask subset of a tiny answer. `return_stderr=True` also gives the Monte Carlo
 standard error, std(batch losses) / sqrt(number of batches) (batches are independent; rows within one are not).
 
+Block-causal models (`attention_type="block_causal"`, block diffusion) are scored by the bound of block
+diffusion instead (BD3-LM): the answer is cut into blocks of `block_size` laid from the end of the prompt (as
+the sampler and SFT lay them; the last block may be shorter), and log p(answer | prompt) >= sum over blocks b
+of block b's ELBO given the prompt and the clean blocks before it. Each Monte Carlo row draws, in every block
+independently, k_b ~ U{1, ..., n_b} (n_b the block's size) and masks k_b of its positions uniformly at random;
+the row's loss is
+
+    sum_b (n_b / k_b) sum_{i masked in block b} CE_i,    CE_i from p(. | noisy block b, clean blocks < b, prompt)
+
+an unbiased estimate of the sum of the per-block bounds (each block's term is the LLaDA estimator of that
+block). All blocks are predicted in one forward pass over noisy answer ++ prompt ++ clean answer (x_t ++ x_0
+of `llada_jax.diffusion.block_diffusion_pairs`, less the noisy copy of the prompt, which no answer query
+sees): noisy block b sees noisy block b, the prompt and the clean blocks before b; both copies of the answer
+take the answer's positions. Batches, the estimate (minus the mean over batches) and its standard error are
+as above.
+
 `greedy_check(model, prompt_ids, answer_ids)` is the official `suffix_greedy_prediction`: starting from the
 prompt and L masks, each step fills the single most confident masked answer position with its argmax (L
 steps); the answer is "greedy" when the result equals it. Ties between positions go to the lowest position.
+For a block-causal model the same rule runs block by block, as its sampler decodes: each step fills the most
+confident masked position of the first block that still has one (the later blocks, masked, are invisible to
+it under the block-causal attention laid from the end of the prompt).
 
 Batching. Both functions take one example (two lists of ids) or many (two lists of lists). Examples are sorted
 by length and grouped (`examples_per_call` per jitted call; prompt and answer lengths rounded up to a multiple
@@ -42,7 +61,8 @@ import numpy as np
 from flax import nnx
 
 from llada_jax import sharding
-from llada_jax.diffusion import token_cross_entropy
+from llada_jax.diffusion import block_diffusion_pairs, token_cross_entropy
+from llada_jax.model import positions_from_mask
 from llada_jax.sampling import noise, remasking
 from llada_jax.sampling.prompts import LENGTH_BUCKET, left_pad
 
@@ -55,7 +75,8 @@ class Likelihood(NamedTuple):
 def log_likelihood(model, prompt_ids, answer_ids, mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.0,
                    *, rng=0, mask_id: int | None = None, examples_per_call: int = 8, return_stderr: bool = False,
                    mesh=None, rules=None):
-    """Monte Carlo estimate of log p(answer | prompt) (see the module docstring).
+    """Monte Carlo estimate of log p(answer | prompt) (see the module docstring; a block-causal model is scored
+    by the block-diffusion bound).
 
     `prompt_ids` / `answer_ids`: one example (sequences of ints) or N examples (lists of sequences). Returns a
     float, or float64 [N]; with `return_stderr=True` a `Likelihood` (estimates, standard errors) of floats or
@@ -74,9 +95,10 @@ def log_likelihood(model, prompt_ids, answer_ids, mc_num: int = 128, batch_size:
     errors = np.zeros(len(prompts))
     run = _Runner(model, mesh, rules)
     examples_per_call = run.round_up(examples_per_call)
+    program = _block_likelihood_program if _block_size(model.config) else _likelihood_program
     for rows, batch in _groups(prompts, answers, examples_per_call, model.config):
         row_keys = keys[np.asarray(rows + [rows[0]] * (examples_per_call - len(rows)))]
-        losses = run(_likelihood_program, *batch, row_keys, batches=mc_num // batch_size, batch_size=batch_size,
+        losses = run(program, *batch, row_keys, batches=mc_num // batch_size, batch_size=batch_size,
                      cfg_scale=float(cfg_scale), mask_id=mask_id, key_impl=key_impl)
         losses = losses.astype(np.float64)[:, :len(rows)]  # [batches, examples]
         estimates[rows] = -losses.mean(0)
@@ -90,8 +112,8 @@ def log_likelihood(model, prompt_ids, answer_ids, mc_num: int = 128, batch_size:
 def greedy_check(model, prompt_ids, answer_ids, cfg_scale: float = 0.0, *, mask_id: int | None = None,
                  examples_per_call: int = 8, mesh=None, rules=None):
     """Whether each answer is the greedy decode of its prompt (the official `suffix_greedy_prediction`, one
-    committed token per step). Returns a bool, or bool [N]. An empty answer is greedy. `mesh`: as for
-    `log_likelihood`."""
+    committed token per step; block by block for a block-causal model). Returns a bool, or bool [N]. An empty
+    answer is greedy. `mesh`: as for `log_likelihood`."""
     single, prompts, answers = _examples(prompt_ids, answer_ids)
     _check_options(1, 1, cfg_scale, examples_per_call)
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
@@ -99,7 +121,8 @@ def greedy_check(model, prompt_ids, answer_ids, cfg_scale: float = 0.0, *, mask_
     out = np.ones(len(prompts), bool)
     run = _Runner(model, mesh, rules)
     for rows, batch in _groups(prompts, answers, run.round_up(examples_per_call), model.config):
-        ok = run(_greedy_program, *batch, cfg_scale=float(cfg_scale), mask_id=mask_id)
+        ok = run(_greedy_program, *batch, cfg_scale=float(cfg_scale), mask_id=mask_id,
+                 block_size=_block_size(model.config))
         out[rows] = ok[:len(rows)]
     return bool(out[0]) if single else out
 
@@ -172,6 +195,11 @@ def _check_lengths(config, prompts, answers, mask_id):
                                  f"[0, {config.padded_vocab_size})")
         if mask_id in a:
             raise ValueError(f"example {i}: the answer contains the mask token {mask_id}")
+
+
+def _block_size(config) -> int | None:
+    """The block size of a block-causal model, None for the other attention types."""
+    return config.block_size if config.attention_type == "block_causal" else None
 
 
 def _bucket(n: int) -> int:
@@ -257,7 +285,8 @@ def _guided_answer_logits(model, ids, attn, plen, cfg_scale, mask_id):
         col = jnp.arange(ids.shape[1])[None, :]
         un = jnp.where((col < plen) & (attn > 0), mask_id, ids)
         ids, attn = jnp.concatenate([ids, un]), jnp.concatenate([attn, attn])
-    hidden = model.prediction_states(model.hidden_states(ids, attn), attn)[:, plen:]
+    # block_causal: blocks laid from the end of the (left-padded) prompt, where the answer starts
+    hidden = model.prediction_states(model.hidden_states(ids, attn, block_anchor=plen), attn)[:, plen:]
     logits = model.logits(hidden)
     if cfg_scale > 0:
         cond, un = logits[:rows], logits[rows:]
@@ -294,9 +323,92 @@ def _likelihood_program(graphdef, state, prompt, prompt_mask, answer, lengths, k
     return losses
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg_scale", "mask_id"))
-def _greedy_program(graphdef, state, prompt, prompt_mask, answer, lengths, *, cfg_scale: float, mask_id: int):
-    """bool [E]: the answer equals the one-token-per-step greedy decode (stops once every row has failed)."""
+def block_answer_masks(key, length, batch_size: int, width: int, block_size: int):
+    """(bool [batch_size, width] masked answer positions, float32 [batch_size, width] weights n_b / k_b of each
+    position's block) for one example and Monte Carlo batch of a block-causal model: the answer's `length`
+    positions are cut into blocks of `block_size` (the last one n_b <= block_size long), and each row masks, in
+    every block independently, k_b ~ U{1, ..., n_b} of its positions chosen uniformly at random. Draws are
+    keyed by row and block (the counts) or position (the choice), so they do not depend on `width`."""
+    n_blocks = -(-width // block_size)
+    sizes = jnp.clip(length - jnp.arange(n_blocks) * block_size, 0, block_size)  # [n_blocks]; 0 past the end
+
+    def count(r, b):
+        block_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), r), b)
+        return jax.random.randint(block_key, (), 1, jnp.maximum(sizes[b], 1) + 1)
+
+    rows, blocks = jnp.arange(batch_size), jnp.arange(n_blocks)
+    counts = jax.vmap(lambda r: jax.vmap(lambda b: count(r, b))(blocks))(rows)  # [batch_size, n_blocks]
+    padded = n_blocks * block_size
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, 1), r))(rows)
+    scores = noise.uniform(row_keys, jnp.broadcast_to(jnp.arange(padded), (batch_size, padded)))
+    scores = jnp.where(jnp.arange(padded)[None, :] < length, scores, 2.0)  # padding is never masked
+    scores = scores.reshape(batch_size, n_blocks, block_size)
+    ranks = jnp.argsort(jnp.argsort(scores, axis=-1, stable=True), axis=-1, stable=True)  # within each block
+    masked = (ranks < counts[:, :, None]) & (scores < 2.0)
+    weights = jnp.broadcast_to((sizes[None, :] / counts.astype(jnp.float32))[:, :, None], masked.shape)
+    return masked.reshape(batch_size, padded)[:, :width], weights.reshape(batch_size, padded)[:, :width]
+
+
+def _guided_block_logits(model, prompt, attn, noisy, answer, cfg_scale, mask_id):
+    """float32 logits [rows, A, V] of a block-causal model at the noisy answer `noisy` [rows, A], each block b
+    predicted from itself, the prompt [rows, P] and the clean `answer` blocks before b, in one forward over
+    noisy ++ prompt ++ answer (`attn` [rows, P + A]: the prompt's and the answer's attention mask); CFG if
+    asked (the prompt masked)."""
+    rows, plen = prompt.shape
+    width = answer.shape[1]
+    if cfg_scale > 0:
+        un = jnp.where(attn[:, :plen] > 0, mask_id, prompt)
+        prompt, attn, noisy, answer = (jnp.concatenate(pair) for pair in ((prompt, un), (attn, attn),
+                                                                           (noisy, noisy), (answer, answer)))
+    # x_t ++ x_0 of the whole sequence (blocks laid from the prompt's end), less the noisy prompt: no answer
+    # query sees it (noisy block b >= 0 sees noisy block b and clean blocks < b only)
+    keep = np.concatenate([np.arange(plen, plen + width), np.arange(plen + width, 2 * (plen + width))])
+    pairs = block_diffusion_pairs(plen + width, model.config.block_size, plen)[:, keep][:, :, keep]
+    positions = positions_from_mask(attn, *attn.shape)
+    hidden = model.hidden_states(jnp.concatenate([noisy, prompt, answer], axis=1),
+                                 jnp.concatenate([attn[:, plen:], attn], axis=1), pairs,
+                                 positions=jnp.concatenate([positions[:, plen:], positions], axis=1))
+    logits = model.logits(hidden[:, :width])  # no shift_logits: refused for block_causal
+    if cfg_scale > 0:
+        cond, un = logits[:rows], logits[rows:]
+        logits = un + (cfg_scale + 1.0) * (cond - un)
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "batches", "batch_size", "cfg_scale", "mask_id",
+                                             "key_impl"))
+def _block_likelihood_program(graphdef, state, prompt, prompt_mask, answer, lengths, keys, *, batches: int,
+                              batch_size: int, cfg_scale: float, mask_id: int, key_impl: str):
+    """`_likelihood_program` for a block-causal model: per Monte Carlo batch and example, the mean over the
+    batch's rows of sum_b (n_b / k_b) sum_{masked in block b} CE, float32 [batches, E]."""
+    model = nnx.merge(graphdef, state)
+    keys = jax.random.wrap_key_data(keys, impl=key_impl)
+    examples = prompt.shape[0]
+    width = answer.shape[1]
+    answer_valid = jnp.arange(width)[None, :] < lengths[:, None]
+    attn = jnp.concatenate([prompt_mask, answer_valid.astype(jnp.int32)], axis=1)
+    attn = jnp.repeat(attn, batch_size, axis=0)  # [E * b, P + A]
+    prompt_rows, answer_rows = jnp.repeat(prompt, batch_size, axis=0), jnp.repeat(answer, batch_size, axis=0)
+    block_size = model.config.block_size
+
+    def one_batch(_, j):
+        masked, weights = jax.vmap(lambda key, n: block_answer_masks(jax.random.fold_in(key, j), n, batch_size,
+                                                                     width, block_size))(keys, lengths)
+        noisy = jnp.where(masked, mask_id, answer[:, None, :]).reshape(-1, width)
+        logits = _guided_block_logits(model, prompt_rows, attn, noisy, answer_rows, cfg_scale, mask_id)
+        ce = token_cross_entropy(logits, answer_rows).reshape(examples, batch_size, width)
+        loss = jnp.sum(jnp.where(masked, ce * weights, 0.0), axis=-1)  # [E, b]
+        return None, jnp.mean(loss, axis=1)
+
+    _, losses = jax.lax.scan(one_batch, None, jnp.arange(batches))
+    return losses
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg_scale", "mask_id", "block_size"))
+def _greedy_program(graphdef, state, prompt, prompt_mask, answer, lengths, *, cfg_scale: float, mask_id: int,
+                    block_size: int | None):
+    """bool [E]: the answer equals the one-token-per-step greedy decode (stops once every row has failed); with
+    `block_size` (a block-causal model), a step fills a position of the first block with a mask left."""
     model = nnx.merge(graphdef, state)
     width = answer.shape[1]
     plen = prompt.shape[1]
@@ -312,7 +424,12 @@ def _greedy_program(graphdef, state, prompt, prompt_mask, answer, lengths, *, cf
         i, x, ok = carry
         logits = _guided_answer_logits(model, jnp.concatenate([prompt, x], axis=1), attn, plen, cfg_scale, mask_id)
         x0 = remasking.first_argmax(logits)
-        confidence = jnp.where(x == mask_id, remasking.low_confidence(logits, x0), -jnp.inf)
+        candidates = x == mask_id
+        if block_size is not None:  # only the first block with a mask left
+            block = jnp.arange(width)[None, :] // block_size
+            current = jnp.min(jnp.where(candidates, block, width), axis=1, keepdims=True)
+            candidates &= block == current
+        confidence = jnp.where(candidates, remasking.low_confidence(logits, x0), -jnp.inf)
         best = remasking.first_argmax(confidence)  # the lowest position on ties
         chosen = (jnp.arange(width)[None, :] == best[:, None]) & (x == mask_id)
         x = jnp.where(chosen, x0, x)

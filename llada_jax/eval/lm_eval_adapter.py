@@ -108,7 +108,9 @@ class LLaDAJaxLM(LM):
         self.seed = int(seed)
         self.gen_batch_size = int(gen_batch_size)
         options = {_SAMPLER_ARGS[k]: v for k, v in sampler_args.items()}
-        method = options.pop("method", "semi_ar_padding")
+        # the default method fits the model: block_diffusion for a block-causal one
+        method = options.pop("method", "block_diffusion" if self.model.config.attention_type == "block_causal"
+                             else "semi_ar_padding")
         from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES
 
         self.rules = DEFAULT_LOGICAL_AXIS_RULES

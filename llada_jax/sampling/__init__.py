@@ -1,10 +1,12 @@
-"""Jitted LLaDA samplers (fixed-length, semi-autoregressive padding and origin), batch sampling and chat.
+"""Jitted LLaDA samplers (fixed-length, semi-autoregressive padding and origin, block diffusion), batch sampling
+and chat.
 
 `generate(model, prompt_ids, ...)` and `create_sampler(method, **options)` are the API; `cli` registers the
 `sample` and `inference` commands.
 """
 
 from llada_jax.sampling.samplers import (
+                                         BLOCK_METHODS,
                                          METHODS,
                                          REMASKING,
                                          Sampler,
@@ -14,4 +16,5 @@ from llada_jax.sampling.samplers import (
                                          generate,
 )
 
-__all__ = ["METHODS", "REMASKING", "SampleStats", "Sampler", "SamplerOptions", "create_sampler", "generate"]
+__all__ = ["BLOCK_METHODS", "METHODS", "REMASKING", "SampleStats", "Sampler", "SamplerOptions", "create_sampler",
+           "generate"]

@@ -15,7 +15,7 @@ from llada_jax import distributed
 from llada_jax.checkpoints import storage
 from llada_jax.config import DTYPES
 from llada_jax.errors import UsageError
-from llada_jax.sampling.options import CACHES, METHODS, REMASKING
+from llada_jax.sampling.options import BLOCK_METHODS, CACHES, METHODS, REMASKING
 
 
 def register(sub) -> None:
@@ -51,10 +51,12 @@ def register(sub) -> None:
 
 
 def sampling_flags(p) -> None:
-    p.add_argument("--sampling_method", choices=METHODS, default="semi_ar_padding")
+    p.add_argument("--sampling_method", choices=METHODS + BLOCK_METHODS, default="semi_ar_padding",
+                   help="block_diffusion for a block_causal model, one of the others for a bidirectional one")
     p.add_argument("--remasking_strategy", choices=REMASKING, default="low_confidence")
     p.add_argument("--gen_length", type=int, default=128, help="generated tokens per prompt (default 128)")
-    p.add_argument("--block_length", type=int, default=32, help="semi-autoregressive block (default 32)")
+    p.add_argument("--block_length", type=int, default=32,
+                   help="semi-autoregressive block (default 32; block_diffusion decodes the model's block_size)")
     p.add_argument("--steps", type=int, default=128, help="denoising steps in total (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--cfg_scale", type=float, default=0.0, help="classifier-free guidance (0: off)")
@@ -64,8 +66,9 @@ def sampling_flags(p) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="parallel decoding: each step commits every masked position of the block whose confidence "
                         "is >= this (at least one); --steps is then unused (default: the step schedule)")
-    p.add_argument("--cache", choices=CACHES, default="none",
-                   help="KV cache for block decoding: prefix (cache before the block) or dual (before and after)")
+    p.add_argument("--cache", choices=CACHES, default=None,
+                   help="KV cache for block decoding: prefix (cache before the block) or dual (before and after); "
+                        "default: prefix for block_diffusion (its exact cache), none for the other methods")
     p.add_argument("--cache_refresh", type=int, default=0,
                    help="with --cache, refresh the cache (a full forward) every N steps of a block; "
                         "0: only at the start of each block (default)")
@@ -86,8 +89,24 @@ def sampler_options(args, tokenizer=None):
             eot_id=tokenizer.eot_id if tokenizer is not None else None, threshold=args.threshold,
             cache=args.cache, cache_refresh=args.cache_refresh)
     except ValueError as e:
-        raise UsageError(f"--{e}" if str(e).split()[0] in ("gen_length", "block_length", "steps", "temperature",
-                                                           "cfg_scale", "threshold", "cache_refresh") else str(e)) from e
+        raise _usage(e) from e
+
+
+def _usage(error: ValueError) -> UsageError:
+    """An options error as a usage error, naming the flag where the message starts with the option."""
+    text = str(error)
+    flagged = text.split()[0] in ("gen_length", "block_length", "steps", "temperature", "cfg_scale", "threshold",
+                                  "cache_refresh")
+    return UsageError(f"--{text}" if flagged else text)
+
+
+def check_model(sampler, model) -> None:
+    """The flags against the loaded model (the method its attention allows, gen_length in its blocks, the token
+    ids in its vocabulary), before anything is sampled."""
+    try:
+        sampler.options.resolved(model.config)
+    except ValueError as e:
+        raise _usage(e) from e
 
 
 def _sampler(args, tokenizer=None, mesh=None):
@@ -163,6 +182,7 @@ def run_sample(args) -> int:
             print(f"{args.output}: all {len(records)} lines are already done", file=sys.stderr)
         return 0
     sampler = _sampler(args, tokenizer, mesh)
+    check_model(sampler, model)
     encoded = []
     limit = model.config.max_sequence_length - args.gen_length
     name = "<stdin>" if args.input == "-" else args.input
@@ -204,7 +224,9 @@ def run_inference(args) -> int:
     if tokenizer is None:
         raise UsageError(f"--model: no tokenizer is stored with {args.model}; inference needs one")
     use_template = tokenizer.declares_chat_template and not args.no_chat_template
-    session = chat.Chat(model, tokenizer, _sampler(args, tokenizer, mesh), use_template=use_template, seed=args.seed)
+    sampler = _sampler(args, tokenizer, mesh)
+    check_model(sampler, model)
+    session = chat.Chat(model, tokenizer, sampler, use_template=use_template, seed=args.seed)
     if args.interactive:
         return chat.interactive(session)
     try:

@@ -9,7 +9,12 @@ a block a full, cache-refreshing pass (r = 1: every step, the uncached result). 
 block's logits, so a mask before the block (in a prompt) is filled at full steps only. With the prefix cache
 the window shrinks from block to block, so the drivers unroll the blocks (`unrolls_blocks`).
 
-Both apply classifier-free guidance the same way (`Guidance`): the unconditional input is x with the prompt
+`BlockCache` is block_diffusion's exact cache on a block_causal model: the keys and values of the prompt and of
+each finished block are computed once and never change (nothing after a block is visible to it), so every step
+runs the current block alone against the cache, with the same numbers as `Forward`. A block_causal model's blocks
+are laid from the end of the prompt (`block_anchor`).
+
+All apply classifier-free guidance the same way (`Guidance`): the unconditional input is x with the prompt
 replaced by masks, both halves run as one batch of 2B, and logits = un + (cfg_scale + 1) (cond - un).
 
 A call returns an `Output`: the final residual stream of the positions it ran, with the logits computed on
@@ -81,13 +86,15 @@ class Forward:
     fills_cache = False  # the first step of a block is not special
     unrolls_blocks = False
 
-    def __init__(self, model, guidance: Guidance):
+    def __init__(self, model, guidance: Guidance, block_anchor: int | None = None):
         self.model, self.guidance = model, guidance
+        # Only a block_causal model takes an anchor; other models are called as they always were.
+        self.anchor = {} if block_anchor is None else {"block_anchor": block_anchor}
 
     def full(self, x: jax.Array, attention_mask: jax.Array | None) -> tuple[Output, KVCache | None]:
         """(the whole sequence's output, no cache)."""
         ids, both_mask = self.guidance.inputs(x, attention_mask)
-        return Output(self.model.hidden_states(ids, both_mask), 0, self.model, self.guidance,
+        return Output(self.model.hidden_states(ids, both_mask, **self.anchor), 0, self.model, self.guidance,
                       attention_mask=both_mask), None
 
     def full_at(self, i) -> bool:
@@ -139,11 +146,58 @@ class CachedForward:
         return i % self.refresh == 0
 
 
-def network(model, opts: SamplerOptions, prompt: jax.Array) -> Forward | CachedForward:
+class BlockCache:
+    """block_diffusion's exact KV cache. Under block-causal attention a position sees its own block and the
+    blocks before it, so the keys and values of the clean prompt and of a finished block never change: `prefill`
+    computes them once for the prompt (one full pass), `append` once for each finished block (from its final
+    tokens), and each step runs the current block alone against the cache (`window`). The cache rows after the
+    block hold stale keys (the fill's masks) that the block cannot see, so a step's numbers are the full pass's."""
+
+    fills_cache = False  # filled once before the first block (`prefill`), not at each block's first step
+    unrolls_blocks = False  # the window is always the block: one size, a loop over blocks
+
+    def __init__(self, model, guidance: Guidance, *, block_length: int, block_anchor: int):
+        self.model, self.guidance = model, guidance
+        self.block_length, self.anchor = block_length, block_anchor
+
+    def prefill(self, x: jax.Array, attention_mask: jax.Array | None) -> KVCache:
+        """The cache of the sequence (prompt and masks), of which the prompt's part is final."""
+        ids, both_mask = self.guidance.inputs(x, attention_mask)
+        return self.model.hidden_states_and_kv(ids, both_mask, block_anchor=self.anchor)[1]
+
+    def window(self, x: jax.Array, attention_mask: jax.Array | None, kv: KVCache, start) -> Output:
+        """The output of the block starting at `start` against the cache."""
+        hidden, _, both_mask = self._block(x, attention_mask, kv, start)
+        return Output(hidden, start, self.model, self.guidance, windowed=True, attention_mask=both_mask)
+
+    def append(self, x: jax.Array, attention_mask: jax.Array | None, kv: KVCache, start) -> KVCache:
+        """`kv` with the keys and values of the finished block at `start` (its final tokens in x) written in."""
+        fresh = self._block(x, attention_mask, kv, start)[1]
+        return KVCache(*(jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), start, axis=2)
+                         for old, new in zip(kv, fresh)))
+
+    def full_at(self, i) -> bool:
+        """Every step is a window: the cache is exact."""
+        return False
+
+    def _block(self, x, attention_mask, kv, start):
+        """(hidden [rows, block, D], the block's KVCache, the rows' attention mask) of the block at `start`."""
+        ids, both_mask = self.guidance.inputs(x, attention_mask)
+        window = jax.lax.dynamic_slice_in_dim(ids, start, self.block_length, axis=1)
+        hidden, fresh = self.model.window_and_kv(window, start, kv, both_mask, block_anchor=self.anchor)
+        return hidden, fresh, both_mask
+
+
+def network(model, opts: SamplerOptions, prompt: jax.Array) -> Forward | CachedForward | BlockCache:
     """The network call `opts` ask for; `prompt` bool [B, L] marks what the unconditional CFG input masks."""
     guidance = Guidance(opts.cfg_scale, prompt, opts.mask_id)
+    # A block_causal model lays its blocks from the end of the prompt (the same for every row of a left-padded
+    # batch), so generation starts a block.
+    anchor = prompt.shape[1] - opts.gen_length if model.config.attention_type == "block_causal" else None
     if opts.cache == "none":
-        return Forward(model, guidance)
+        return Forward(model, guidance, anchor)
+    if anchor is not None:
+        return BlockCache(model, guidance, block_length=opts.layout.block_length, block_anchor=anchor)
     # semi_ar_origin hides the positions after the block: its window is the block with either cache
     return CachedForward(model, guidance, block_length=opts.layout.block_length, refresh=opts.cache_refresh,
                          window_to_end=opts.cache == "prefix" and opts.method != "semi_ar_origin")

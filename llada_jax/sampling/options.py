@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+# The methods of a bidirectional (LLaDA) or causal model, and the one of a block_causal (block diffusion) model:
+# the attention a model was trained with decides which it can be sampled with (`SamplerOptions.resolved`).
 METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
+BLOCK_METHODS = ("block_diffusion",)
 REMASKING = ("low_confidence", "random")
 CACHES = ("none", "prefix", "dual")
 # <|eot_id|> of the official LLaDA-8B tokenizer; used by `confidence_eos_eot_inf` when the model has that
@@ -61,7 +64,7 @@ class SamplerOptions:
 
     method: str = "semi_ar_padding"
     gen_length: int = 128
-    block_length: int = 32
+    block_length: int = 32  # fixed_length ignores it; block_diffusion uses the model's block_size instead
     steps: int = 128
     temperature: float = 0.0
     cfg_scale: float = 0.0
@@ -72,16 +75,20 @@ class SamplerOptions:
     logits_eos_inf: bool = False  # never predict EOS (its logit is -inf)
     confidence_eos_eot_inf: bool = False  # EOS / EOT predictions get the lowest confidence (Appendix B.4)
     threshold: float | None = None  # parallel decoding: commit every masked position with confidence >= this
-    cache: str = "none"  # KV cache for block decoding: none | prefix | dual
+    cache: str | None = None  # KV cache: none | prefix | dual; None: prefix for block_diffusion, else none
     cache_refresh: int = 0  # with a cache, a full forward (cache refresh) every this many steps; 0: block starts
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method: unknown sampling method {self.method!r}; expected one of {list(METHODS)}")
+        if self.method not in METHODS + BLOCK_METHODS:
+            raise ValueError(f"method: unknown sampling method {self.method!r}; "
+                             f"expected one of {list(METHODS + BLOCK_METHODS)}")
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking: unknown remasking strategy {self.remasking!r}; "
                              f"expected one of {list(REMASKING)}")
-        self.layout  # validates gen_length / block_length / steps
+        if self.method in BLOCK_METHODS:  # the blocks are the model's: checked by `resolved`
+            BlockLayout.checked(self.gen_length, self.gen_length, self.steps)  # positive sizes
+        else:
+            self.layout  # validates gen_length / block_length / steps
         for name in ("temperature", "cfg_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
@@ -95,14 +102,26 @@ class SamplerOptions:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value < 0):
             raise ValueError(f"threshold must be a finite number >= 0 (or None: the step schedule), got {value!r}")
+        if self.cache is None:  # frozen: the method's default cache is filled in once, here
+            object.__setattr__(self, "cache", "prefix" if self.method in BLOCK_METHODS else "none")
         if self.cache not in CACHES:
             raise ValueError(f"cache: unknown cache {self.cache!r}; expected one of {list(CACHES)}")
         value = self.cache_refresh
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"cache_refresh must be an integer >= 0 (0: refresh at block starts only), got {value!r}")
+        if self.method in BLOCK_METHODS:
+            # Its cache is exact (a finished block's keys and values never change): nothing after the block to
+            # keep (dual) and nothing to refresh.
+            if self.cache == "dual":
+                raise ValueError("cache: block_diffusion's positions after the block are invisible, so it has no "
+                                 "dual cache; use prefix (the exact cache, its default) or none")
+            if self.cache_refresh:
+                raise ValueError(f"cache_refresh must be 0 with block_diffusion (its cache is exact: nothing to "
+                                 f"refresh), got {value!r}")
 
     @property
     def layout(self) -> BlockLayout:
+        """The blocks (for block_diffusion, of the options `resolved` on a model: its block_size)."""
         block = self.gen_length if self.method == "fixed_length" else self.block_length
         if self.method == "fixed_length" and not (isinstance(block, int) and block > 0):
             block = self.block_length  # let BlockLayout name the bad gen_length
@@ -125,12 +144,34 @@ class SamplerOptions:
                 raise ValueError(f"{name} {value} is outside the model's vocabulary [0, {vocab})")
         if mask_id is None:
             raise ValueError("mask_id: the model config has no mask_token_id; pass mask_id")
-        if eos_id is None and (self.method == "semi_ar_origin" or self.logits_eos_inf
+        if eos_id is None and (self.method in ("semi_ar_origin",) + BLOCK_METHODS or self.logits_eos_inf
                                or self.confidence_eos_eot_inf):
             raise ValueError("eos_id: the model config has no eos_token_id; pass eos_id")
-        return dataclasses.replace(self, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
-                                   temperature=float(self.temperature), cfg_scale=float(self.cfg_scale),
-                                   threshold=None if self.threshold is None else float(self.threshold))
+        resolved = dataclasses.replace(self, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
+                                       block_length=self._block_length(config),
+                                       temperature=float(self.temperature), cfg_scale=float(self.cfg_scale),
+                                       threshold=None if self.threshold is None else float(self.threshold))
+        resolved.layout  # block_diffusion: the model's blocks against steps
+        return resolved
+
+    def _block_length(self, config) -> int:
+        """The block length on this model; a method the model's attention cannot be sampled with is an error."""
+        attention = config.attention_type
+        if self.method in BLOCK_METHODS and attention != "block_causal":
+            raise ValueError(f"method: block_diffusion samples a block-diffusion model (attention_type "
+                             f"'block_causal' with a block_size); this model's attention_type is {attention!r}: "
+                             f"use one of {list(METHODS)}")
+        if attention == "block_causal" and self.method not in BLOCK_METHODS:
+            raise ValueError(f"method: {self.method} cannot sample a block_causal model (block_size "
+                             f"{config.block_size}: a position sees only its own and earlier blocks, so the "
+                             f"answer must be decoded block by block): use method 'block_diffusion'")
+        if self.method not in BLOCK_METHODS:
+            return self.block_length
+        # The model was trained with these blocks: they are the decoding blocks (block_length is not used).
+        if self.gen_length % config.block_size:
+            raise ValueError(f"gen_length {self.gen_length} is not a multiple of the model's block_size "
+                             f"{config.block_size} (block_diffusion decodes whole blocks)")
+        return config.block_size
 
     @property
     def needs_rng(self) -> bool:

@@ -22,10 +22,10 @@ from flax import nnx
 from llada_jax import sharding
 from llada_jax.sampling import methods, noise
 from llada_jax.sampling.methods import SampleStats
-from llada_jax.sampling.options import METHODS, REMASKING, SamplerOptions
+from llada_jax.sampling.options import BLOCK_METHODS, METHODS, REMASKING, SamplerOptions
 
-__all__ = ["METHODS", "REMASKING", "SampleStats", "Sampler", "SamplerOptions", "create_sampler", "generate",
-           "program"]
+__all__ = ["BLOCK_METHODS", "METHODS", "REMASKING", "SampleStats", "Sampler", "SamplerOptions", "create_sampler",
+           "generate", "program"]
 
 
 class Sampler:
@@ -95,7 +95,8 @@ class Sampler:
 
 
 def create_sampler(method: str = "semi_ar_padding", *, mesh=None, rules=None, **options) -> Sampler:
-    """A `Sampler` for `method` (fixed_length | semi_ar_padding | semi_ar_origin); `options` are the fields
+    """A `Sampler` for `method` (fixed_length | semi_ar_padding | semi_ar_origin, or block_diffusion for a
+    block_causal model); `options` are the fields
     of `SamplerOptions` (gen_length, block_length, steps, temperature, cfg_scale, remasking, mask_id, eos_id,
     eot_id, logits_eos_inf, confidence_eos_eot_inf, threshold, cache, cache_refresh)."""
     known = {f.name for f in dataclasses.fields(SamplerOptions)} - {"method"}
@@ -109,14 +110,14 @@ def generate(model, prompt_ids, attention_mask=None, *, method: str = "semi_ar_p
              block_length: int = 32, steps: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
              remasking: str = "low_confidence", mask_id: int | None = None, eos_id: int | None = None,
              eot_id: int | None = None, logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False,
-             threshold: float | None = None, cache: str = "none", cache_refresh: int = 0,
+             threshold: float | None = None, cache: str | None = None, cache_refresh: int = 0,
              rng=None, mesh=None, rules=None, return_stats: bool = False, return_history: bool = False):
     """Sample answers for a batch of (left-padded) prompts: int32 ids [B, P + gen_length].
 
     `attention_mask` [B, P] marks real prompt tokens with 1 (left padding 0). `mask_id` / `eos_id` default to
-    the model config's. With `return_stats=True` returns `(ids, SampleStats)`, with `return_history=True`
-    also the sequence after every step. See `methods` and `step` for the algorithm and `Sampler` for `rng`
-    and `mesh`.
+    the model config's. `cache` None: "prefix" for block_diffusion (its exact cache), "none" otherwise. With
+    `return_stats=True` returns `(ids, SampleStats)`, with `return_history=True` also the sequence after every
+    step. See `methods` and `step` for the algorithm and `Sampler` for `rng` and `mesh`.
     """
     sampler = create_sampler(
         method, mesh=mesh, rules=rules, gen_length=gen_length, block_length=block_length, steps=steps,

@@ -10,7 +10,8 @@ As in the official `generate.py`, given the logits of the current sequence x (wi
 
 k comes from the schedule (`schedule.transfer_count`, fixed per row when the block starts). Masked positions
 are every mask token of a real (attention_mask = 1) position, so mask tokens inside a prompt are filled too,
-exactly as the official sampler does. Committed tokens never change.
+exactly as the official sampler does (block_diffusion fills generated positions only: its prompt is the clean
+context the blocks attend to). Committed tokens never change.
 
 Threshold (Fast-dLLM): instead of the schedule's k, the step commits every masked position of the block whose
 confidence is at least `threshold`, and always the most confident one (`remasking.select_threshold`), in the
@@ -65,7 +66,7 @@ class Context(NamedTuple):
     """What every step of one sampling call reads besides the state."""
 
     opts: SamplerOptions  # resolved (token ids filled in)
-    valid: jax.Array  # bool [B, L]: real positions (left padding of a prompt is not)
+    valid: jax.Array  # bool [B, L]: positions a step may fill: real ones (block_diffusion: generated ones)
     positions: jax.Array  # int32 [B, L]: position in the unpadded sequence, which keys the random draws
     keys: jax.Array | None  # [B] row keys (None when nothing is random)
 

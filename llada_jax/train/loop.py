@@ -49,7 +49,7 @@ ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidd
                        "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "include_qkv_bias")
 # Fields the run may change (adapting a causal model to bidirectional attention, or training with the shift):
 # config.model's value where it differs from the LLaDA default, else the checkpoint's.
-ADAPTABLE_FIELDS = ("attention_type", "shift_logits")
+ADAPTABLE_FIELDS = ("attention_type", "shift_logits", "block_size")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,6 +95,7 @@ def validate(config) -> None:
     annealing = config.adaptation.mask_annealing_steps
     if not isinstance(annealing, int) or isinstance(annealing, bool) or annealing < 0:
         fail(f"adaptation.mask_annealing_steps must be an integer >= 0 (0: no annealing), got {annealing!r}")
+    check_block_diffusion(config, checked_model_config(config))
     o = config.optimizer
     if not config.learning_rate >= 0 or not np.isfinite(config.learning_rate):
         fail(f"learning_rate must be a finite number >= 0, got {config.learning_rate}")
@@ -112,6 +113,30 @@ def validate(config) -> None:
         fail(str(e))
     checked_model_config(config)
     sharding.check_rules(config.mesh.logical_axis_rules)
+
+
+def check_block_diffusion(config, model_config: LLaDAConfig) -> None:
+    """The block-diffusion settings against the model (ConfigError naming the setting)."""
+    bd = config.block_diffusion
+    if not 0 < bd.mask_rate_min <= bd.mask_rate_max <= 1:
+        raise ConfigError(f"block_diffusion: need 0 < mask_rate_min <= mask_rate_max <= 1, got "
+                          f"{bd.mask_rate_min} and {bd.mask_rate_max}")
+    schedule = [tuple(entry) for entry in bd.block_size_schedule]
+    if any(len(e) != 2 or not all(isinstance(v, int) for v in e) or e[0] < 0 or e[1] <= 0 for e in schedule) or \
+            [e[0] for e in schedule] != sorted(e[0] for e in schedule):
+        raise ConfigError(f"block_diffusion.block_size_schedule must be ((step, block_size), ...) with steps >= 0 in "
+                          f"increasing order and positive sizes, got {bd.block_size_schedule!r}")
+    if model_config.attention_type != "block_causal":
+        if schedule:
+            raise ConfigError("block_diffusion.block_size_schedule is set but model.attention_type is "
+                              f"{model_config.attention_type!r} (block_causal models only)")
+        return
+    if config.adaptation.mask_annealing_steps:
+        raise ConfigError("adaptation.mask_annealing_steps applies to bidirectional models, not block_causal ones")
+    for where, size in [("model.block_size", model_config.block_size)] + [
+            (f"block_diffusion.block_size_schedule step {s}", b) for s, b in schedule]:
+        if config.max_length % size:
+            raise ConfigError(f"{where}: block size {size} does not divide max_length {config.max_length}")
 
 
 def checked_model_config(config) -> LLaDAConfig:
@@ -133,8 +158,13 @@ def resolve_model_config(config) -> LLaDAConfig:
             raise ConfigError(f"model_name_or_path {config.model_name_or_path}: {e}") from e
         model_config = model_config.replace(**{f: getattr(pretrained, f) for f in ARCHITECTURE_FIELDS})
         default = LLaDAConfig()
-        model_config = model_config.replace(**{
-            f: getattr(pretrained, f) for f in ADAPTABLE_FIELDS if getattr(model_config, f) == getattr(default, f)})
+        try:
+            model_config = model_config.replace(**{
+                f: getattr(pretrained, f) for f in ADAPTABLE_FIELDS if getattr(model_config, f) == getattr(default, f)})
+        except ValueError as e:
+            raise ConfigError(f"model_name_or_path {config.model_name_or_path}: {e}".replace("LLaDAConfig.", "model.")
+                              ) from e
+        check_block_diffusion(config, model_config)
     return model_config
 
 

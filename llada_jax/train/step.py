@@ -41,12 +41,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llada_jax import sharding
 from llada_jax.config import LLaDAConfig
 from llada_jax.diffusion import (
+    block_diffusion_pairs,
+    block_forward_process,
     forward_process,
     pretraining_loss,
     random_length_valid,
     sft_loss,
 )
-from llada_jax.model import LLaDAForMaskedLM, abstract_model
+from llada_jax.model import LLaDAForMaskedLM, abstract_model, positions_from_mask
 from llada_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -72,14 +74,33 @@ class StepConfig:
     micro_batch: int  # global rows per micro-batch
     length: int
     mask_annealing_steps: int  # N of the attention-mask annealing (0: off)
+    # Block diffusion (block_causal models): the clipped mask-rate range and the block size of each step (the
+    # model's, or the last (step, block_size) entry of the schedule at or before the step).
+    block_diffusion: bool = False
+    block_size: int | None = None
+    mask_rate_min: float = 0.0
+    mask_rate_max: float = 1.0
+    block_size_schedule: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_config(cls, config, model_config: LLaDAConfig) -> "StepConfig":
+        bd = config.block_diffusion
         return cls(task=config.task, seed=int(config.seed), mask_id=model_config.mask_token_id,
                    eps=float(config.eps), random_length_prob=float(config.random_length_prob),
                    accumulation=int(config.gradient_accumulation_steps), micro_batch=int(config.batch_size),
                    length=int(config.max_length),
-                   mask_annealing_steps=int(config.adaptation.mask_annealing_steps))
+                   mask_annealing_steps=int(config.adaptation.mask_annealing_steps),
+                   block_diffusion=model_config.attention_type == "block_causal",
+                   block_size=model_config.block_size, mask_rate_min=float(bd.mask_rate_min),
+                   mask_rate_max=float(bd.mask_rate_max),
+                   block_size_schedule=tuple((int(s), int(b)) for s, b in bd.block_size_schedule))
+
+    def block_size_at(self, step) -> jax.Array:
+        """The block size of optimizer step `step` (may be traced): the schedule's, else the model's."""
+        size = jnp.int32(self.block_size)
+        for start, block in self.block_size_schedule:  # sorted by step; a short list
+            size = jnp.where(step >= start, jnp.int32(block), size)
+        return size
 
 
 class Trainer:
@@ -160,7 +181,8 @@ class Trainer:
             micro = jax.tree.map(lambda x: x[0], batch)
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), EVAL_STREAM), index)
             row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(c.micro_batch))
-            return self._loss(params, micro, row_keys, None)[0]
+            block_size = None if not c.block_diffusion else jnp.int32(c.block_size)  # the model's own
+            return self._loss(params, micro, row_keys, None, block_size=block_size)[0]
 
         return jax.jit(eval_loss, in_shardings=(self.param_shardings, self.batch_sharding, None))
 
@@ -188,11 +210,13 @@ class Trainer:
             return None
         return annealing_mask(c.seed, step, c.length, c.mask_annealing_steps)
 
-    def _loss(self, params, micro: dict, row_keys, valid, visible=None):
+    def _loss(self, params, micro: dict, row_keys, valid, visible=None, block_size=None):
         c = self.step_config
         model = nnx.merge(self.graphdef, params)
         ids = micro["input_ids"]
         prompt_lengths = micro.get("prompt_lengths") if c.task == "sft" else None
+        if c.block_diffusion:
+            return self._block_diffusion_loss(model, micro, row_keys, valid, block_size)
 
         def noise(key, row, prompt_length, row_valid):
             noisy, masked, p_mask = forward_process(
@@ -210,11 +234,40 @@ class Trainer:
             loss = pretraining_loss(logits, ids, masked, p_mask, valid)
         return loss, jnp.sum(masked)
 
+    def _block_diffusion_loss(self, model, micro: dict, row_keys, valid, block_size):
+        """The block-diffusion objective (see `llada_jax.diffusion`): one forward over x_t ++ x_0."""
+        c = self.step_config
+        ids = micro["input_ids"]
+        prompt_lengths = micro.get("prompt_lengths") if c.task == "sft" else None
+
+        def noise(key, row, prompt_length, row_valid):
+            noisy, masked, p_mask = block_forward_process(
+                key, row[None], mask_id=c.mask_id, block_size=block_size, mask_rate_min=c.mask_rate_min,
+                mask_rate_max=c.mask_rate_max, prompt_lengths=None if prompt_length is None else prompt_length[None],
+                valid=None if row_valid is None else row_valid[None])
+            return noisy[0], masked[0], p_mask[0]
+
+        noisy, masked, p_mask = jax.vmap(noise)(row_keys, ids, prompt_lengths, valid)
+        b, length = ids.shape
+        anchor = 0 if prompt_lengths is None else prompt_lengths
+        pairs = block_diffusion_pairs(length, block_size, anchor)
+        attention_mask = None if valid is None else jnp.concatenate([valid, valid], axis=1).astype(jnp.int32)
+        positions = positions_from_mask(None if valid is None else valid.astype(jnp.int32), b, length)
+        hidden = model.hidden_states(jnp.concatenate([noisy, ids], axis=1), attention_mask, pairs,
+                                     positions=jnp.concatenate([positions, positions], axis=1))
+        logits = model.logits(hidden[:, :length])  # the noisy half predicts
+        if c.task == "sft":
+            loss = sft_loss(logits, ids, masked, p_mask, micro["answer_lengths"])
+        else:
+            loss = pretraining_loss(logits, ids, masked, p_mask, valid)
+        return loss, jnp.sum(masked)
+
     def _train_step(self, state: TrainState, batch: dict):
         c = self.step_config
         noise_key, _ = step_keys(c.seed, state.step)
         valid = self.length_mask(state.step)
         visible = self.visible_mask(state.step)
+        block_size = c.block_size_at(state.step) if c.block_diffusion else None
 
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -224,7 +277,7 @@ class Trainer:
             micro, index = xs
             rows = index * c.micro_batch + jnp.arange(c.micro_batch)
             row_keys = jax.vmap(lambda r: jax.random.fold_in(noise_key, r))(rows)
-            (loss, n_masked), grads = grad_fn(state.params, micro, row_keys, valid, visible)
+            (loss, n_masked), grads = grad_fn(state.params, micro, row_keys, valid, visible, block_size)
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
             return (grads_sum, loss_sum + loss, masked_sum + n_masked), None
 

@@ -7,9 +7,11 @@ config.json describes the same network to the official code, to this code and to
 every field. The usual transformers names (hidden_size, num_hidden_layers, num_attention_heads,
 num_key_value_heads, intermediate_size, max_position_embeddings) are aliases of the official ones. Fields
 this implementation does not use (dropouts, init_*, precision, flash_attention, ...) are kept as given.
-Two fields are llada-jax's own, for models converted from an autoregressive checkpoint, and absent from
-official configs: `attention_type` ("bidirectional", LLaDA, or "causal") and `shift_logits` (the logits
-for position i are the output at i - 1, as in Dream).
+Three fields are llada-jax's own, absent from official configs: `attention_type` ("bidirectional", LLaDA;
+"causal", a model converted from an autoregressive checkpoint; or "block_causal", block diffusion, where a
+position in block b sees every position of blocks <= b), `block_size` (the positions per block of a
+"block_causal" model, None otherwise) and `shift_logits` (the logits for position i are the output at i - 1,
+as in Dream).
 """
 
 from transformers import PretrainedConfig
@@ -53,6 +55,7 @@ class LLaDAConfig(PretrainedConfig):
         include_qkv_bias=False,
         attention_type="bidirectional",
         shift_logits=False,
+        block_size=None,
         use_cache=False,
         **kwargs,
     ):
@@ -78,6 +81,7 @@ class LLaDAConfig(PretrainedConfig):
         self.include_qkv_bias = include_qkv_bias
         self.attention_type = attention_type
         self.shift_logits = shift_logits
+        self.block_size = block_size
         self.use_cache = use_cache
         # transformers' generic name for weight tying follows the official field.
         kwargs["tie_word_embeddings"] = weight_tying

@@ -17,15 +17,20 @@ Models converted from an autoregressive checkpoint may differ in three config fi
 (q/k/v projections with biases, `...q_proj.bias` etc., as in Qwen2 and the official code), `attention_type`
 "causal" (position i attends to positions <= i; the default "bidirectional" is LLaDA) and `shift_logits`
 (the logits for position i are the output at i - 1, a row's first real token keeping its own, as position 0
-does in Dream). The last two
-are llada-jax fields that the official code does not read.
+does in Dream). A block-diffusion model has `attention_type` "block_causal" with `block_size`: index i is in
+block floor((i - block_anchor) / block_size) and a query sees every key of its block and of the blocks before
+it; the blocks are laid from index 0 unless `block_anchor` (an int, or a tensor [batch]) is passed to the
+forward (llada-jax's samplers and likelihood lay them from the end of the prompt). attention_type,
+block_size and shift_logits are llada-jax fields that the official code does not read.
 
 `attention_mask` ([batch, length], 1 = real token) follows llada-jax rather than the official code: padded
 keys are ignored by every query, *and* rotary positions count real tokens only, so a left-padded row gives
 the same logits on its real tokens as the unpadded row. (The official code on the Hub ignores attention_mask;
 the later variant in the ML-GSAI/LLaDA GitHub repository masks padded keys and counts positions over the
 padding, the same up to rounding as rotary positions are relative. Without padding all agree.) A causal
-mask counts indices, padding included, so with left padding a real token still sees the real tokens before it.
+mask counts indices, padding included, so with left padding a real token still sees the real tokens before it;
+so do the blocks of a block-causal mask (left padding of a multiple of block_size, or a `block_anchor` moved by
+the padding, keeps a row's blocks).
 
 The forward pass returns `MaskedLMOutput(logits=...)` with logits in the parameters' dtype (`hidden_states`
 are never shifted); `labels` are not accepted, as the LLaDA loss needs the masking probabilities (see
@@ -154,25 +159,36 @@ class LLaDAModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                inputs_embeds: Optional[torch.Tensor] = None, output_hidden_states: bool = False):
+                inputs_embeds: Optional[torch.Tensor] = None, output_hidden_states: bool = False,
+                block_anchor: Union[int, torch.Tensor] = 0):
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
         b, length = x.shape[:2]
         causal = self.config.attention_type == "causal"
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: the unmasked (faster) attention path
+        # Which keys each query may see, bool [batch or 1, 1, 1 or queries, keys]; None: all.
+        allowed = None
         if attention_mask is None:
             positions = torch.arange(length, device=x.device)[None].expand(b, length)
-            key_bias = None
         else:
             real = attention_mask.to(device=x.device, dtype=torch.bool)
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-            # Additive bias [batch, 1, 1 or queries, keys]: a large negative number rather than -inf, so a query
-            # with no key to see (a row of padding; with a causal mask also a padded query before the first real
-            # token) gives uniform attention over all keys instead of NaN. One bias for both masks: two such
-            # numbers added would overflow to -inf.
             allowed = real[:, None, None, :]
             if causal:
                 allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        if self.config.attention_type == "block_causal":
+            anchor = torch.as_tensor(block_anchor, device=x.device).reshape(-1, 1, 1, 1)
+            index = torch.arange(length, device=x.device)
+            # [batch or 1, 1, 1, keys]: each index's block
+            blocks = torch.div(index - anchor, self.config.block_size, rounding_mode="floor")
+            pairs = blocks <= blocks.transpose(-1, -2)  # key block <= query block
+            allowed = pairs if allowed is None else allowed & pairs
+        key_bias = None
+        if allowed is not None:
+            # Additive bias: a large negative number rather than -inf, so a query with no key to see (a row of
+            # padding; with a causal mask also a padded query before the first real token) gives uniform
+            # attention over all keys instead of NaN. One bias for all masks: two such numbers added would
+            # overflow to -inf.
             key_bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
             key_bias = key_bias.masked_fill(~allowed, torch.finfo(x.dtype).min)
         is_causal = causal and key_bias is None  # else the causal mask is in key_bias
@@ -221,7 +237,8 @@ class LLaDAPreTrainedModel(PreTrainedModel):
 
 
 class LLaDAModelLM(LLaDAPreTrainedModel):
-    """`model(input_ids, attention_mask=None) -> MaskedLMOutput(logits [batch, length, embedding_size])`."""
+    """`model(input_ids, attention_mask=None) -> MaskedLMOutput(logits [batch, length, embedding_size])`; a
+    block_causal model also takes `block_anchor=` (int or [batch]: where its blocks are laid from; default 0)."""
 
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)
@@ -232,9 +249,13 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         for field in ("alibi", "include_bias", "attention_layer_norm", "input_emb_norm", "scale_logits"):
             if getattr(config, field, False):
                 raise ValueError(f"{field}=True is not supported by this implementation")
-        if config.attention_type not in ("bidirectional", "causal"):
+        if config.attention_type not in ("bidirectional", "causal", "block_causal"):
             raise ValueError(f"attention_type={config.attention_type!r} is not supported "
-                             "(expected 'bidirectional' or 'causal')")
+                             "(expected 'bidirectional', 'causal' or 'block_causal')")
+        block_size = getattr(config, "block_size", None)
+        if config.attention_type == "block_causal" and (not isinstance(block_size, int) or isinstance(block_size, bool)
+                                                        or block_size <= 0):
+            raise ValueError(f"attention_type='block_causal' needs a positive integer block_size, got {block_size!r}")
         self.model = LLaDAModel(config)
         self.post_init()
 
@@ -272,7 +293,8 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
             output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
-        logits, hidden_states = self.model(input_ids, attention_mask, inputs_embeds, output_hidden_states)
+        logits, hidden_states = self.model(input_ids, attention_mask, inputs_embeds, output_hidden_states,
+                                           kwargs.get("block_anchor", 0))
         if not return_dict:
             return (logits,) + ((hidden_states,) if hidden_states is not None else ())
         return MaskedLMOutput(logits=logits, hidden_states=hidden_states)
