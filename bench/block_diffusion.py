@@ -147,7 +147,8 @@ def main() -> int:
     for r in train_rows:
         print(f"  {r['objective']}: {r['seconds_per_step'] * 1000:.1f} ms")
     if len(train_rows) == 2:
-        print(f"  block-diffusion / LLaDA objective: {train_rows[1]['seconds_per_step'] / train_rows[0]['seconds_per_step']:.2f}x")
+        ratio = train_rows[1]["seconds_per_step"] / train_rows[0]["seconds_per_step"]
+        print(f"  block-diffusion / LLaDA objective: {ratio:.2f}x")
     record = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), machine=platform.machine(),
                   processor=platform.processor(), threads=THREADS, args=vars(args), sampling=rows,
                   training=train_rows)

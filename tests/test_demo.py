@@ -68,3 +68,23 @@ def test_demo_on_eight_devices_equals_one_device(tmp_path):
     for name in os.listdir(os.path.join(runs[1], "samples")):
         texts = [[json.loads(line)["text"] for line in open(os.path.join(runs[d], "samples", name))] for d in (1, 8)]
         assert texts[0] == texts[1], name
+
+
+def test_demo_block_causal_trains_the_variant_and_reports_it_beside(tmp_path):
+    """--attention_type block_causal: the block-diffusion variant is trained with the same commands, sampled with
+    block_diffusion, and the report compares it with the bidirectional model (exact match, NFE, tokens/s)."""
+    out = str(tmp_path / "demo")
+    cli("demo", "--output_dir", out, "--d_model", "32", "--n_layers", "1", "--n_heads", "2", "--pretrain_steps", "2",
+        "--sft_steps", "3", "--batch_size", "8", "--test_size", "4", "--attention_type", "block_causal", devices=1)
+    results = json.load(open(os.path.join(out, "results.json")))
+    block = results["block_diffusion"]
+    names = [r["name"] for r in block["rows"]]
+    assert names[0] == "bidirectional, semi_ar_padding" and "block_diffusion" in names[1]
+    assert block["rows"][0]["nfe"] == 16 and 0 < block["rows"][1]["nfe"] <= 16  # stops after the EOS block
+    assert block["speedup"] == block["rows"][1]["tokens_per_s"] / block["rows"][0]["tokens_per_s"]
+    assert block["target"]["met"] == (block["target"]["accuracy"] >= 0.9)
+    config = json.load(open(os.path.join(out, "block_sft", "config.json")))["model"]
+    assert (config["attention_type"], config["block_size"]) == ("block_causal", 4)
+    report = open(os.path.join(out, "report.md")).read()
+    assert "## Block diffusion (--attention_type block_causal, blocks of 4)" in report
+    assert "| block_causal (blocks of 4), block_diffusion |" in report

@@ -80,8 +80,8 @@ def open_hf_dir(path: str, *, dtype: str | None = None, param_dtype: str | None 
         raise FileNotFoundError(f"{path}: no such model directory")
     source = storage.join(directory, layout.HF_CONFIG_FILE)
     # Architecture fields an AR import is converted with (the others are set after the weights are checked)
-    ar_fields = {k: overrides.pop(k) for k in ("attention_type", "shift_logits", "block_size", "max_sequence_length")
-                 if k in overrides}
+    ar_fields = {k: overrides.pop(k) for k in ("attention_type", "shift_logits", "block_size",
+                                                "max_sequence_length") if k in overrides}
     hf_config, config, ar = read_config(directory, mask_token=mask_token, **ar_fields)
     overrides.update({} if ar else ar_fields)
     reader = TensorReader(directory)

@@ -200,11 +200,12 @@ def compare_sampling_methods(model, dataset, settings: list[dict] | None = None,
                 while want and want[-1] in stop_ids:
                     want.pop()
                 correct += got == want
+        resolved = opts.resolved(config)  # the defaults that depend on the model (block_diffusion's cache, blocks)
         rows.append(dict(
             name=name or method, method=method, remasking=opts.remasking, threshold=opts.threshold,
-            cache=opts.cache, cache_refresh=opts.cache_refresh,
+            cache=resolved.cache, cache_refresh=opts.cache_refresh,
             steps=None if opts.threshold is not None else opts.steps,
-            gen_length=opts.gen_length, block_length=opts.resolved(config).layout.block_length, cfg_scale=opts.cfg_scale,
+            gen_length=opts.gen_length, block_length=resolved.layout.block_length, cfg_scale=opts.cfg_scale,
             temperature=opts.temperature, examples=len(prompts), accuracy=correct / len(prompts),
             nfe=float(np.mean(nfe)), seconds=seconds, tokens_per_s=len(prompts) * opts.gen_length / seconds))
     return rows
