@@ -22,6 +22,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program when a test module ends. XLA:CPU maps each executable's code into memory
+    (test_samplers.py alone leaves about 7,000 memory maps), and the whole suite in one process otherwise reaches
+    the kernel's limit (vm.max_map_count, 65530), where XLA's compiler segfaults."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def pretrain_data(tmp_path_factory):
     from tests.runs import write_pretrain_data
