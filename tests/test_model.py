@@ -473,3 +473,25 @@ def test_cudnn_path_passes_a_full_extent_mask_and_falls_back_with_a_warning(monk
     np.testing.assert_array_equal(np.asarray(seen["mask"]), np.broadcast_to(key_mask[:, None, None, :], (2, 1, 5, 7)))
     assert "cuDNN attention unavailable" in caplog.text and "cuDNN is not detected" in caplog.text
     np.testing.assert_array_equal(np.asarray(out), np.asarray(model_lib.attention(q, k, v, key_mask, "xla")))
+
+
+@pytest.mark.parametrize("anchor", [0, 3])
+def test_block_causal_outputs_do_not_depend_on_later_blocks(anchor):
+    """A block-causal model: the outputs of blocks < b do not change when tokens of block b or later change (blocks
+    of 4 laid from `anchor`), and a left-padded row gives the unpadded row's outputs when the anchor moves with it."""
+    from flax import nnx
+
+    model = LLaDAForMaskedLM(LLaDAConfig.tiny(attention_type="block_causal", block_size=4), rngs=nnx.Rngs(5))
+    rs = np.random.RandomState(anchor)
+    ids = jnp.asarray(rs.randint(0, 500, (2, 15)))
+    base = np.asarray(model(ids, block_anchor=anchor))
+    for first in range(anchor, 15, 4):  # change everything from the block starting at `first`
+        changed = ids.at[:, first:].set(jnp.asarray(rs.randint(0, 500, (2, 15 - first))))
+        out = np.asarray(model(changed, block_anchor=anchor))
+        np.testing.assert_array_equal(out[:, :first], base[:, :first])
+        assert np.abs(out[:, first:] - base[:, first:]).max() > 1e-3
+    # left padding by 2 with the anchor moved by 2: the same outputs on the real tokens
+    padded = jnp.concatenate([jnp.full((2, 2), 510), ids], axis=1)
+    mask = jnp.concatenate([jnp.zeros((2, 2), jnp.int32), jnp.ones((2, 15), jnp.int32)], axis=1)
+    got = np.asarray(model(padded, mask, block_anchor=anchor + 2))[:, 2:]
+    np.testing.assert_allclose(got, base, atol=2e-5, rtol=2e-5)
