@@ -287,11 +287,16 @@ def _guided_answer_logits(model, ids, attn, plen, cfg_scale, mask_id):
         ids, attn = jnp.concatenate([ids, un]), jnp.concatenate([attn, attn])
     # block_causal: blocks laid from the end of the (left-padded) prompt, where the answer starts
     hidden = model.prediction_states(model.hidden_states(ids, attn, block_anchor=plen), attn)[:, plen:]
-    logits = model.logits(hidden)
-    if cfg_scale > 0:
-        cond, un = logits[:rows], logits[rows:]
-        logits = un + (cfg_scale + 1.0) * (cond - un)
-    return logits
+    return _guided(model.logits(hidden), rows, cfg_scale)
+
+
+def _guided(logits, rows: int, cfg_scale: float):
+    """The classifier-free-guided logits of `rows` conditional rows followed by their unconditional twins:
+    un + (s + 1)(cond - un); `logits` itself without guidance."""
+    if cfg_scale <= 0:
+        return logits
+    cond, un = logits[:rows], logits[rows:]
+    return un + (cfg_scale + 1.0) * (cond - un)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "batches", "batch_size", "cfg_scale", "mask_id",
@@ -362,17 +367,13 @@ def _guided_block_logits(model, prompt, attn, noisy, answer, cfg_scale, mask_id)
                                                                            (noisy, noisy), (answer, answer)))
     # x_t ++ x_0 of the whole sequence (blocks laid from the prompt's end), less the noisy prompt: no answer
     # query sees it (noisy block b >= 0 sees noisy block b and clean blocks < b only)
-    keep = np.concatenate([np.arange(plen, plen + width), np.arange(plen + width, 2 * (plen + width))])
+    keep = np.arange(plen, 2 * (plen + width))  # the noisy answer, then the clean prompt and answer
     pairs = block_diffusion_pairs(plen + width, model.config.block_size, plen)[:, keep][:, :, keep]
     positions = positions_from_mask(attn, *attn.shape)
     hidden = model.hidden_states(jnp.concatenate([noisy, prompt, answer], axis=1),
                                  jnp.concatenate([attn[:, plen:], attn], axis=1), pairs,
                                  positions=jnp.concatenate([positions[:, plen:], positions], axis=1))
-    logits = model.logits(hidden[:, :width])  # no shift_logits: refused for block_causal
-    if cfg_scale > 0:
-        cond, un = logits[:rows], logits[rows:]
-        logits = un + (cfg_scale + 1.0) * (cond - un)
-    return logits
+    return _guided(model.logits(hidden[:, :width]), rows, cfg_scale)  # no shift_logits: refused for block_causal
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "batches", "batch_size", "cfg_scale", "mask_id",

@@ -126,11 +126,11 @@ class CachedForward:
         against the cache `kv`; for a `shift_logits` model from the position before the block."""
         ids, both_mask = self.guidance.inputs(x, attention_mask)
         shift = int(self.model.config.shift_logits)
-        first = jnp.maximum(start - shift, 0) if shift else start
         if self.unrolls_blocks:  # start is a Python int
             first = max(start - shift, 0)
             size = ids.shape[1] - first
         else:
+            first = jnp.maximum(start - shift, 0) if shift else start
             size = min(self.block_length + shift, ids.shape[1])
         window = jax.lax.dynamic_slice_in_dim(ids, first, size, axis=1)
         hidden = self.model.hidden_states_from_kv(window, first, kv, both_mask)

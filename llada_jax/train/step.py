@@ -215,39 +215,36 @@ class Trainer:
         model = nnx.merge(self.graphdef, params)
         ids = micro["input_ids"]
         prompt_lengths = micro.get("prompt_lengths") if c.task == "sft" else None
-        if c.block_diffusion:
-            return self._block_diffusion_loss(model, micro, row_keys, valid, block_size)
+        if c.block_diffusion:  # a mask rate per block (see llada_jax.diffusion)
+            process = functools.partial(block_forward_process, block_size=block_size, mask_rate_min=c.mask_rate_min,
+                                        mask_rate_max=c.mask_rate_max)
+        else:
+            process = functools.partial(forward_process, eps=c.eps)
 
         def noise(key, row, prompt_length, row_valid):
-            noisy, masked, p_mask = forward_process(
-                key, row[None], mask_id=c.mask_id, eps=c.eps,
+            noisy, masked, p_mask = process(
+                key, row[None], mask_id=c.mask_id,
                 prompt_lengths=None if prompt_length is None else prompt_length[None],
                 valid=None if row_valid is None else row_valid[None])
             return noisy[0], masked[0], p_mask[0]
 
         noisy, masked, p_mask = jax.vmap(noise)(row_keys, ids, prompt_lengths, valid)
-        if c.task == "sft":
+        if c.block_diffusion:
+            logits = self._block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size)
+        elif c.task == "sft":
             logits = model(noisy, visible=visible)
-            loss = sft_loss(logits, ids, masked, p_mask, micro["answer_lengths"])
         else:
             logits = model(noisy, None if valid is None else valid.astype(jnp.int32), visible)
+        if c.task == "sft":
+            loss = sft_loss(logits, ids, masked, p_mask, micro["answer_lengths"])
+        else:
             loss = pretraining_loss(logits, ids, masked, p_mask, valid)
         return loss, jnp.sum(masked)
 
-    def _block_diffusion_loss(self, model, micro: dict, row_keys, valid, block_size):
-        """The block-diffusion objective (see `llada_jax.diffusion`): one forward over x_t ++ x_0."""
-        c = self.step_config
-        ids = micro["input_ids"]
-        prompt_lengths = micro.get("prompt_lengths") if c.task == "sft" else None
-
-        def noise(key, row, prompt_length, row_valid):
-            noisy, masked, p_mask = block_forward_process(
-                key, row[None], mask_id=c.mask_id, block_size=block_size, mask_rate_min=c.mask_rate_min,
-                mask_rate_max=c.mask_rate_max, prompt_lengths=None if prompt_length is None else prompt_length[None],
-                valid=None if row_valid is None else row_valid[None])
-            return noisy[0], masked[0], p_mask[0]
-
-        noisy, masked, p_mask = jax.vmap(noise)(row_keys, ids, prompt_lengths, valid)
+    @staticmethod
+    def _block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size):
+        """The block-diffusion predictions (see `llada_jax.diffusion`): one forward over x_t ++ x_0, the logits of
+        the noisy half."""
         b, length = ids.shape
         anchor = 0 if prompt_lengths is None else prompt_lengths
         pairs = block_diffusion_pairs(length, block_size, anchor)
@@ -255,12 +252,7 @@ class Trainer:
         positions = positions_from_mask(None if valid is None else valid.astype(jnp.int32), b, length)
         hidden = model.hidden_states(jnp.concatenate([noisy, ids], axis=1), attention_mask, pairs,
                                      positions=jnp.concatenate([positions, positions], axis=1))
-        logits = model.logits(hidden[:, :length])  # the noisy half predicts
-        if c.task == "sft":
-            loss = sft_loss(logits, ids, masked, p_mask, micro["answer_lengths"])
-        else:
-            loss = pretraining_loss(logits, ids, masked, p_mask, valid)
-        return loss, jnp.sum(masked)
+        return model.logits(hidden[:, :length])  # the noisy half predicts
 
     def _train_step(self, state: TrainState, batch: dict):
         c = self.step_config

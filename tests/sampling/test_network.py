@@ -174,10 +174,15 @@ class CachedLogits:
             self.kv = self.fill(self.state, ids)
             return np.asarray(self.full(self.state, ids))
         start = self.plen + block * self.block
-        size = self.block if self.cache == "dual" else self.plen + self.gen - start
         out = np.full((ids.shape[0], ids.shape[1], 512), np.nan, np.float32)
-        out[:, start:start + size] = np.asarray(self.window(self.state, ids, self.kv, start, size))
+        self.fill_window(out, ids, start)
         return out
+
+    def fill_window(self, out, ids, start):
+        """Write the logits of a windowed step into `out`: the block (and with the prefix cache every position
+        after it), run against the cache."""
+        size = self.block if self.cache == "dual" else self.plen + self.gen - start
+        out[:, start:start + size] = np.asarray(self.window(self.state, ids, self.kv, start, size))
 
 
 @pytest.mark.parametrize("cache,refresh", [("prefix", 0), ("dual", 3)])

@@ -2,13 +2,12 @@
 at i - 1): the uncached sampler against the step-by-step reference fed the model's (shifted) logits, the cached
 samplers against the uncached one, and the cache window against a stepwise cache reference."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM, generate
+from tests.sampling.test_network import CachedLogits
 from tests.sampling.test_samplers import PROMPTS, logits_fn
 from tests.sampling_reference import reference_generate, reference_origin
 
@@ -96,39 +95,15 @@ def test_one_layer_caches_are_exact_without_refresh(one_layer, attention_type, m
             np.testing.assert_array_equal(np.asarray(stats.nfe), np.asarray(want_stats.nfe))
 
 
-class ShiftedCachedLogits:
-    """A stateful `logits_fn` for the step-by-step reference playing Fast-dLLM's cache on a shifted model: at a
-    refresh step the whole sequence (filling every layer's keys / values), at the other steps the window from
-    the position before the block (to the block's end with the dual cache, to the sequence's end with the prefix
+class ShiftedCachedLogits(CachedLogits):
+    """`CachedLogits` (Fast-dLLM's cache played step by step) on a shifted model: a windowed step runs from the
+    position before the block (to the block's end with the dual cache, to the sequence's end with the prefix
     cache) against the cache, its unshifted logits moved one position right. Logits outside the block are NaN."""
 
-    def __init__(self, model, *, plen, gen, block, per_block, cache, refresh):
-        graphdef, state = nnx.split(model)
-        self.fill = jax.jit(lambda s, ids: nnx.merge(graphdef, s).hidden_states_and_kv(ids)[1])
-        self.full = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))
-
-        def window(s, ids, kv, first, size):  # unshifted logits of positions first .. first + size - 1
-            m = nnx.merge(graphdef, s)
-            return m.logits(m.hidden_states_from_kv(jax.lax.dynamic_slice_in_dim(ids, first, size, 1), first, kv))
-
-        self.window = jax.jit(window, static_argnums=4)
-        self.state, self.plen, self.gen, self.block, self.per_block = state, plen, gen, block, per_block
-        self.cache, self.refresh, self.step, self.kv = cache, refresh, 0, None
-
-    def __call__(self, ids, attn):
-        assert attn is None
-        block, i = divmod(self.step, self.per_block)
-        self.step += 1
-        ids = jnp.asarray(ids, jnp.int32)
-        if i == 0 or (self.refresh and i % self.refresh == 0):
-            self.kv = self.fill(self.state, ids)
-            return np.asarray(self.full(self.state, ids))
-        start = self.plen + block * self.block
+    def fill_window(self, out, ids, start):
         end = start + self.block if self.cache == "dual" else self.plen + self.gen
         unshifted = np.asarray(self.window(self.state, ids, self.kv, start - 1, end - start + 1))
-        out = np.full((ids.shape[0], ids.shape[1], 512), np.nan, np.float32)
         out[:, start:start + self.block] = unshifted[:, :self.block]  # position i from the output at i - 1
-        return out
 
 
 @pytest.mark.parametrize("cache,refresh", [("prefix", 0), ("dual", 0), ("dual", 3)])
