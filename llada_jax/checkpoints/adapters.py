@@ -50,8 +50,8 @@ def read_lora(run_dir: str, step: int) -> tuple[LoRAConfig, str] | None:
 
 def adapter_state(config: LLaDAConfig, lora: LoRAConfig) -> nnx.State:
     """The abstract adapters (nnx.LoRAParam ShapeDtypeStructs with their sharding metadata) of a model."""
-    _, state = abstract_model(config, lora)
-    return state.filter(nnx.LoRAParam)
+    model = nnx.eval_shape(lambda: LLaDAForMaskedLM(config, rngs=nnx.Rngs(0), lora=lora))
+    return nnx.state(model, nnx.LoRAParam)
 
 
 def adapter_target(config: LLaDAConfig, lora: LoRAConfig, mesh=None, rules=None) -> dict:
