@@ -44,9 +44,10 @@ DEFAULTS = dict(d_model=128, n_layers=4, n_heads=4, pretrain_steps=200, sft_step
 SAMPLING = dict(gen_length=16, block_length=8, steps=16)
 PRETRAIN_LENGTH, SFT_LENGTH = 128, 48
 BLOCK_SIZE = 4  # the block-causal variant's blocks (divides both lengths and gen_length)
-# The LoRA variant: rank 16 (alpha 32) on every projection; adapters want a larger learning rate than the full
-# fine-tune's 1e-3 (5e-3 measured best of 1e-3 / 5e-3 / 1e-2 on a smaller sorting task).
-LORA = dict(rank=16, alpha=32.0, learning_rate=5e-3)
+# The LoRA variant: rank 16 (alpha 32) on every projection, at the full fine-tune's learning rate. Measured on the
+# default demo (200 held-out prompts, semi_ar_padding): 97.5% exact match at 1e-3, 73.5% at 2e-3, and 0% at 5e-3
+# (gradient norms up to 20 early on, then a model that ignores the prompt).
+LORA = dict(rank=16, alpha=32.0, learning_rate=1e-3)
 
 
 def register(sub) -> None:

@@ -437,7 +437,7 @@ class LLaDAForMaskedLM(nnx.Module):
     def save_pretrained(self, path: str, *, dtype: str | None = None, max_shard_size: int | str = "5GB",
                         tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
         """Write this model as a Hugging Face directory in the official LLaDA layout (safetensors, config.json
-        and this project's PyTorch modeling code); see `llada_jax.checkpoints.save_pretrained`."""
+        and this project's PyTorch modeling code; LoRA adapters merged); see `llada_jax.checkpoints.save_pretrained`."""
         from llada_jax.checkpoints import save_pretrained
 
         return save_pretrained(self, path, dtype=dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,

@@ -147,3 +147,10 @@ def test_the_training_config_group_maps_to_the_lora_config():
     c.lora.targets = "q_proj, v_proj"
     assert lora_config_from(c).targets == ("q_proj", "v_proj")
     assert LoRAConfig(rank=16, alpha=32.0).scale == 2.0
+
+
+def test_save_pretrained_of_an_adapted_model_writes_it_merged(tmp_path):
+    model = randomised(LLaDAForMaskedLM(LLaDAConfig.tiny(), rngs=nnx.Rngs(0), lora=LoRAConfig(rank=4)))
+    path = model.save_pretrained(str(tmp_path / "hf"))
+    x = ids()
+    np.testing.assert_allclose(LLaDAForMaskedLM.from_pretrained(path)(x), model(x), rtol=1e-4, atol=1e-4)

@@ -193,13 +193,16 @@ def save_pretrained(model, output_dir: str, *, dtype: str | None = None, max_sha
                   tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
     """Write an `LLaDAForMaskedLM` as an HF directory (`dtype` defaults to its parameter dtype).
 
-    Parameters sharded over several processes are gathered leaf by leaf on every process; process 0 writes.
+    Parameters sharded over several processes are gathered leaf by leaf on every process; process 0 writes. A model
+    with LoRA adapters is written merged (`model.merge_lora()`): a Hugging Face directory holds a whole model (for
+    the adapters alone, `convert to-hf --adapter_only` on the saved run).
     """
     import jax
     from flax import nnx
     from jax.experimental import multihost_utils
 
     parse_size(max_shard_size)
+    model = model.merge_lora()
     config = model.config
     dtype = dtype or config.param_dtype
     _np_dtype(dtype)

@@ -163,3 +163,21 @@ def test_a_base_that_does_not_match_the_adapters_is_refused(runs, tmp_path):
     shutil.copytree(runs["straight"], moved)
     with pytest.raises(CheckpointNotFoundError, match="the base model of these adapters"):
         load_pretrained(moved, base=str(tmp_path / "nowhere"))
+
+
+def test_eval_likelihood_of_the_adapters_unmerged_and_merged(runs, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    with open(runs["test"]) as f, open(pairs, "w") as out:
+        for line in list(f)[:6]:
+            r = json.loads(line)
+            out.write(json.dumps({"prompt_ids": r["input_ids"], "answer_ids": r["answer"] + [EOS]}) + "\n")
+    values = {}
+    for name, model, flag in (("unmerged", runs["straight"], ()), ("merged", runs["straight"], ("--merge_lora",)),
+                              ("base", runs["base"], ())):
+        result = str(tmp_path / f"{name}.jsonl")
+        cli("eval-likelihood", "--model", model, "--input", str(pairs), "--output", result, "--mc_num", "8",
+            "--batch_size", "4", *flag, devices=1)
+        values[name] = [json.loads(line)["log_likelihood"] for line in open(result)]
+    np.testing.assert_allclose(values["merged"], values["unmerged"], rtol=1e-4)
+    # the adapters learned the task: the sorted answers are far likelier than under the base
+    assert np.mean(values["unmerged"]) > np.mean(values["base"]) + 10, values

@@ -122,3 +122,13 @@ def test_a_base_of_other_shapes_is_refused():
     trainer = lora_trainer()
     with pytest.raises(ValueError, match="base model's parameters"):
         trainer.set_frozen(LLaDAForMaskedLM(MODEL.replace(mlp_hidden_size=128), rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots_no_batch"])
+def test_remat_gives_the_losses_without_remat(policy):
+    data = batches(3, task="sft")
+    plain, s1 = run(lora_trainer(), data)
+    remat, s2 = run(lora_trainer(model=MODEL.replace(remat_policy=policy)), data)
+    np.testing.assert_allclose(remat, plain, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
