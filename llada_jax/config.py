@@ -187,6 +187,11 @@ class LLaDAConfig:
         return cls(**d)
 
 
+# Fields a training run may change from the checkpoint it starts from without changing any shape (adapting a causal
+# model to bidirectional attention, training with the shift, block diffusion): what a run trains is the
+# checkpoint's architecture with these of its own, and a LoRA checkpoint records them with its adapters.
+ADAPTABLE_FIELDS = ("attention_type", "shift_logits", "block_size")
+
 # The projections of a block that can carry LoRA adapters: the official module names (what PEFT targets in the
 # exported PyTorch model). The attention's q/k/v and output, and the MLP's gate (ff_proj), up and down (ff_out).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
@@ -207,6 +212,8 @@ class LoRAConfig:
     def __post_init__(self):
         def fail(field: str, msg: str):
             raise ValueError(f"lora.{field}: {msg}")
+
+        object.__setattr__(self, "targets", parse_lora_targets(self.targets))  # hashable: part of the graphdef
 
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             fail("rank", f"expected a positive integer, got {self.rank!r}")

@@ -23,6 +23,7 @@ dimension is replicated.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -87,12 +88,18 @@ def fold_keys(row_keys: jax.Array, index) -> jax.Array:
     return jax.vmap(lambda key: jax.random.fold_in(key, index))(row_keys)
 
 
+@functools.partial(jax.jit, static_argnames="scale")
 def merged_weight(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """W + scale * A B in W's shape and dtype (computed in float32). Stacked layers ([layers, ...] leading on
-    all three) merge layer by layer."""
+    all three) merge one layer at a time (`lax.map`), so the float32 temporaries are one layer's."""
     f32 = jnp.float32
-    product = jnp.matmul(a.astype(f32), b.astype(f32)) * f32(scale)  # [(layers,) in, out]
-    return (weight.astype(f32) + product.reshape(weight.shape)).astype(weight.dtype)
+
+    def one(w, a, b):
+        return (w.astype(f32) + (jnp.matmul(a.astype(f32), b.astype(f32)) * f32(scale)).reshape(w.shape)).astype(w.dtype)
+
+    if a.ndim == 3:
+        return jax.lax.map(lambda wab: one(*wab), (weight, a, b))
+    return one(weight, a, b)
 
 
 def merge_block(block: dict, lora: LoRAConfig) -> dict:

@@ -154,3 +154,11 @@ def test_save_pretrained_of_an_adapted_model_writes_it_merged(tmp_path):
     path = model.save_pretrained(str(tmp_path / "hf"))
     x = ids()
     np.testing.assert_allclose(LLaDAForMaskedLM.from_pretrained(path)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_lora_config_given_a_list_of_targets_is_hashable():
+    """The config is part of the model's graphdef, a static argument of jitted samplers."""
+    lora = LoRAConfig(targets=["q_proj", "v_proj"])
+    assert lora.targets == ("q_proj", "v_proj")
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: LLaDAForMaskedLM(LLaDAConfig.tiny(), rngs=nnx.Rngs(0), lora=lora)))
+    hash(graphdef)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from llada_jax import sharding
 from llada_jax.checkpoints import layout, storage
-from llada_jax.config import LLaDAConfig, LoRAConfig
+from llada_jax.config import ADAPTABLE_FIELDS, LLaDAConfig, LoRAConfig
 from llada_jax.errors import CheckpointError, CheckpointNotFoundError
 from llada_jax.model import LLaDAForMaskedLM, abstract_model
 
@@ -33,7 +33,11 @@ def lora_item(lora: LoRAConfig, base: str) -> dict:
 
 
 def base_reference(path: str) -> str:
-    """How a base model is named in a LoRA checkpoint: a local path made absolute, a URL as it is."""
+    """How a base model is named in a LoRA checkpoint: an Orbax run pinned to its step (the latest finished one when
+    `path` names the run, so a base run that trains on or drops old steps does not silently become another base),
+    another path made absolute, a URL as it is."""
+    if layout.model_format(path) == "orbax":
+        return layout.step_dir(*layout.find_checkpoint(path))
     return storage.clean(path)
 
 
@@ -48,15 +52,10 @@ def read_lora(run_dir: str, step: int) -> tuple[LoRAConfig, str] | None:
     return LoRAConfig.from_dict(item, source=f"{layout.step_dir(run_dir, step)}: {layout.LORA}"), base
 
 
-def adapter_state(config: LLaDAConfig, lora: LoRAConfig) -> nnx.State:
-    """The abstract adapters (nnx.LoRAParam ShapeDtypeStructs with their sharding metadata) of a model."""
-    model = nnx.eval_shape(lambda: LLaDAForMaskedLM(config, rngs=nnx.Rngs(0), lora=lora))
-    return nnx.state(model, nnx.LoRAParam)
-
-
 def adapter_target(config: LLaDAConfig, lora: LoRAConfig, mesh=None, rules=None) -> dict:
     """Pure dict of ShapeDtypeStructs with shardings: where a step's adapters are restored to."""
-    state = adapter_state(config, lora)
+    _, state = abstract_model(config, lora)
+    state = nnx.filter_state(state, nnx.LoRAParam)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, state)
@@ -64,6 +63,26 @@ def adapter_target(config: LLaDAConfig, lora: LoRAConfig, mesh=None, rules=None)
         shardings = sharding.state_shardings(state, mesh, rules or sharding.current_rules())
     return nnx.to_pure_dict(jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state,
                                          shardings))
+
+
+def restore_adapters(run_dir: str, step: int, lora: LoRAConfig, trained_on: LLaDAConfig, *, scan_layers=None,
+                     mesh=None, rules=None) -> dict:
+    """A LoRA step's adapters (pure dict, float32), placed on `mesh` (else one local device), in the layer layout
+    `scan_layers` (default: as stored)."""
+    from llada_jax.checkpoints.orbax_model import relayout_blocks, restore_items
+
+    target = adapter_target(trained_on, lora, mesh, rules)
+    adapters = restore_items(run_dir, step, **{layout.PARAMS: ocp.args.StandardRestore(target)})[layout.PARAMS]
+    if scan_layers is not None and scan_layers != trained_on.scan_layers:
+        adapters = relayout_blocks(adapters, to_scanned=scan_layers, n_layers=trained_on.n_layers)
+    return adapters
+
+
+def require_base(where: str, base: str) -> None:
+    """CheckpointNotFoundError naming a LoRA step's base model when it is not there."""
+    if not storage.exists(base):
+        raise CheckpointNotFoundError(f"{where}: the base model of these adapters, {base} (its `{layout.LORA}` "
+                                      f"item), is not found")
 
 
 def check_base(base: LLaDAConfig, trained_on: LLaDAConfig, where: str, base_path: str) -> None:
@@ -78,9 +97,17 @@ def check_base(base: LLaDAConfig, trained_on: LLaDAConfig, where: str, base_path
                 f"base model {base_path} has {field}={getattr(base, field)}: not the base of these adapters")
 
 
-def with_adapters(base: LLaDAForMaskedLM, lora: LoRAConfig, adapters: dict) -> LLaDAForMaskedLM:
-    """A model of the base's parameters (shared, not copied) plus the given adapters (pure dict)."""
-    graphdef, state = abstract_model(base.config, lora)
+def adapted_config(base: LLaDAConfig, trained_on: LLaDAConfig, **overrides) -> LLaDAConfig:
+    """The config of the adapted model: the base's, with the ADAPTABLE_FIELDS the run trained with (a LoRA run may
+    train a block-causal or shifted model on a bidirectional base), unless given in `overrides`."""
+    return base.replace(**{f: overrides.get(f, getattr(trained_on, f)) for f in ADAPTABLE_FIELDS})
+
+
+def with_adapters(base: LLaDAForMaskedLM, lora: LoRAConfig, adapters: dict, config: LLaDAConfig | None = None
+                  ) -> LLaDAForMaskedLM:
+    """A model of the base's parameters (shared, not copied) plus the given adapters (pure dict), of `config`
+    (default: the base's)."""
+    graphdef, state = abstract_model(config or base.config, lora)
     params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
     params["blocks"] = _deep_merge(params["blocks"], adapters["blocks"])
     nnx.replace_by_pure_dict(state, params)
@@ -98,24 +125,20 @@ def load_lora_model(run_dir: str, step: int, *, merge_lora: bool = False, base: 
                     mesh=None, rules=None, **load_kwargs) -> LLaDAForMaskedLM:
     """The base model named by a LoRA step (or `base`) with the step's adapters: unmerged, or merged into the
     weights. `load_kwargs` (dtype, param_dtype, scan_layers, ...) go to the base's loader; the adapters stay
-    float32."""
+    float32. The model's attention_type / shift_logits / block_size are the run's (`adapted_config`)."""
     from llada_jax.checkpoints.loading import load_pretrained
-    from llada_jax.checkpoints.orbax_model import relayout_blocks, restore_items, saved_config
+    from llada_jax.checkpoints.orbax_model import saved_config
 
     where = layout.step_dir(run_dir, step)
     lora, recorded = read_lora(run_dir, step)
     base_path = base or recorded
-    if not storage.exists(base_path):
-        raise CheckpointNotFoundError(f"{where}: the base model of these adapters, {base_path} (its `{layout.LORA}` "
-                                      f"item), is not found")
+    require_base(where, base_path)
     model = load_pretrained(base_path, mesh=mesh, rules=rules, merge_lora=True, **load_kwargs)
     trained_on = saved_config(run_dir, step)
     check_base(model.config, trained_on, where, base_path)
-    target = adapter_target(model.config.replace(scan_layers=trained_on.scan_layers), lora, mesh, rules)
-    adapters = restore_items(run_dir, step, **{layout.PARAMS: ocp.args.StandardRestore(target)})[layout.PARAMS]
-    if trained_on.scan_layers != model.config.scan_layers:
-        adapters = relayout_blocks(adapters, to_scanned=model.config.scan_layers, n_layers=model.config.n_layers)
-    model = with_adapters(model, lora, adapters)
+    adapters = restore_adapters(run_dir, step, lora, trained_on, scan_layers=model.config.scan_layers, mesh=mesh,
+                                rules=rules)
+    model = with_adapters(model, lora, adapters, adapted_config(model.config, trained_on, **load_kwargs))
     return model.merge_lora() if merge_lora else model
 
 

@@ -133,7 +133,7 @@ def export_merged_lora(input_path: str, output_dir: str, *, dtype: str | None = 
     the LoRA run's, else the base's.
     """
     from llada_jax import lora as lora_lib
-    from llada_jax.checkpoints.adapters import check_base, read_lora
+    from llada_jax.checkpoints.adapters import adapted_config, check_base, read_lora, require_base
     from llada_jax.checkpoints.loading import model_tokenizer
     from llada_jax.checkpoints.orbax_model import ParamReader
     from llada_jax.checkpoints.peft_adapter import per_layer, read_lora_step
@@ -143,9 +143,7 @@ def export_merged_lora(input_path: str, output_dir: str, *, dtype: str | None = 
     where = layout.step_dir(run_dir, step)
     if storage.clean(output_dir) in (storage.clean(input_path), run_dir, storage.clean(base)):
         raise ValueError(f"{output_dir}: the output must differ from the input checkpoint and its base")
-    if not storage.exists(base):
-        raise CheckpointNotFoundError(f"{where}: the base model of these adapters, {base} (its `{layout.LORA}` "
-                                      f"item), is not found")
+    require_base(where, base)
     tokenizer_dir = layout.tokenizer_path(input_path) or model_tokenizer(base)
     base_format = layout.model_format(base)
     if base_format == "orbax" and read_lora(*layout.find_checkpoint(base)) is not None:
@@ -165,12 +163,14 @@ def export_merged_lora(input_path: str, output_dir: str, *, dtype: str | None = 
         config, hf_config_base = ck.config, None if ck.is_ar else ck.hf_config
         base_leaves = iter_param_leaves(ck)
     check_base(config, trained_on, where, base)
+    config = adapted_config(config, trained_on)  # the attention the run trained with
     layers = per_layer(adapters, lora, config.n_layers)
 
     def merged(path: tuple, array: np.ndarray) -> np.ndarray:
         target = path[-1]
         if path[0] != hf_keys.BLOCKS or len(path) == 1 or target not in lora.targets:
             return array
+        array = array.astype(np.float32)  # merged in float32 and rounded once, to the output dtype, when written
         if len(path) == 2:  # scanned: [layers, ...]
             out = np.empty_like(array)
             for i, (a, b) in enumerate(layers[target]):

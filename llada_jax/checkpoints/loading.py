@@ -30,6 +30,8 @@ def load_pretrained(path: str, dtype: str | None = None, **overrides):
         from llada_jax.checkpoints.hf_import import load_hf_model
 
         overrides.pop("merge_lora", None)  # a Hugging Face model directory holds a whole model
+        if overrides.pop("base", None) is not None:
+            raise ValueError(f"{path}: base= applies to LoRA checkpoints; this is a Hugging Face model directory")
         return load_hf_model(path, dtype, **overrides)
     from llada_jax.checkpoints.orbax_model import load_model
 

@@ -130,6 +130,8 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
     if read_lora(run_dir, step) is not None:
         return load_lora_model(run_dir, step, merge_lora=merge_lora, base=base, mesh=mesh, rules=rules, dtype=dtype,
                                param_dtype=param_dtype, **overrides)
+    if base is not None:
+        raise ValueError(f"{path}: base= applies to LoRA checkpoints; this one holds a whole model")
     changes = dict(overrides)
     if dtype is not None:
         changes["dtype"] = dtype

@@ -72,10 +72,10 @@ def target_modules_regex(targets) -> str:
 def read_lora_step(path: str):
     """(run_dir, step, LoRAConfig, base path, LLaDAConfig trained on, adapters pure dict of numpy) of a LoRA
     checkpoint (a run directory, its checkpoints/ directory or a step); UsageError for a whole model."""
-    import orbax.checkpoint as ocp
+    import jax
 
-    from llada_jax.checkpoints.adapters import adapter_target, read_lora
-    from llada_jax.checkpoints.orbax_model import restore_items, saved_config
+    from llada_jax.checkpoints.adapters import read_lora, restore_adapters
+    from llada_jax.checkpoints.orbax_model import saved_config
 
     run_dir, step = layout.find_checkpoint(path)
     found = read_lora(run_dir, step)
@@ -84,10 +84,7 @@ def read_lora_step(path: str):
                          f"'{layout.LORA}' item)")
     lora, base = found
     trained_on = saved_config(run_dir, step)
-    target = adapter_target(trained_on, lora)
-    adapters = restore_items(run_dir, step, **{layout.PARAMS: ocp.args.StandardRestore(target)})[layout.PARAMS]
-    import jax
-
+    adapters = restore_adapters(run_dir, step, lora, trained_on)
     return run_dir, step, lora, base, trained_on, jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
 
 
@@ -140,8 +137,19 @@ def export_peft_adapter(input_path: str, output_dir: str, *, overwrite: bool = F
             tensors[weight_key(i, target, "B")] = np.ascontiguousarray(b.T)  # [out, r]
     with atomic_dir(output_dir, overwrite=overwrite, last=(ADAPTER_CONFIG,)) as tmp:
         save_file(tensors, f"{tmp}/{ADAPTER_WEIGHTS}", metadata={"format": "pt"})
-        write_json(f"{tmp}/{ADAPTER_CONFIG}", adapter_config(lora, base))
+        write_json(f"{tmp}/{ADAPTER_CONFIG}", adapter_config(lora, peft_base(base)))
     return storage.clean(output_dir)
+
+
+def peft_base(base: str) -> str | None:
+    """`base_model_name_or_path` of an exported adapter: the base when PEFT can load it as it is (a Hugging Face
+    directory in the LLaDA layout), else None: the adapter then applies to the `convert to-hf` export of the base
+    (an Orbax run, an autoregressive directory with other module names, or another LoRA run)."""
+    from llada_jax.checkpoints.hf_import import read_config
+
+    if layout.model_format(base) != "hf" or read_config(storage.clean(base))[2] is not None:
+        return None
+    return base
 
 
 # --- import --------------------------------------------------------------------------------------------------------
@@ -302,8 +310,12 @@ def import_peft_adapter(adapter_dir: str, output_dir: str, *, base: str | None =
     targets = mapped_targets(cfg.get("target_modules"), config, source)
     try:
         lora = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
-    except ValueError as e:
-        raise HFConfigError(f"{source}: {e}") from e
+    except ValueError as e:  # named by PEFT's fields
+        message = str(e)
+        for ours, peft in (("lora.rank", "r"), ("lora.alpha", "lora_alpha"), ("lora.dropout", "lora_dropout"),
+                           ("lora.targets", "target_modules")):
+            message = message.replace(ours + ":", peft + ":")
+        raise HFConfigError(f"{source}: {message}") from e
     path, weights = read_adapter_weights(directory)
     stacks = check_weights(weights, path, config, rank, targets, base)
     del weights

@@ -62,7 +62,7 @@ def compile_train_step(config, model_config, mesh) -> dict:
         "temp_bytes": int(memory.temp_size_in_bytes),
         "peak_bytes_estimate": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                                    - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
-        "model_flops_per_step": flops_per_token(model_config, length) * tokens,
+        "model_flops_per_step": flops_per_token(model_config, length, trainer.lora) * tokens,
         "tokens_per_step": tokens,
     }
 

@@ -64,8 +64,10 @@ def _check_same_lora(where: str, saved, lora, base: str) -> None:
                           f"{lora is not None}): resume with the settings it was started with, or use another "
                           f"--output_dir")
     saved_lora, saved_base = saved
-    if saved_lora != lora:
-        raise ResumeError(f"{where} holds adapters {saved_lora.to_dict()}, but this run asks for {lora.to_dict()}")
+    for field, value in saved_lora.to_dict().items():
+        if lora.to_dict()[field] != value:
+            raise ResumeError(f"{where} holds adapters with lora.{field}={value!r}, but this run has "
+                              f"lora.{field}={lora.to_dict()[field]!r}: resume with the settings it was started with")
     if base_reference(base) != saved_base:
         raise ResumeError(f"{where} trained adapters on the base {saved_base}, but this run's model_name_or_path is "
                           f"{base}: resume with the same base")

@@ -29,7 +29,7 @@ from llada_jax import sharding
 from llada_jax.checkpoints import layout, storage
 from llada_jax.checkpoints.atomic import copy_dir, write_json
 from llada_jax.checkpoints.orbax_model import checkpoint_manager
-from llada_jax.config import LLaDAConfig, lora_config_from, model_config_from
+from llada_jax.config import ADAPTABLE_FIELDS, LLaDAConfig, lora_config_from, model_config_from
 from llada_jax.errors import ConfigError, MeshError, TrainingStopped
 from llada_jax.train import checkpoint
 from llada_jax.train.metrics import MetricsLogger
@@ -47,9 +47,8 @@ log = logging.getLogger("llada_jax")
 ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
                        "embedding_size", "max_sequence_length", "rope_theta", "rms_norm_eps", "weight_tying",
                        "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "include_qkv_bias")
-# Fields the run may change (adapting a causal model to bidirectional attention, or training with the shift):
-# config.model's value where it differs from the LLaDA default, else the checkpoint's.
-ADAPTABLE_FIELDS = ("attention_type", "shift_logits", "block_size")
+# The run's ADAPTABLE_FIELDS (attention_type, shift_logits, block_size): config.model's value where it differs from
+# the LLaDA default, else the checkpoint's.
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -358,7 +357,7 @@ class StepLog:
         c = run.config
         self.run, self.max_steps = run, max_steps
         self.tokens_per_step = c.gradient_accumulation_steps * c.batch_size * c.max_length
-        self.flops_per_step = flops_per_token(run.model_config, c.max_length) * self.tokens_per_step
+        self.flops_per_step = flops_per_token(run.model_config, c.max_length, run.trainer.lora) * self.tokens_per_step
         self.peak = peak_flops_per_device()
         self.pending = None  # (step, metrics, seconds per step) not read yet
         self.window_start, self.window_steps = time.perf_counter(), 0

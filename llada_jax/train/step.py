@@ -170,11 +170,18 @@ class Trainer:
 
     def set_frozen(self, model: LLaDAForMaskedLM) -> None:
         """LoRA: the frozen base is this (loaded, placed) model's parameters."""
+        from flax import traverse_util
+
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        shapes = jax.tree.map(lambda x: (x.shape, x.dtype), params)
-        expected = jax.tree.map(lambda x: (x.shape, x.dtype), self.abstract_frozen)
-        if shapes != expected:
-            raise ValueError(f"the base model's parameters {shapes} are not those of the run's model {expected}")
+        have, want = (traverse_util.flatten_dict(tree) for tree in (params, self.abstract_frozen))
+        for path in sorted(set(have) | set(want), key=str):
+            a, b = have.get(path), want.get(path)
+            if a is None or b is None or (a.shape, a.dtype) != (b.shape, b.dtype):
+                def show(x):
+                    return "missing" if x is None else f"{x.dtype}{list(x.shape)}"
+
+                raise ValueError(f"the base model's parameter {'.'.join(map(str, path))} is {show(a)}, but the run's "
+                                 f"model has {show(b)}")
         self.frozen = jax.device_put(params, self.frozen_shardings)
 
     def state_from_params(self, params) -> TrainState:
@@ -390,18 +397,28 @@ def params_all_finite(params) -> bool:
     return bool(np.asarray(finite.addressable_shards[0].data))  # replicated: this process's copy
 
 
-def flops_per_token(model_config: LLaDAConfig, length: int) -> float:
+def flops_per_token(model_config: LLaDAConfig, length: int, lora=None) -> float:
     """Training FLOPs per token: 6 x (matmul parameters) + 12 x layers x length x d_model (attention).
 
     The matmul parameters are those of every projection and the output head (the embedding lookup is not a
     matmul); attention scores and the weighted sum cost 2 x 2 x L x d per token and layer forward, and
-    training is three times the forward (forward + two backward matmuls).
+    training is three times the forward (forward + two backward matmuls). With `lora` (a LoRAConfig) the frozen
+    base has no weight-gradient matmul: 4 x its matmul parameters, plus 6 x the adapters'.
     """
+    import math
+
+    from llada_jax.lora import target_layout
+
     c = model_config
     hd, n, k = c.head_dim, c.n_heads, c.effective_n_kv_heads
     per_layer = c.d_model * (n + 2 * k) * hd + n * hd * c.d_model + 3 * c.d_model * c.mlp_hidden_size
     matmul_params = c.n_layers * per_layer + c.d_model * c.padded_vocab_size
-    return 6.0 * matmul_params + 12.0 * c.n_layers * length * c.d_model
+    attention = 12.0 * c.n_layers * length * c.d_model
+    if lora is None:
+        return 6.0 * matmul_params + attention
+    adapters = c.n_layers * sum(lora.rank * (math.prod(target_layout(c, t)[0]) + math.prod(target_layout(c, t)[2]))
+                                for t in lora.targets)
+    return 4.0 * matmul_params + 6.0 * adapters + attention
 
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (None: unknown, e.g. CPUs).

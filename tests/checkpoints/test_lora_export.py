@@ -14,7 +14,7 @@ from flax import nnx
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM
 from llada_jax.checkpoints import load_pretrained
-from llada_jax.checkpoints.adapters import adapter_state, save_adapters, with_adapters
+from llada_jax.checkpoints.adapters import adapter_target, save_adapters, with_adapters
 from llada_jax.checkpoints.orbax_model import save_model
 from llada_jax.checkpoints.peft_adapter import (
     ADAPTER_CONFIG,
@@ -47,7 +47,7 @@ SETUPS = {
 def random_adapters(config, lora, seed, scale=0.1):
     """Adapters (pure dict, float32) with random A and B (B starts at zero in training: no-op adapters would
     let a dropped adapter pass)."""
-    state = nnx.to_pure_dict(adapter_state(config, lora))
+    state = adapter_target(config, lora)  # ShapeDtypeStructs
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, jnp.float32) * scale
@@ -103,7 +103,7 @@ def test_peft_adapter_applies_to_the_exported_base(setup):
                                 "modules_to_save", "task_type", "inference_mode")} == dict(
         peft_type="LORA", r=4, lora_alpha=8, bias="none", use_dora=False, use_rslora=False, fan_in_fan_out=False,
         modules_to_save=None, task_type=None, inference_mode=True)
-    assert cfg["base_model_name_or_path"] == setup["base"]
+    assert cfg["base_model_name_or_path"] is None  # an Orbax base: PEFT takes the exported one, as below
 
     base = hf_automodel(setup["base_hf"], dtype=torch.float32)
     np.testing.assert_allclose(torch_logits(base, IDS), setup["base_logits"], rtol=1e-4, atol=1e-4)
@@ -124,8 +124,8 @@ def test_peft_adapter_applies_to_the_exported_base(setup):
 def test_adapter_import_round_trip(setup):
     out = str(setup["root"] / "peft_rt")
     assert main(["convert", "to-hf", "--adapter_only", "--input", setup["run"], "--output", out]) == 0
-    back = str(setup["root"] / "imported")  # base from base_model_name_or_path: the Orbax base
-    assert main(["convert", "from-hf", "--adapter", out, "--output", back]) == 0
+    back = str(setup["root"] / "imported")  # on the Orbax base
+    assert main(["convert", "from-hf", "--adapter", out, "--input", setup["base"], "--output", back]) == 0
     *_, lora, base, _, adapters = read_lora_step(setup["run"])
     *_, lora2, base2, _, adapters2 = read_lora_step(back)
     assert (lora2, base2) == (lora, base)
@@ -141,6 +141,11 @@ def test_adapter_import_round_trip(setup):
     assert main(["convert", "from-hf", "--adapter", out, "--input", setup["base_hf"], "--output", on_hf]) == 0
     np.testing.assert_allclose(np.asarray(load_pretrained(on_hf)(jnp.asarray(IDS))), setup["jax_logits"],
                                rtol=1e-5, atol=1e-5)
+    # exported again, its adapter names the Hugging Face base, and imports onto it without --input
+    again = str(setup["root"] / "peft_again")
+    assert main(["convert", "to-hf", "--adapter_only", "--input", on_hf, "--output", again]) == 0
+    assert json.load(open(os.path.join(again, ADAPTER_CONFIG)))["base_model_name_or_path"] == setup["base_hf"]
+    assert main(["convert", "from-hf", "--adapter", again, "--output", str(setup["root"] / "again_run")]) == 0
     # its merged export streams the Hugging Face base
     merged = str(setup["root"] / "imported_hf_merged")
     assert main(["convert", "to-hf", "--input", on_hf, "--output", merged]) == 0
@@ -191,7 +196,7 @@ def edited_adapter(setup, name, **changes):
 def test_unsupported_peft_settings_are_errors(setup, tmp_path, capsys, changes, message):
     bad = edited_adapter(setup, f"bad_{len(os.listdir(setup['root']))}", **changes)
     out = str(tmp_path / "out")
-    assert main(["convert", "from-hf", "--adapter", bad, "--output", out]) == 2
+    assert main(["convert", "from-hf", "--adapter", bad, "--input", setup["base"], "--output", out]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0 and ADAPTER_CONFIG in err, err
     assert_nothing_written(tmp_path, out)

@@ -126,7 +126,7 @@ def test_lora_on_a_base_in_a_bucket_equals_local_paths(tmp_path, bucket):
     rows = [[(m["step"], m["loss"]) for m in read_metrics(run)] for _, run in runs.values()]
     assert rows[0] == rows[1] and len(rows[0]) == 3
     remote_base, remote = runs["remote"]
-    assert read_lora(remote, 3)[1] == remote_base
+    assert read_lora(remote, 3)[1] == f"{remote_base}/checkpoints/2"  # the base pinned to its step
     ids = np.array([[3, 17, 42, 99, 511, 511]])
     for merge in (False, True):
         local_logits = np.asarray(load_pretrained(runs["local"][1], merge_lora=merge)(ids))

@@ -90,7 +90,8 @@ def test_the_checkpoint_holds_adapters_and_names_the_base_which_is_unchanged(run
     run = runs["straight"]
     step = latest_finished_step(run)
     lora, base = read_lora(run, step)
-    assert (lora.rank, lora.alpha, base) == (16, 32.0, os.path.abspath(runs["base"]))
+    # the base pinned to its step: a base run that trains on is not silently another base
+    assert (lora.rank, lora.alpha, base) == (16, 32.0, step_dir(os.path.abspath(runs["base"]), 20))
     params = os.path.join(step_dir(run, step), "params")
     stored = ParamReader(run).paths()  # the adapters alone: A and B of 7 targets
     assert len(stored) == 14 and all(path[:2] == ("blocks", "adapters") for path in stored), stored
@@ -145,7 +146,7 @@ def test_lora_needs_a_base_and_resumes_only_with_its_settings(runs, tmp_path):
     copy = str(tmp_path / "copy")
     shutil.copytree(runs["straight"], copy)
     proc = sft(runs["base"], runs["data"], copy, "--config.lora.rank=8", steps=STEPS + 10, check=False)
-    assert proc.returncode != 0 and "holds adapters" in proc.stderr and "'rank': 16" in proc.stderr
+    assert proc.returncode != 0 and "holds adapters with lora.rank=16, but this run has lora.rank=8" in proc.stderr
 
 
 def test_a_base_that_does_not_match_the_adapters_is_refused(runs, tmp_path):
@@ -181,3 +182,23 @@ def test_eval_likelihood_of_the_adapters_unmerged_and_merged(runs, tmp_path):
     np.testing.assert_allclose(values["merged"], values["unmerged"], rtol=1e-4)
     # the adapters learned the task: the sorted answers are far likelier than under the base
     assert np.mean(values["unmerged"]) > np.mean(values["base"]) + 10, values
+
+
+def test_a_block_diffusion_lora_run_keeps_its_attention_when_loaded_and_exported(runs, tmp_path):
+    """A LoRA run may train a block-causal model on a bidirectional base: loading, merging and exporting it give the
+    block-causal model, not the base's attention."""
+    from llada_jax.checkpoints import load_pretrained
+
+    run = str(tmp_path / "block")
+    sft(runs["base"], runs["data"], run, "--config.model.attention_type=block_causal", "--config.model.block_size=4",
+        steps=3)
+    for merge in (False, True):
+        model = load_pretrained(run, merge_lora=merge)
+        assert (model.config.attention_type, model.config.block_size) == ("block_causal", 4)
+    hf = str(tmp_path / "hf")
+    cli("convert", "to-hf", "--input", run, "--output", hf, devices=1)
+    exported = json.load(open(os.path.join(hf, "config.json")))
+    assert (exported["attention_type"], exported["block_size"]) == ("block_causal", 4)
+    ids = np.array([[BOS, 12, 15, 11, 13, SEP, 511, 511, 511, 511, 511, 511]])
+    np.testing.assert_allclose(np.asarray(load_pretrained(hf)(ids)), np.asarray(load_pretrained(run)(ids)),
+                               rtol=1e-4, atol=1e-4)
