@@ -180,10 +180,7 @@ class LLaDAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "LLaDAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown LLaDAConfig field(s) {unknown}; known fields: {sorted(known)}")
+        _check_fields(cls, d, source)
         return cls(**d)
 
 
@@ -237,14 +234,15 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "lora") -> "LoRAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown LoRA field(s) {unknown}; known fields: {sorted(known)}")
-        d = dict(d)
-        if "targets" in d:
-            d["targets"] = parse_lora_targets(d["targets"])
-        return cls(**d)
+        _check_fields(cls, d, source)
+        return cls(**d)  # (targets may be a list or a string: __post_init__ makes them a tuple)
+
+
+def _check_fields(cls, d: dict[str, Any], source: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
 
 
 def parse_lora_targets(targets) -> tuple[str, ...]:

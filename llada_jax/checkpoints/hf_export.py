@@ -137,7 +137,6 @@ def export_merged_lora(input_path: str, output_dir: str, *, dtype: str | None = 
     from llada_jax.checkpoints.loading import model_tokenizer
     from llada_jax.checkpoints.orbax_model import ParamReader
     from llada_jax.checkpoints.peft_adapter import per_layer, read_lora_step
-    from llada_jax.errors import CheckpointNotFoundError
 
     run_dir, step, lora, base, trained_on, adapters = read_lora_step(input_path)
     where = layout.step_dir(run_dir, step)

@@ -161,13 +161,9 @@ def read_adapter_config(directory: str) -> dict:
         raise FileNotFoundError(f"{directory}: no such adapter directory")
     if not storage.exists(path):
         raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
-    try:
-        cfg = json.loads(storage.read_text(path))
-    except json.JSONDecodeError as e:
-        raise HFConfigError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise HFConfigError(f"{path}: expected a JSON object")
-    return cfg
+    from llada_jax.checkpoints.hf_config import read_json_object
+
+    return read_json_object(path)
 
 
 def lora_settings(cfg: dict, source: str) -> tuple[int, float, float]:

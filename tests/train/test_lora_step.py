@@ -11,7 +11,7 @@ from llada_jax import sharding
 from llada_jax.config import LLaDAConfig, train_config
 from llada_jax.model import LLaDAForMaskedLM
 from llada_jax.train.step import Trainer
-from tests.train.test_step import LENGTH, batches
+from tests.train.test_step import LENGTH, batches, run
 
 MODEL = LLaDAConfig.tiny()
 
@@ -25,16 +25,6 @@ def lora_trainer(batch_size=8, accumulation=1, mesh=(1, 1, 1), task="sft", model
     trainer = Trainer(c, model, sharding.make_mesh(c.mesh, jax.devices()[: int(np.prod(mesh))]))
     trainer.set_frozen(LLaDAForMaskedLM(model, rngs=nnx.Rngs(0)))
     return trainer
-
-
-def run(trainer, data, accumulation=1):
-    state = trainer.init_state(0)
-    losses = []
-    for b in data:
-        shaped = {k: v.reshape((accumulation, -1) + v.shape[1:]) for k, v in b.items()}
-        state, metrics = trainer.step(state, jax.device_put(shaped, trainer.batch_sharding))
-        losses.append(float(metrics["loss"]))
-    return losses, state
 
 
 def copy_task():
