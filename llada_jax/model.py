@@ -36,8 +36,9 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from llada_jax import lora as lora_lib
 from llada_jax import sharding
-from llada_jax.config import LLaDAConfig
+from llada_jax.config import LORA_TARGETS, LLaDAConfig, LoRAConfig
 
 Array = jax.Array
 
@@ -284,6 +285,7 @@ class LLaDABlock(nnx.Module):
 
     def __init__(self, config: LLaDAConfig, layer_id, *, rngs: nnx.Rngs):
         self.config = config
+        self.lora: LoRAConfig | None = None
         d, n, k, hd, m = (config.d_model, config.n_heads, config.effective_n_kv_heads, config.head_dim,
                           config.mlp_hidden_size)
         pd = _dtype(config.param_dtype)
@@ -303,22 +305,37 @@ class LLaDABlock(nnx.Module):
         self.up_proj = _param(_trunc_normal(rngs, (d, m), d**-0.5, pd), ("embed", "mlp"))
         self.ff_out = _param(_trunc_normal(rngs, (m, d), m**-0.5 * depth_scale, pd), ("mlp", "embed"))
 
-    def __call__(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, pairs: Array | None = None) -> Array:
-        return self.forward(x, cos, sin, key_mask, pairs=pairs)[0]
+    def add_adapters(self, lora: LoRAConfig, rngs: nnx.Rngs) -> None:
+        """Give the targeted projections LoRA adapters (B at zero: the outputs do not change)."""
+        self.lora = lora
+        self.adapters = lora_lib.make_adapters(self.config, lora, rngs=rngs)
 
-    def qkv(self, x: Array) -> tuple[Array, Array, Array]:
+    def __call__(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, pairs: Array | None = None,
+                 dropout_keys: Array | None = None) -> Array:
+        return self.forward(x, cos, sin, key_mask, pairs=pairs, dropout_keys=dropout_keys)[0]
+
+    def project(self, name: str, x: Array, n_in: int = 1, dropout_keys: Array | None = None) -> Array:
+        """x times the projection `name` (in the compute dtype), plus its LoRA adapter's term when it has one
+        (`dropout_keys`: this layer's [B] row keys, training only)."""
+        y = dense(x, getattr(self, name)[...].astype(_dtype(self.config.dtype)), n_in)
+        if self.lora is None or name not in self.lora.targets:
+            return y
+        keys = None if dropout_keys is None else lora_lib.fold_keys(dropout_keys, LORA_TARGETS.index(name))
+        return y + lora_lib.delta(self.adapters[name], x, n_in, y.shape[x.ndim - n_in:], self.lora, keys)
+
+    def qkv(self, x: Array, dropout_keys: Array | None = None) -> tuple[Array, Array, Array]:
         """Queries [B, n, heads, head_dim], keys and values [B, n, kv_heads, head_dim] of x, before RoPE."""
         c = self.config
         dt = _dtype(c.dtype)
         h = rms_norm(x, self.attn_norm[...], c.rms_norm_eps).astype(dt)
-        q, k, v = (dense(h, getattr(self, f"{name}_proj")[...].astype(dt)) for name in "qkv")
+        q, k, v = (self.project(f"{name}_proj", h, dropout_keys=dropout_keys) for name in "qkv")
         if c.include_qkv_bias:
             q, k, v = (y + getattr(self, f"{name}_bias")[...].astype(dt) for name, y in zip("qkv", (q, k, v)))
         return sharding.constrain(q, BLNH), sharding.constrain(k, BLKH), sharding.constrain(v, BLKH)
 
     def forward(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, cached: "KVCache | None" = None,
-                start=None, key_rope: tuple[Array, Array] | None = None, pairs: Array | None = None
-                ) -> tuple[Array, "KVCache"]:
+                start=None, key_rope: tuple[Array, Array] | None = None, pairs: Array | None = None,
+                dropout_keys: Array | None = None) -> tuple[Array, "KVCache"]:
         """The block on `x` [B, n, D]: (output [B, n, D], KVCache of x's positions, each [B, n, kv_heads, head_dim]).
 
         Without `cached`, x is the whole sequence and attends to itself (`key_mask` [B, n]). With `cached`, the
@@ -327,15 +344,11 @@ class LLaDABlock(nnx.Module):
         cached ones there, and x attends to all S positions (`key_mask` [B, S], `key_rope` the cos / sin of all
         S positions). Keys are cached before RoPE (applied as they are read), so a cache fill computes exactly
         the numbers of the plain forward. `pairs` [n, S] (or [B, n, S]): which keys each query may see (causal
-        attention), None: all.
+        attention), None: all. `dropout_keys` [B]: this layer's row keys for the adapters' dropout (training).
         """
         c = self.config
         dt = _dtype(c.dtype)
-
-        def w(p):
-            return p[...].astype(dt)
-
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv(x, dropout_keys)
         fresh = KVCache(k, v)
         key_cos, key_sin = cos, sin
         if cached is not None:
@@ -344,13 +357,13 @@ class LLaDABlock(nnx.Module):
             key_cos, key_sin = key_rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, key_cos, key_sin)
         att = attention(q, k, v, key_mask, _resolve_attention_impl(c), pairs)
-        att = dense(att, w(self.attn_out), n_in=2)
+        att = self.project("attn_out", att, 2, dropout_keys)
         x = sharding.constrain(x + checkpoint_name(att, "attn_out"), BLD)
 
         h = rms_norm(x, self.ff_norm[...], c.rms_norm_eps).astype(dt)
-        gate = sharding.constrain(dense(h, w(self.ff_proj)), BLM)
-        up = sharding.constrain(dense(h, w(self.up_proj)), BLM)
-        mlp = dense(jax.nn.silu(gate) * up, w(self.ff_out))
+        gate = sharding.constrain(self.project("ff_proj", h, dropout_keys=dropout_keys), BLM)
+        up = sharding.constrain(self.project("up_proj", h, dropout_keys=dropout_keys), BLM)
+        mlp = self.project("ff_out", jax.nn.silu(gate) * up, dropout_keys=dropout_keys)
         return sharding.constrain(x + checkpoint_name(mlp, "mlp_out"), BLD), fresh
 
 
@@ -369,29 +382,38 @@ class LLaDAForMaskedLM(nnx.Module):
     `attention_mask` [B, L] marks real tokens with 1. Keys where it is 0 are ignored by every query, and
     positions count real tokens only, so a left-padded row gives the same logits on its real tokens as the
     same row without padding.
+
+    With `lora` (a LoRAConfig), every block's targeted projections carry LoRA adapters (`llada_jax.lora`):
+    their `nnx.LoRAParam`s are the trainable part, the rest the frozen base; `merge_lora()` folds them in.
     """
 
-    def __init__(self, config: LLaDAConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LLaDAConfig, *, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         self.config = config
+        self.lora = lora
         d, v = config.d_model, config.padded_vocab_size
         pd = _dtype(config.param_dtype)
         self.wte = _param(_trunc_normal(rngs, (v, d), d**-0.5, pd), ("vocab", "embed"))
         if config.scan_layers:
-            self.blocks = _stacked_blocks(config, rngs)
+            self.blocks = _stacked_blocks(config, rngs, lora)
         else:
             self.blocks = nnx.List([LLaDABlock(config, i, rngs=rngs) for i in range(config.n_layers)])
         self.ln_f = _param(jnp.ones((d,), pd), ("norm",))
         if not config.weight_tying:
             self.ff_out = _param(_trunc_normal(rngs, (d, v), d**-0.5, pd), ("embed", "vocab"))
+        if lora is not None and not config.scan_layers:  # drawn after the base: its initial values stay the same
+            for block in self.blocks:
+                block.add_adapters(lora, rngs)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None, *,
-                 positions: Array | None = None, block_anchor=0) -> Array:
+                 positions: Array | None = None, block_anchor=0, dropout_keys: Array | None = None) -> Array:
         """float32 logits [B, L, V], logits[:, i] the prediction for position i (with `shift_logits`, read from
         the output at i - 1). `visible` [L, L] or [B, L, L] (True = query i may see key j) replaces the attention
         type's pattern (the annealed masks of causal-to-bidirectional adaptation, the noisy ++ clean sequence of
         block-diffusion training); `positions` [B, L] replaces the positions counted from `attention_mask`;
-        `block_anchor` (scalar or [B]) is where block_causal blocks are laid from."""
-        hidden = self.hidden_states(input_ids, attention_mask, visible, positions=positions, block_anchor=block_anchor)
+        `block_anchor` (scalar or [B]) is where block_causal blocks are laid from; `dropout_keys` [B] (one key per
+        row) turns on the LoRA adapters' dropout (training)."""
+        hidden = self.hidden_states(input_ids, attention_mask, visible, positions=positions, block_anchor=block_anchor,
+                                    dropout_keys=dropout_keys)
         return self.logits(self.prediction_states(hidden, attention_mask))
 
     def prediction_states(self, hidden: Array, attention_mask: Array | None = None) -> Array:
@@ -415,14 +437,34 @@ class LLaDAForMaskedLM(nnx.Module):
     def save_pretrained(self, path: str, *, dtype: str | None = None, max_shard_size: int | str = "5GB",
                         tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
         """Write this model as a Hugging Face directory in the official LLaDA layout (safetensors, config.json
-        and this project's PyTorch modeling code); see `llada_jax.checkpoints.save_pretrained`."""
+        and this project's PyTorch modeling code; LoRA adapters merged); see `llada_jax.checkpoints.save_pretrained`."""
         from llada_jax.checkpoints import save_pretrained
 
         return save_pretrained(self, path, dtype=dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
                                overwrite=overwrite)
 
+    def merge_lora(self) -> "LLaDAForMaskedLM":
+        """This model with its LoRA adapters folded into the base weights (W + alpha / rank A B, in the base's
+        param dtype): a plain model with the same outputs up to float rounding and no adapter matmuls. A model
+        without adapters is returned as it is."""
+        if self.lora is None:
+            return self
+        params = nnx.to_pure_dict(nnx.state(self, nnx.Param))
+        if self.config.scan_layers:
+            params["blocks"] = lora_lib.merge_block(params["blocks"], self.lora)
+        else:
+            params["blocks"] = {i: lora_lib.merge_block(block, self.lora) for i, block in params["blocks"].items()}
+        graphdef, state = abstract_model(self.config)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(graphdef, state)
+
     def embed(self, input_ids: Array) -> Array:
-        return sharding.constrain(jnp.take(self.wte[...], input_ids, axis=0), BLD)
+        """The embeddings of `input_ids`: the residual stream starts in the wider of the parameter and compute
+        dtypes (what every block's output is, so the layer loop's carry keeps one dtype: a bfloat16 base under
+        float32 compute starts in float32)."""
+        c = self.config
+        dt = jnp.promote_types(_dtype(c.param_dtype), _dtype(c.dtype))
+        return sharding.constrain(jnp.take(self.wte[...], input_ids, axis=0).astype(dt), BLD)
 
     def rope_and_key_mask(self, attention_mask: Array | None, batch: int, length: int,
                           positions: Array | None = None):
@@ -435,13 +477,13 @@ class LLaDAForMaskedLM(nnx.Module):
         return cos, sin, None if attention_mask is None else attention_mask.astype(bool)
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None, *,
-                      positions: Array | None = None, block_anchor=0) -> Array:
+                      positions: Array | None = None, block_anchor=0, dropout_keys: Array | None = None) -> Array:
         """Final residual stream (before ln_f) for `input_ids` [B, L], at each position (not shifted:
         `prediction_states` aligns it with the predicted positions). Keyword arguments as in `__call__`."""
         length = input_ids.shape[1]
         rope = self.rope_and_key_mask(attention_mask, *input_ids.shape, positions=positions)
         pairs = visible if visible is not None else self.visible_keys(jnp.arange(length), length, block_anchor)
-        return self._layers(self.embed(input_ids), *rope, pairs=pairs)[0]
+        return self._layers(self.embed(input_ids), *rope, pairs=pairs, dropout_keys=dropout_keys)[0]
 
     def hidden_states_and_kv(self, input_ids: Array, attention_mask: Array | None = None, *, block_anchor=0
                              ) -> tuple[Array, KVCache]:
@@ -478,29 +520,30 @@ class LLaDAForMaskedLM(nnx.Module):
         return visible_pairs(c.attention_type, query_index, key_length, c.block_size, block_anchor)
 
     def _layers(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, *, pairs: Array | None = None,
-                cache: KVCache | None = None, start=None, key_rope=None, collect: bool = False
-                ) -> tuple[Array, KVCache | None]:
+                cache: KVCache | None = None, start=None, key_rope=None, collect: bool = False,
+                dropout_keys: Array | None = None) -> tuple[Array, KVCache | None]:
         """Run every block over x: (x, the blocks' KVCache of x's positions when `collect` or with `cache`)."""
         c = self.config
         plain = cache is None and not collect
 
-        def apply_block(graphdef, params, x, layer_cache):
+        def apply_block(graphdef, params, x, layer_cache, layer):
             block = nnx.merge(graphdef, params)
+            keys = None if dropout_keys is None else lora_lib.fold_keys(dropout_keys, layer)
             if plain:
-                return block(x, cos, sin, key_mask, pairs), None
-            return block.forward(x, cos, sin, key_mask, layer_cache, start, key_rope, pairs)
+                return block(x, cos, sin, key_mask, pairs, keys), None
+            return block.forward(x, cos, sin, key_mask, layer_cache, start, key_rope, pairs, keys)
 
         if c.scan_layers:
             graphdef, params = nnx.split(self.blocks)
-            step = _remat(lambda h, xs: apply_block(graphdef, xs[0], h, xs[1]), c.remat_policy, in_scan=True)
-            x, kv = jax.lax.scan(step, x, (params, cache))
+            step = _remat(lambda h, xs: apply_block(graphdef, xs[0], h, xs[1], xs[2]), c.remat_policy, in_scan=True)
+            x, kv = jax.lax.scan(step, x, (params, cache, jnp.arange(c.n_layers, dtype=jnp.uint32)))
             return x, kv
         kvs = []
         for i, block in enumerate(self.blocks):
             graphdef, params = nnx.split(block)
             layer_cache = None if cache is None else KVCache(cache.k[i], cache.v[i])
-            x, layer_kv = _remat(lambda p, h, lc: apply_block(graphdef, p, h, lc), c.remat_policy,
-                                 in_scan=False)(params, x, layer_cache)
+            x, layer_kv = _remat(lambda p, h, lc, layer: apply_block(graphdef, p, h, lc, layer), c.remat_policy,
+                                 in_scan=False)(params, x, layer_cache, jnp.uint32(i))
             kvs.append(layer_kv)
         return x, None if plain else KVCache(jnp.stack([a.k for a in kvs]), jnp.stack([a.v for a in kvs]))
 
@@ -514,22 +557,25 @@ class LLaDAForMaskedLM(nnx.Module):
         return sharding.constrain(logits.astype(jnp.float32), BLV)
 
 
-def _stacked_blocks(config: LLaDAConfig, rngs: nnx.Rngs) -> LLaDABlock:
+def _stacked_blocks(config: LLaDAConfig, rngs: nnx.Rngs, lora: LoRAConfig | None) -> LLaDABlock:
     """n_layers blocks whose parameters are stacked on a leading "layers" axis (for lax.scan)."""
 
     @nnx.split_rngs(splits=config.n_layers)
     @nnx.vmap(in_axes=(0, 0), out_axes=0,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def create(rngs: nnx.Rngs, layer_id):
-        return LLaDABlock(config, layer_id, rngs=rngs)
+        block = LLaDABlock(config, layer_id, rngs=rngs)
+        if lora is not None:
+            block.add_adapters(lora, rngs)
+        return block
 
     return create(rngs, jnp.arange(config.n_layers))
 
 
-def abstract_model(config: LLaDAConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(config: LLaDAConfig, lora: LoRAConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, parameter state of ShapeDtypeStructs) of a model, built with `nnx.eval_shape`: the shapes
     and dtypes without allocating anything (restore targets, shardings, sizes)."""
-    return nnx.split(nnx.eval_shape(lambda: LLaDAForMaskedLM(config, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: LLaDAForMaskedLM(config, rngs=nnx.Rngs(0), lora=lora)))
 
 
 def count_params(config: LLaDAConfig) -> int:

@@ -88,3 +88,27 @@ def test_demo_block_causal_trains_the_variant_and_reports_it_beside(tmp_path):
     report = open(os.path.join(out, "report.md")).read()
     assert "## Block diffusion (--attention_type block_causal, blocks of 4)" in report
     assert "| block_causal (blocks of 4), block_diffusion |" in report
+
+
+def test_demo_lora_fine_tunes_beside_the_full_model_and_exports_both_ways(tmp_path):
+    """--lora: LoRA adapters trained on the frozen pretrained model with the same commands, sampled, exported merged
+    (PyTorch gives the adapters' logits) and as a PEFT directory, reported beside the full fine-tune."""
+    out = str(tmp_path / "demo")
+    cli("demo", "--output_dir", out, "--d_model", "32", "--n_layers", "1", "--n_heads", "2", "--pretrain_steps", "2",
+        "--sft_steps", "4", "--batch_size", "8", "--test_size", "4", "--lora", devices=1)
+    lora = json.load(open(os.path.join(out, "results.json")))["lora"]
+    # rank 16 on q, k, v, attn_out (32 -> 32), ff_proj, up_proj (32 -> 96) and ff_out (96 -> 32), one layer
+    assert lora["trained_parameters"] == 16 * (4 * (32 + 32) + 3 * (32 + 96))
+    # the base: embedding and head 512 x 32 each, two norms per layer and the final one, the layer's projections
+    assert lora["base_parameters"] == 2 * 512 * 32 + 3 * 32 + 4 * 32 * 32 + 3 * 32 * 96
+    assert 0 < lora["checkpoint_bytes"] < lora["base_checkpoint_bytes"]
+    assert lora["merged_torch_max_abs_diff"] < 1e-4
+    assert lora["target"]["met"] == (lora["accuracy"] >= 0.9)
+    for name in ("lora_hf/config.json", "lora_peft/adapter_config.json", "lora_peft/adapter_model.safetensors",
+                 "samples_lora_sft/semi_ar_padding__low_confidence.jsonl"):
+        assert os.path.exists(os.path.join(out, name)), name
+    config = json.load(open(os.path.join(out, "lora_sft", "config.json")))
+    assert config["lora"]["enabled"] and config["model_name_or_path"] == os.path.join(out, "pretrain")
+    report = open(os.path.join(out, "report.md")).read()
+    assert "## LoRA fine-tuning (--lora: rank 16, alpha 32, every projection)" in report
+    assert "| LoRA | 10,240 |" in report

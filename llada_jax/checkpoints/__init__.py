@@ -8,9 +8,12 @@
     hf_config      config.json of the official layout <-> LLaDAConfig
     safetensors_io (sharded) safetensors read and written one tensor at a time
     hf_import      Hugging Face directory -> a model in memory or an Orbax checkpoint
-    hf_export      a model or an Orbax checkpoint -> Hugging Face directory (with hf_files/, the PyTorch code)
+    hf_export      a model or an Orbax checkpoint -> Hugging Face directory (with hf_files/, the PyTorch code);
+                   a LoRA checkpoint exported merged
+    adapters       LoRA checkpoints: adapters only, naming their base model
+    peft_adapter   LoRA checkpoints <-> PEFT LoRA adapter directories
     loading        load_model_and_tokenizer / load_pretrained / read_model_config for either format
-    cli            `llada-jax convert to-hf | from-hf`
+    cli            `llada-jax convert to-hf [--adapter_only] | from-hf [--adapter]`
 
 Training, data, sampling and evaluation build on this layer; it builds only on the model and the config.
 Importing the package is cheap: the names below load their module on first use.
@@ -23,6 +26,7 @@ _EXPORTS = {
     "load_on_mesh": "loading", "model_tokenizer": "loading",
     "save_pretrained": "hf_export", "convert_to_hf": "hf_export", "convert_from_hf": "hf_import",
     "load_model": "orbax_model", "save_model": "orbax_model",
+    "export_peft_adapter": "peft_adapter", "import_peft_adapter": "peft_adapter",
 }
 __all__ = sorted(_EXPORTS)
 

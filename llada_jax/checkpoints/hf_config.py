@@ -184,6 +184,11 @@ def read_hf_config(directory: str) -> dict[str, Any]:
     path = storage.join(directory, HF_CONFIG_FILE)
     if not storage.is_file(path):
         raise FileNotFoundError(f"{directory}: no {HF_CONFIG_FILE} (not a Hugging Face model directory)")
+    return read_json_object(path)
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """A JSON file holding one object (config.json, adapter_config.json); HFConfigError naming the file otherwise."""
     try:
         d = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:

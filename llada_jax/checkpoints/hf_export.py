@@ -5,7 +5,9 @@ official keys (`model.safetensors`, or shards plus `model.safetensors.index.json
 the tokenizer files when there is a tokenizer, and this project's own `configuration_llada.py` and
 `modeling_llada.py` for `trust_remote_code=True`. The shards are laid out in the official key order first
 and then filled one parameter at a time (one stacked [layers, ...] array restored, its layers written at
-their offsets), so host memory holds one parameter and one tensor, never the model.
+their offsets), so host memory holds one parameter and one tensor, never the model. A LoRA checkpoint is
+exported merged (its base streamed the same way, each targeted weight merged with the adapters as it passes),
+or as a PEFT adapter directory (`peft_adapter`).
 """
 
 from __future__ import annotations
@@ -83,15 +85,31 @@ def write_hf_dir(directory: str, config: LLaDAConfig, leaves: Iterable[tuple[tup
 
 
 def convert_to_hf(input_path: str, output_dir: str, *, dtype: str | None = None,
-                        max_shard_size: int | str = "5GB", overwrite: bool = False) -> str:
+                        max_shard_size: int | str = "5GB", overwrite: bool = False, adapter_only: bool = False) -> str:
     """Export an Orbax model checkpoint (run dir, its checkpoints/ dir, or a step dir) as an HF directory.
 
     `dtype` (float32 | bfloat16 | float16) defaults to the checkpoint's parameter dtype. A checkpoint that
     was imported from Hugging Face is written back with its original config.json fields.
+
+    A LoRA checkpoint (`adapters`) is exported as the merged model: its base's parameters with the adapters
+    folded into the targeted weights (`export_merged_lora`). With `adapter_only` it is written as a PEFT
+    LoRA adapter directory instead (`peft_adapter.export_peft_adapter`), to apply to the exported base.
     """
+    from llada_jax.checkpoints.adapters import read_lora
     from llada_jax.checkpoints.orbax_model import ParamReader
 
     parse_size(max_shard_size)
+    run_dir, step = layout.find_checkpoint(input_path)
+    is_lora = read_lora(run_dir, step) is not None
+    if adapter_only:
+        from llada_jax.checkpoints.peft_adapter import export_peft_adapter
+
+        if dtype is not None:
+            raise ValueError("--dtype does not apply to --adapter_only: PEFT adapters are written in float32")
+        return export_peft_adapter(input_path, output_dir, overwrite=overwrite)
+    if is_lora:
+        return export_merged_lora(input_path, output_dir, dtype=dtype, max_shard_size=max_shard_size,
+                                  overwrite=overwrite)
     reader = ParamReader(input_path)
     dtype = dtype or reader.config.param_dtype
     _np_dtype(dtype)
@@ -104,17 +122,86 @@ def convert_to_hf(input_path: str, output_dir: str, *, dtype: str | None = None,
     return storage.clean(output_dir)
 
 
+def export_merged_lora(input_path: str, output_dir: str, *, dtype: str | None = None,
+                       max_shard_size: int | str = "5GB", overwrite: bool = False) -> str:
+    """Export a LoRA checkpoint as the merged model: W + (alpha / rank) A B for every targeted weight.
+
+    The base (an Orbax checkpoint or a Hugging Face directory) is read one parameter at a time and each
+    targeted weight merged as it passes (the adapters, small, are held in memory); a base that is itself a
+    LoRA checkpoint is loaded merged and written with `save_pretrained`. `dtype` defaults to the base's
+    parameter dtype; the base's imported config.json fields are kept as in a plain export. The tokenizer is
+    the LoRA run's, else the base's.
+    """
+    from llada_jax import lora as lora_lib
+    from llada_jax.checkpoints.adapters import adapted_config, check_base, read_lora, require_base
+    from llada_jax.checkpoints.loading import model_tokenizer
+    from llada_jax.checkpoints.orbax_model import ParamReader
+    from llada_jax.checkpoints.peft_adapter import per_layer, read_lora_step
+
+    run_dir, step, lora, base, trained_on, adapters = read_lora_step(input_path)
+    where = layout.step_dir(run_dir, step)
+    if storage.clean(output_dir) in (storage.clean(input_path), run_dir, storage.clean(base)):
+        raise ValueError(f"{output_dir}: the output must differ from the input checkpoint and its base")
+    require_base(where, base)
+    tokenizer_dir = layout.tokenizer_path(input_path) or model_tokenizer(base)
+    base_format = layout.model_format(base)
+    if base_format == "orbax" and read_lora(*layout.find_checkpoint(base)) is not None:
+        from llada_jax.checkpoints.adapters import load_lora_model
+
+        model = load_lora_model(run_dir, step, merge_lora=True)  # the base merged, then these adapters
+        return save_pretrained(model, output_dir, dtype=dtype, max_shard_size=max_shard_size,
+                               tokenizer_dir=tokenizer_dir, overwrite=overwrite)
+    if base_format == "orbax":
+        reader = ParamReader(base)
+        config, hf_config_base = reader.config, reader.hf_config()
+        base_leaves = ((path, reader.read(path)) for path in reader.paths())
+    else:
+        from llada_jax.checkpoints.hf_import import iter_param_leaves, open_hf_dir
+
+        ck = open_hf_dir(base)
+        config, hf_config_base = ck.config, None if ck.is_ar else ck.hf_config
+        base_leaves = iter_param_leaves(ck)
+    check_base(config, trained_on, where, base)
+    config = adapted_config(config, trained_on)  # the attention the run trained with
+    layers = per_layer(adapters, lora, config.n_layers)
+
+    def merged(path: tuple, array: np.ndarray) -> np.ndarray:
+        target = path[-1]
+        if path[0] != hf_keys.BLOCKS or len(path) == 1 or target not in lora.targets:
+            return array
+        array = array.astype(np.float32)  # merged in float32 and rounded once, to the output dtype, when written
+        if len(path) == 2:  # scanned: [layers, ...]
+            out = np.empty_like(array)
+            for i, (a, b) in enumerate(layers[target]):
+                out[i] = np.asarray(lora_lib.merged_weight(array[i], a, b, lora.scale))
+            return out
+        a, b = layers[target][int(path[1])]
+        return np.asarray(lora_lib.merged_weight(array, a, b, lora.scale))
+
+    # the base's leaves are produced lazily, in order: each is read (and merged) when the writer asks for it
+    leaves = ((path, (lambda p=path, a=array: merged(p, a))) for path, array in base_leaves)
+    dtype = dtype or config.param_dtype
+    _np_dtype(dtype)
+    with atomic_dir(output_dir, overwrite=overwrite, last=LAST) as tmp:
+        write_hf_dir(tmp, config, leaves, dtype=dtype, max_shard_size=max_shard_size,
+                     hf_config_base=hf_config_base, tokenizer_dir=tokenizer_dir)
+    return storage.clean(output_dir)
+
+
 def save_pretrained(model, output_dir: str, *, dtype: str | None = None, max_shard_size: int | str = "5GB",
                   tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
     """Write an `LLaDAForMaskedLM` as an HF directory (`dtype` defaults to its parameter dtype).
 
-    Parameters sharded over several processes are gathered leaf by leaf on every process; process 0 writes.
+    Parameters sharded over several processes are gathered leaf by leaf on every process; process 0 writes. A model
+    with LoRA adapters is written merged (`model.merge_lora()`): a Hugging Face directory holds a whole model (for
+    the adapters alone, `convert to-hf --adapter_only` on the saved run).
     """
     import jax
     from flax import nnx
     from jax.experimental import multihost_utils
 
     parse_size(max_shard_size)
+    model = model.merge_lora()
     config = model.config
     dtype = dtype or config.param_dtype
     _np_dtype(dtype)

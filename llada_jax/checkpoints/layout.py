@@ -42,6 +42,7 @@ OPT_STATE = "opt_state"  # optimizer state (training checkpoints)
 TRAIN_STATE = "train_state"  # step, seed and the non-finite counters as JSON (training checkpoints)
 TRAIN_CONFIG = "config"  # the full training config as JSON (training checkpoints)
 DATA_STATE = "data"  # the data iterator's state (training checkpoints)
+LORA = "lora"  # LoRA checkpoints: the LoRAConfig and the base model's path (`params` then holds the adapters)
 
 # The files whose presence makes a directory a tokenizer (`tokenizer_path`): copied last, so that a partial copy
 # to an object store is not taken for a tokenizer.

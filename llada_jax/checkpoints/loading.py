@@ -22,11 +22,16 @@ def load_pretrained(path: str, dtype: str | None = None, **overrides):
     `dtype` sets the compute dtype; keyword arguments: `param_dtype` (default: as stored), `mesh` and `rules`
     (shard the parameters as they are placed), and LLaDAConfig fields that do not change shapes
     (scan_layers, remat_policy, attention_impl); for an AR directory also `attention_type`, `shift_logits` and
-    `mask_token` (an existing token to use as the mask).
+    `mask_token` (an existing token to use as the mask). A LoRA checkpoint (`llada_jax.checkpoints.adapters`)
+    gives its base with the adapters applied; `merge_lora=True` folds them into the weights, `base=PATH` loads
+    another copy of the base than the one the checkpoint names.
     """
     if layout.model_format(path) == "hf":
         from llada_jax.checkpoints.hf_import import load_hf_model
 
+        overrides.pop("merge_lora", None)  # a Hugging Face model directory holds a whole model
+        if overrides.pop("base", None) is not None:
+            raise ValueError(f"{path}: base= applies to LoRA checkpoints; this is a Hugging Face model directory")
         return load_hf_model(path, dtype, **overrides)
     from llada_jax.checkpoints.orbax_model import load_model
 
@@ -72,11 +77,12 @@ def model_tokenizer(path: str, *, mask_token: str | None = None) -> str | None:
     return local
 
 
-def load_on_mesh(path: str, mesh: str | None = None, *, dtype: str | None = None):
+def load_on_mesh(path: str, mesh: str | None = None, *, dtype: str | None = None, merge_lora: bool = False):
     """(model, tokenizer or None, mesh) for a command that runs a model on every device of every process: the mesh
     of a `--mesh data=D,fsdp=F,tensor=T` value (default: every device on data) is checked against the devices
     and the model's shape (read without its weights) before anything is loaded, then the parameters are restored
-    straight into their shardings (the default logical-axis rules). `jax.distributed` must be started first."""
+    straight into their shardings (the default logical-axis rules). `jax.distributed` must be started first.
+    A LoRA checkpoint gives its base with the adapters, folded into the weights with `merge_lora`."""
     import jax
 
     from llada_jax import sharding
@@ -85,7 +91,8 @@ def load_on_mesh(path: str, mesh: str | None = None, *, dtype: str | None = None
     sizes = sharding.mesh_shape(sharding.parse_mesh(mesh), jax.device_count())
     sharding.check_model_fits(sizes, read_model_config(path))
     on = sharding.make_mesh(sizes)
-    model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, mesh=on, rules=DEFAULT_LOGICAL_AXIS_RULES)
+    model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, mesh=on, rules=DEFAULT_LOGICAL_AXIS_RULES,
+                                                merge_lora=merge_lora)
     return model, tokenizer, on
 
 

@@ -35,12 +35,15 @@ SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size
                 "weight_tying")
 
 
-def model_items(config: LLaDAConfig, params_save, *, hf_config: dict | None = None) -> dict:
+def model_items(config: LLaDAConfig, params_save, *, hf_config: dict | None = None, lora: dict | None = None) -> dict:
     """The composite-save arguments of a model, {item name: save args}: `params_save` (the parameters'
-    `ocp.args.StandardSave` / `PyTreeSave`), the config, and optionally the config.json it was imported from."""
+    `ocp.args.StandardSave` / `PyTreeSave`), the config, and optionally the config.json it was imported from, or
+    the `lora` item of a LoRA checkpoint (`params_save` then saves the adapters; see `adapters`)."""
     items: dict[str, Any] = {layout.PARAMS: params_save, layout.MODEL_CONFIG: ocp.args.JsonSave(config.to_dict())}
     if hf_config is not None:
         items[layout.HF_CONFIG] = ocp.args.JsonSave(hf_config)
+    if lora is not None:
+        items[layout.LORA] = ocp.args.JsonSave(lora)
     return items
 
 
@@ -116,11 +119,19 @@ def merge_params(config: LLaDAConfig, params: dict) -> LLaDAForMaskedLM:
 
 
 def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None, rules=None,
-               **overrides) -> LLaDAForMaskedLM:
+               merge_lora: bool = False, base: str | None = None, **overrides) -> LLaDAForMaskedLM:
     """A model restored from an Orbax checkpoint. `dtype` sets the compute dtype, `param_dtype` casts the
     stored parameters; other keyword arguments override LLaDAConfig fields that do not change shapes
-    (scan_layers, remat_policy, attention_impl)."""
+    (scan_layers, remat_policy, attention_impl). A LoRA checkpoint loads its base model (or `base`) and applies
+    the adapters, folded into the weights with `merge_lora` (`adapters.load_lora_model`)."""
     run_dir, step = layout.find_checkpoint(path)
+    from llada_jax.checkpoints.adapters import load_lora_model, read_lora
+
+    if read_lora(run_dir, step) is not None:
+        return load_lora_model(run_dir, step, merge_lora=merge_lora, base=base, mesh=mesh, rules=rules, dtype=dtype,
+                               param_dtype=param_dtype, **overrides)
+    if base is not None:
+        raise ValueError(f"{path}: base= applies to LoRA checkpoints; this one holds a whole model")
     changes = dict(overrides)
     if dtype is not None:
         changes["dtype"] = dtype
@@ -132,6 +143,9 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
 
 def save_model(model: LLaDAForMaskedLM, run_dir: str, *, step: int = 0, tokenizer_dir: str | None = None) -> str:
     """Write `model` as a one-step checkpoint in `run_dir` (loadable by `load_model` and every command)."""
+    if model.lora is not None:
+        raise ValueError("save_model writes whole models: merge the adapters first (model.merge_lora()), or save "
+                         "them with llada_jax.checkpoints.adapters.save_adapters")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     manager = checkpoint_manager(run_dir)
     manager.save(step, args=ocp.args.Composite(**model_items(model.config, ocp.args.StandardSave(params))), force=True)

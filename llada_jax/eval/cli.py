@@ -17,6 +17,7 @@ from llada_jax import distributed
 from llada_jax.checkpoints import storage
 from llada_jax.config import DTYPES
 from llada_jax.errors import UsageError
+from llada_jax.sampling.cli import add_merge_lora_flag
 from llada_jax.sampling.prompts import json_object
 
 
@@ -36,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute and parameter dtype (default: as the checkpoint)")
+    add_merge_lora_flag(p)
     distributed.add_flags(p)
     distributed.add_mesh_flag(p)
     p.set_defaults(func=run)
@@ -85,7 +87,7 @@ def run(args) -> int:
 
     records = distributed.on_main(lambda: _read_input(args))  # process 0 reads; every process evaluates
     try:
-        model, tokenizer, mesh = load_on_mesh(args.model, args.mesh, dtype=args.dtype)
+        model, tokenizer, mesh = load_on_mesh(args.model, args.mesh, dtype=args.dtype, merge_lora=args.merge_lora)
     except CheckpointNotFoundError as e:
         raise UsageError(f"--model: {e}") from e
     name = "<stdin>" if args.input == "-" else args.input

@@ -15,6 +15,7 @@ or, from Python, `import llada_jax.eval.lm_eval_adapter` before `lm_eval.simple_
 Model args (`--model_args k=v,...`):
     pretrained        Orbax checkpoint or HF model directory with its tokenizer (required)
     dtype             compute and parameter dtype (default: as stored)
+    merge_lora        a LoRA run as `pretrained`: fold the adapters into the weights at load (default False)
     mc_num            Monte Carlo samples per loglikelihood request (default 128)
     cfg / cfg_scale   classifier-free guidance for both request types (default 0)
     is_check_greedy   also run the greedy check (the official `suffix_greedy_prediction`, L model calls per
@@ -73,7 +74,7 @@ class LLaDAJaxLM(LM):
                  is_check_greedy: bool = False, examples_per_call: int = 8, seed: int = 1234,
                  gen_batch_size: int = 8, model=None, tokenizer=None, device=None, max_batch_size=None,
                  mesh_data: int | None = None, mesh_fsdp: int | None = None, mesh_tensor: int | None = None,
-                 **sampler_args):
+                 merge_lora: bool = False, **sampler_args):
         super().__init__()
         from llada_jax.sampling import create_sampler
         from llada_jax.tokenizer import TokenizerHelper, load_tokenizer
@@ -90,7 +91,8 @@ class LLaDAJaxLM(LM):
             distributed.start(argparse.Namespace())  # several processes: from the LLADA_JAX_* / SLURM / TPU set-up
             sizes = {"data": mesh_data, "fsdp": mesh_fsdp, "tensor": mesh_tensor}
             mesh_flag = ",".join(f"{axis}={int(n)}" for axis, n in sizes.items() if n is not None)
-            model, stored, self.mesh = load_on_mesh(pretrained, mesh_flag or None, dtype=dtype)
+            model, stored, self.mesh = load_on_mesh(pretrained, mesh_flag or None, dtype=dtype,
+                                                    merge_lora=merge_lora in (True, "true", "True", "1", 1))
             tokenizer = stored if tokenizer is None else tokenizer
         else:
             self.mesh = None

@@ -31,6 +31,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     sampling_flags(p)
+    add_merge_lora_flag(p)
     distributed.add_flags(p)
     distributed.add_mesh_flag(p)
     p.set_defaults(func=run_sample)
@@ -45,6 +46,7 @@ def register(sub) -> None:
                    help="send raw text (base models); default: the chat template when the tokenizer has one")
     p.add_argument("--seed", type=int, default=0)
     sampling_flags(p)
+    add_merge_lora_flag(p)
     distributed.add_flags(p)
     distributed.add_mesh_flag(p)
     p.set_defaults(func=run_inference)
@@ -74,6 +76,13 @@ def sampling_flags(p) -> None:
                         "0: only at the start of each block (default)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute and parameter dtype (default: as the checkpoint)")
+
+
+def add_merge_lora_flag(parser) -> None:
+    """`--merge_lora` of the commands that load a model with --model."""
+    parser.add_argument("--merge_lora", action="store_true",
+                        help="a LoRA run as --model: fold its adapters into the base weights once at load (the "
+                             "plain model's speed); default: apply them unmerged")
 
 
 def sampler_options(args, tokenizer=None):
@@ -126,7 +135,7 @@ def start(args):
 
     distributed.start(args)
     try:
-        return load_on_mesh(args.model, args.mesh, dtype=args.dtype)
+        return load_on_mesh(args.model, args.mesh, dtype=args.dtype, merge_lora=args.merge_lora)
     except CheckpointNotFoundError as e:
         raise UsageError(f"--model: {e}") from e
 

@@ -4,7 +4,8 @@ A training checkpoint step is a model checkpoint (the items of `checkpoints.orba
 every command that loads a model loads a training run) plus the training items of
 `checkpoints.layout`: the optimizer state, the train state (step, seed, non-finite counters; no RNG key, as
 a step's randomness comes from (seed, step)), the training config, and the data iterator's state merged over
-all processes (keyed by shard, so another process layout over the same shards restores it).
+all processes (keyed by shard, so another process layout over the same shards restores it). A LoRA run's
+steps are LoRA checkpoints (`checkpoints.adapters`): the adapters as `params`, and the `lora` item naming the base.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llada_jax.checkpoints import layout, storage
+from llada_jax.checkpoints.adapters import base_reference, lora_item, read_lora
 from llada_jax.checkpoints.orbax_model import model_items, restore_items
+from llada_jax.config import lora_config_from
 from llada_jax.errors import CheckpointError, ResumeError
 from llada_jax.train.step import TrainState, host_scalar
 
 
-def check_resumable(run_dir: str, seed: int, restore_step: int = 0) -> int | None:
+def check_resumable(run_dir: str, seed: int, restore_step: int = 0, *, lora=None, base: str = "") -> int | None:
     """The step a run in `run_dir` resumes from (None: nothing to resume): `restore_step`, or the latest finished
-    step when it is 0, after checking that it is a training checkpoint saved with the same seed."""
+    step when it is 0, after checking that it is a training checkpoint saved with the same seed, and with the same
+    LoRA settings (`lora`, a LoRAConfig or None) on the same base."""
     steps = layout.finished_steps(run_dir)
     if restore_step:
         if restore_step not in steps:
@@ -47,7 +51,26 @@ def check_resumable(run_dir: str, seed: int, restore_step: int = 0) -> int | Non
         raise ResumeError(f"{where} was trained with seed {saved['seed']}, but this run has seed {seed}: the noise "
                           f"of every step comes from (seed, step), so resuming needs --seed {saved['seed']} (or "
                           f"start a new run in another --output_dir)")
+    _check_same_lora(where, read_lora(run_dir, step), lora, base)
     return step
+
+
+def _check_same_lora(where: str, saved, lora, base: str) -> None:
+    if saved is None and lora is None:
+        return
+    if saved is None or lora is None:
+        held, asked = ("whole-model", "LoRA") if saved is None else ("LoRA", "whole-model")
+        raise ResumeError(f"{where} holds a {held} training state, but this run is a {asked} run (lora.enabled="
+                          f"{lora is not None}): resume with the settings it was started with, or use another "
+                          f"--output_dir")
+    saved_lora, saved_base = saved
+    for field, value in saved_lora.to_dict().items():
+        if lora.to_dict()[field] != value:
+            raise ResumeError(f"{where} holds adapters with lora.{field}={value!r}, but this run has "
+                              f"lora.{field}={lora.to_dict()[field]!r}: resume with the settings it was started with")
+    if base_reference(base) != saved_base:
+        raise ResumeError(f"{where} trained adapters on the base {saved_base}, but this run's model_name_or_path is "
+                          f"{base}: resume with the same base")
 
 
 def gather_data_state(data) -> dict:
@@ -72,7 +95,9 @@ def save(manager: ocp.CheckpointManager, state: TrainState, *, model_config, con
     step = host_scalar(state.step)
     train_state = {"step": step, "nonfinite_streak": host_scalar(state.nonfinite_streak),
                    "nonfinite_total": host_scalar(state.nonfinite_total), "seed": int(config.seed)}
-    items = model_items(model_config, ocp.args.StandardSave(state.params))
+    lora = lora_config_from(config)
+    items = model_items(model_config, ocp.args.StandardSave(state.params),
+                        lora=None if lora is None else lora_item(lora, config.model_name_or_path))
     items.update({
         layout.OPT_STATE: ocp.args.StandardSave(state.opt_state),
         layout.TRAIN_STATE: ocp.args.JsonSave(train_state),

@@ -29,7 +29,7 @@ from llada_jax import sharding
 from llada_jax.checkpoints import layout, storage
 from llada_jax.checkpoints.atomic import copy_dir, write_json
 from llada_jax.checkpoints.orbax_model import checkpoint_manager
-from llada_jax.config import LLaDAConfig, model_config_from
+from llada_jax.config import ADAPTABLE_FIELDS, LLaDAConfig, lora_config_from, model_config_from
 from llada_jax.errors import ConfigError, MeshError, TrainingStopped
 from llada_jax.train import checkpoint
 from llada_jax.train.metrics import MetricsLogger
@@ -47,9 +47,8 @@ log = logging.getLogger("llada_jax")
 ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
                        "embedding_size", "max_sequence_length", "rope_theta", "rms_norm_eps", "weight_tying",
                        "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "include_qkv_bias")
-# Fields the run may change (adapting a causal model to bidirectional attention, or training with the shift):
-# config.model's value where it differs from the LLaDA default, else the checkpoint's.
-ADAPTABLE_FIELDS = ("attention_type", "shift_logits", "block_size")
+# The run's ADAPTABLE_FIELDS (attention_type, shift_logits, block_size): config.model's value where it differs from
+# the LLaDA default, else the checkpoint's.
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,6 +95,7 @@ def validate(config) -> None:
     if not isinstance(annealing, int) or isinstance(annealing, bool) or annealing < 0:
         fail(f"adaptation.mask_annealing_steps must be an integer >= 0 (0: no annealing), got {annealing!r}")
     check_block_diffusion(config, checked_model_config(config))
+    check_lora(config)
     o = config.optimizer
     if not config.learning_rate >= 0 or not np.isfinite(config.learning_rate):
         fail(f"learning_rate must be a finite number >= 0, got {config.learning_rate}")
@@ -137,6 +137,18 @@ def check_block_diffusion(config, model_config: LLaDAConfig) -> None:
             (f"block_diffusion.block_size_schedule step {s}", b) for s, b in schedule]:
         if config.max_length % size:
             raise ConfigError(f"{where}: block size {size} does not divide max_length {config.max_length}")
+
+
+def check_lora(config):
+    """The LoRA settings (ConfigError naming the setting); the LoRAConfig, or None when LoRA is off."""
+    try:
+        lora = lora_config_from(config)
+    except (ValueError, TypeError) as e:  # LoRAConfig's own checks: "lora.rank: ..."
+        raise ConfigError(f"{e}") from e
+    if lora is not None and not config.model_name_or_path:
+        raise ConfigError("lora.enabled: LoRA trains adapters on a frozen base model; give the base with "
+                          "--model_name_or_path (an Orbax run, a Hugging Face directory or a LoRA run)")
+    return lora
 
 
 def checked_model_config(config) -> LLaDAConfig:
@@ -230,7 +242,8 @@ class TrainingRun:
                 stored = model_tokenizer(start_from)
             config.data.tokenizer = stored or ""
         storage.check_writable(config.output_dir, f".llada_jax_write_check_{jax.process_index()}")
-        start = checkpoint.check_resumable(config.output_dir, config.seed, config.checkpoint.restore_step)
+        start = checkpoint.check_resumable(config.output_dir, config.seed, config.checkpoint.restore_step,
+                                           lora=check_lora(config), base=config.model_name_or_path)
         model_config = resolve_model_config(config)
         config.model.update(model_config.to_dict())
         mesh = make_run_mesh(config)
@@ -258,7 +271,20 @@ class TrainingRun:
 
     @staticmethod
     def _initial_state(config, model_config, mesh, trainer, data, manager, start):
-        """(state, step): resumed from step `start` of output_dir, else from model_name_or_path, else new."""
+        """(state, step): resumed from step `start` of output_dir, else from model_name_or_path, else new. With
+        LoRA, model_name_or_path is the frozen base, loaded in every case; the adapters are resumed or new."""
+        from flax import nnx
+
+        starting = None
+        if config.model_name_or_path and (start is None or trainer.lora is not None):
+            from llada_jax.checkpoints import load_pretrained
+
+            # (a LoRA run as the starting model is merged: its adapters are part of the weights started from)
+            starting = load_pretrained(config.model_name_or_path, mesh=mesh, rules=trainer.rules, merge_lora=True,
+                                       param_dtype=model_config.param_dtype, scan_layers=model_config.scan_layers)
+            if trainer.lora is not None:
+                trainer.set_frozen(starting)
+                log.info("LoRA adapters on the frozen base %s", config.model_name_or_path)
         if start is not None:
             state = checkpoint.restore(manager, start, trainer.abstract_state(), data)
             later = [s for s in manager.all_steps() if s > start]
@@ -267,20 +293,13 @@ class TrainingRun:
             if later:
                 log.warning("resuming from step %d: deleted the later checkpoint steps %s", start, later)
             log.info("resumed from %s step %d", config.output_dir, start)
-        elif config.model_name_or_path:
-            from flax import nnx
-
-            from llada_jax.checkpoints import load_pretrained
-
-            start = 0
-            model = load_pretrained(config.model_name_or_path, mesh=mesh, rules=trainer.rules,
-                                    param_dtype=model_config.param_dtype, scan_layers=model_config.scan_layers)
-            state = trainer.state_from_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+            return state, start
+        if starting is not None and trainer.lora is None:
+            state = trainer.state_from_params(nnx.to_pure_dict(nnx.state(starting, nnx.Param)))
             log.info("initialised parameters from %s", config.model_name_or_path)
-        else:
-            start = 0
+        else:  # new parameters, or new adapters on the base
             state = trainer.init_state(int(config.seed))
-        return state, start
+        return state, 0
 
     def step(self) -> dict:
         """One optimizer step over the next `gradient_accumulation_steps` micro-batches; returns its metrics
@@ -338,7 +357,7 @@ class StepLog:
         c = run.config
         self.run, self.max_steps = run, max_steps
         self.tokens_per_step = c.gradient_accumulation_steps * c.batch_size * c.max_length
-        self.flops_per_step = flops_per_token(run.model_config, c.max_length) * self.tokens_per_step
+        self.flops_per_step = flops_per_token(run.model_config, c.max_length, run.trainer.lora) * self.tokens_per_step
         self.peak = peak_flops_per_device()
         self.pending = None  # (step, metrics, seconds per step) not read yet
         self.window_start, self.window_steps = time.perf_counter(), 0

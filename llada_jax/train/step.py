@@ -10,6 +10,11 @@ The step is `jax.jit` with in/out shardings and the state donated. Inside it, fo
 on (seed, step, its index in the global batch), so a step gives the same result whatever the
 micro-batching, device count or process count. A non-finite loss or gradient norm skips the update.
 
+LoRA (`config.lora.enabled`): the model carries adapters (`llada_jax.lora`); the state's parameters, gradients and
+AdamW moments are the adapters' alone (float32), and the base is a separate, frozen argument of the step in its
+stored dtype (bfloat16 halves it). The adapters' dropout masks are keyed by (seed, step, row) on a stream of
+their own (DROPOUT_STREAM), so they too are the same on every layout and after a resume.
+
 Attention-mask annealing (`adaptation.mask_annealing_steps` = N > 0), the causal-to-bidirectional adaptation
 of an autoregressive checkpoint in DiffuLLaMA (Gong et al. 2024, "Scaling Diffusion Language Models via
 Adaptation from Autoregressive Models"). At optimizer step s (0-based, `state.step`) the model sees
@@ -39,7 +44,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llada_jax import sharding
-from llada_jax.config import LLaDAConfig
+from llada_jax.config import LLaDAConfig, lora_config_from
 from llada_jax.diffusion import (
     block_diffusion_pairs,
     block_forward_process,
@@ -48,7 +53,7 @@ from llada_jax.diffusion import (
     random_length_valid,
     sft_loss,
 )
-from llada_jax.model import LLaDAForMaskedLM, abstract_model, positions_from_mask
+from llada_jax.model import LLaDAForMaskedLM, positions_from_mask
 from llada_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -104,7 +109,11 @@ class StepConfig:
 
 
 class Trainer:
-    """Builds the sharded state and the jitted train step for one model config, mesh and training config."""
+    """Builds the sharded state and the jitted train step for one model config, mesh and training config.
+
+    The trained parameters (`TrainState.params`) are every parameter, or with LoRA (`config.lora`) the adapters
+    alone: the base is then `frozen`, an argument of the step that is neither differentiated, nor in the
+    optimizer, nor donated, nor saved (set it with `set_frozen` before stepping)."""
 
     def __init__(self, config, model_config: LLaDAConfig, mesh: jax.sharding.Mesh):
         self.config = config
@@ -112,10 +121,17 @@ class Trainer:
         self.mesh = mesh
         self.rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
         self.step_config = StepConfig.from_config(config, model_config)
-        self.graphdef, abstract_state = abstract_model(model_config)
+        self.lora = lora_config_from(config)
+        self.trained = nnx.Param if self.lora is None else nnx.LoRAParam
+        model = nnx.eval_shape(lambda: LLaDAForMaskedLM(model_config, rngs=nnx.Rngs(0), lora=self.lora))
+        self.graphdef, abstract_state, abstract_frozen = nnx.split(model, self.trained, ...)
         self.param_axes = nnx.to_pure_dict(jax.tree.map(
             sharding.param_logical_axes, abstract_state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
         self.param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh, self.rules))
+        self.frozen_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_frozen, mesh, self.rules))
+        self.abstract_frozen = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                            nnx.to_pure_dict(abstract_frozen), self.frozen_shardings)
+        self.frozen: dict = {}
         self.tx = make_optimizer(config, self.param_axes)
         self.schedule = learning_rate_schedule(config)
         self.abstract_params = nnx.to_pure_dict(abstract_state)
@@ -145,12 +161,28 @@ class Trainer:
     def init_state(self, seed: int) -> TrainState:
         """A freshly initialised state, created directly in its shardings (never whole on one device)."""
 
-        def init():
-            model = LLaDAForMaskedLM(self.model_config, rngs=nnx.Rngs(seed))
-            return self._fresh_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        def init():  # with LoRA only the adapters are outputs: the base's initialisation is dead code to XLA
+            model = LLaDAForMaskedLM(self.model_config, rngs=nnx.Rngs(seed), lora=self.lora)
+            return self._fresh_state(nnx.to_pure_dict(nnx.state(model, self.trained)))
 
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
             return jax.jit(init, out_shardings=self.state_shardings)()
+
+    def set_frozen(self, model: LLaDAForMaskedLM) -> None:
+        """LoRA: the frozen base is this (loaded, placed) model's parameters."""
+        from flax import traverse_util
+
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        have, want = (traverse_util.flatten_dict(tree) for tree in (params, self.abstract_frozen))
+        for path in sorted(set(have) | set(want), key=str):
+            a, b = have.get(path), want.get(path)
+            if a is None or b is None or (a.shape, a.dtype) != (b.shape, b.dtype):
+                def show(x):
+                    return "missing" if x is None else f"{x.dtype}{list(x.shape)}"
+
+                raise ValueError(f"the base model's parameter {'.'.join(map(str, path))} is {show(a)}, but the run's "
+                                 f"model has {show(b)}")
+        self.frozen = jax.device_put(params, self.frozen_shardings)
 
     def state_from_params(self, params) -> TrainState:
         """A fresh optimizer around given (sharded) parameters: fine-tuning from a checkpoint."""
@@ -162,36 +194,38 @@ class Trainer:
 
     @functools.cached_property
     def _step_fn(self):
-        return jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+        return jax.jit(self._train_step, in_shardings=(self.state_shardings, self.frozen_shardings,
+                                                       self.batch_sharding),
                        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-            return self._step_fn(state, batch)
+            return self._step_fn(state, self.frozen, batch)
 
     def lower(self, state, batch):
-        """The lowered (not yet compiled) step, for ahead-of-time compilation and memory/FLOPs analysis."""
+        """The lowered (not yet compiled) step, for ahead-of-time compilation and memory/FLOPs analysis (with
+        LoRA, of the abstract frozen base)."""
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-            return self._step_fn.lower(state, batch)
+            return self._step_fn.lower(state, self.abstract_frozen, batch)
 
     @functools.cached_property
     def _eval_fn(self):
-        def eval_loss(params, batch, index):
+        def eval_loss(params, frozen, batch, index):
             c = self.step_config
             micro = jax.tree.map(lambda x: x[0], batch)
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), EVAL_STREAM), index)
             row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(c.micro_batch))
             block_size = None if not c.block_diffusion else jnp.int32(c.block_size)  # the model's own
-            return self._loss(params, micro, row_keys, None, block_size=block_size)[0]
+            return self._loss(params, frozen, micro, row_keys, None, block_size=block_size)[0]
 
-        return jax.jit(eval_loss, in_shardings=(self.param_shardings, self.batch_sharding, None))
+        return jax.jit(eval_loss, in_shardings=(self.param_shardings, self.frozen_shardings, self.batch_sharding, None))
 
     def eval_loss(self, params, batch: dict, index: int) -> jax.Array:
         """The loss of one [1, batch, length] batch without a gradient; its noise is keyed by (seed, `index`)
         alone, so evaluating the same batches twice gives the same number for the same parameters. No
         random-length cut: the whole sequence is scored."""
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-            return self._eval_fn(params, batch, jnp.int32(index))
+            return self._eval_fn(params, self.frozen, batch, jnp.int32(index))
 
     def length_mask(self, step) -> jax.Array | None:
         """[micro_batch, length] bool mask of the positions step `step` keeps (the random-length cut of
@@ -210,9 +244,9 @@ class Trainer:
             return None
         return annealing_mask(c.seed, step, c.length, c.mask_annealing_steps)
 
-    def _loss(self, params, micro: dict, row_keys, valid, visible=None, block_size=None):
+    def _loss(self, params, frozen, micro: dict, row_keys, valid, visible=None, block_size=None, dropout_keys=None):
         c = self.step_config
-        model = nnx.merge(self.graphdef, params)
+        model = nnx.merge(self.graphdef, params, frozen)
         ids = micro["input_ids"]
         prompt_lengths = micro.get("prompt_lengths") if c.task == "sft" else None
         if c.block_diffusion:  # a mask rate per block (see llada_jax.diffusion)
@@ -230,11 +264,12 @@ class Trainer:
 
         noisy, masked, p_mask = jax.vmap(noise)(row_keys, ids, prompt_lengths, valid)
         if c.block_diffusion:
-            logits = self._block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size)
+            logits = self._block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size, dropout_keys)
         elif c.task == "sft":
-            logits = model(noisy, visible=visible)
+            logits = model(noisy, visible=visible, dropout_keys=dropout_keys)
         else:
-            logits = model(noisy, None if valid is None else valid.astype(jnp.int32), visible)
+            logits = model(noisy, None if valid is None else valid.astype(jnp.int32), visible,
+                           dropout_keys=dropout_keys)
         if c.task == "sft":
             loss = sft_loss(logits, ids, masked, p_mask, micro["answer_lengths"])
         else:
@@ -242,7 +277,7 @@ class Trainer:
         return loss, jnp.sum(masked)
 
     @staticmethod
-    def _block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size):
+    def _block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size, dropout_keys=None):
         """The block-diffusion predictions (see `llada_jax.diffusion`): one forward over x_t ++ x_0, the logits of
         the noisy half."""
         b, length = ids.shape
@@ -251,12 +286,16 @@ class Trainer:
         attention_mask = None if valid is None else jnp.concatenate([valid, valid], axis=1).astype(jnp.int32)
         positions = positions_from_mask(None if valid is None else valid.astype(jnp.int32), b, length)
         hidden = model.hidden_states(jnp.concatenate([noisy, ids], axis=1), attention_mask, pairs,
-                                     positions=jnp.concatenate([positions, positions], axis=1))
+                                     positions=jnp.concatenate([positions, positions], axis=1),
+                                     dropout_keys=dropout_keys)
         return model.logits(hidden[:, :length])  # the noisy half predicts
 
-    def _train_step(self, state: TrainState, batch: dict):
+    def _train_step(self, state: TrainState, frozen: dict, batch: dict):
         c = self.step_config
         noise_key, _ = step_keys(c.seed, state.step)
+        dropout_key = None  # LoRA dropout: its own stream of the step key, a key per row
+        if self.lora is not None and self.lora.dropout > 0:
+            dropout_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), state.step), DROPOUT_STREAM)
         valid = self.length_mask(state.step)
         visible = self.visible_mask(state.step)
         block_size = c.block_size_at(state.step) if c.block_diffusion else None
@@ -269,7 +308,9 @@ class Trainer:
             micro, index = xs
             rows = index * c.micro_batch + jnp.arange(c.micro_batch)
             row_keys = jax.vmap(lambda r: jax.random.fold_in(noise_key, r))(rows)
-            (loss, n_masked), grads = grad_fn(state.params, micro, row_keys, valid, visible, block_size)
+            dropout_keys = None if dropout_key is None else jax.vmap(lambda r: jax.random.fold_in(dropout_key, r))(rows)
+            (loss, n_masked), grads = grad_fn(state.params, frozen, micro, row_keys, valid, visible, block_size,
+                                              dropout_keys)
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
             return (grads_sum, loss_sum + loss, masked_sum + n_masked), None
 
@@ -324,6 +365,8 @@ def step_keys(seed: int, step) -> tuple[jax.Array, jax.Array]:
 # keys are split from the same key, and split(k)[i] is fold_in(k, i) (partitionable threefry, JAX's default):
 # 0 and 1 are taken, 2 is the next free stream.
 ANNEALING_STREAM = 2
+# fold_in(step key, DROPOUT_STREAM) keys the LoRA adapters' dropout (then folded with the row, layer and target).
+DROPOUT_STREAM = 3
 
 
 def annealing_mask(seed: int, step, length: int, annealing_steps: int) -> jax.Array:
@@ -354,18 +397,28 @@ def params_all_finite(params) -> bool:
     return bool(np.asarray(finite.addressable_shards[0].data))  # replicated: this process's copy
 
 
-def flops_per_token(model_config: LLaDAConfig, length: int) -> float:
+def flops_per_token(model_config: LLaDAConfig, length: int, lora=None) -> float:
     """Training FLOPs per token: 6 x (matmul parameters) + 12 x layers x length x d_model (attention).
 
     The matmul parameters are those of every projection and the output head (the embedding lookup is not a
     matmul); attention scores and the weighted sum cost 2 x 2 x L x d per token and layer forward, and
-    training is three times the forward (forward + two backward matmuls).
+    training is three times the forward (forward + two backward matmuls). With `lora` (a LoRAConfig) the frozen
+    base has no weight-gradient matmul: 4 x its matmul parameters, plus 6 x the adapters'.
     """
+    import math
+
+    from llada_jax.lora import target_layout
+
     c = model_config
     hd, n, k = c.head_dim, c.n_heads, c.effective_n_kv_heads
     per_layer = c.d_model * (n + 2 * k) * hd + n * hd * c.d_model + 3 * c.d_model * c.mlp_hidden_size
     matmul_params = c.n_layers * per_layer + c.d_model * c.padded_vocab_size
-    return 6.0 * matmul_params + 12.0 * c.n_layers * length * c.d_model
+    attention = 12.0 * c.n_layers * length * c.d_model
+    if lora is None:
+        return 6.0 * matmul_params + attention
+    adapters = c.n_layers * sum(lora.rank * (math.prod(target_layout(c, t)[0]) + math.prod(target_layout(c, t)[2]))
+                                for t in lora.targets)
+    return 4.0 * matmul_params + 6.0 * adapters + attention
 
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (None: unknown, e.g. CPUs).

@@ -104,3 +104,30 @@ def test_a_wrong_bucket_or_a_missing_object_is_one_clear_error(tmp_path, bucket,
     assert error.startswith("llada-jax pretrain: error: ") and wrong in error, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "out") and not storage.exists(f"{bucket}/missing.jsonl")
+
+
+def test_lora_on_a_base_in_a_bucket_equals_local_paths(tmp_path, bucket):
+    """A LoRA run whose base and output are gs:// URLs: the same losses as with local paths, a checkpoint naming the
+    bucket's base, and the model (unmerged and merged) loaded from the bucket equal to the local one."""
+    from llada_jax.checkpoints import load_pretrained
+    from llada_jax.checkpoints.adapters import read_lora
+
+    data = write_pretrain_data(tmp_path / "docs.jsonl")
+    steps = ["--batch_size", "8", "--max_length", "32", "--logging_steps", "1", "--warmup_steps", "1",
+             "--config.checkpoint.async_save=false"]
+    lora = ["--config.lora.enabled=true", "--config.lora.rank=4"]
+    runs = {}
+    for where, root in (("local", str(tmp_path)), ("remote", bucket)):
+        base, run = f"{root}/base", f"{root}/lora"
+        cli("pretrain", "--config", TINY, "--data_path", data, "--output_dir", base, "--max_steps", "2", *steps)
+        cli("pretrain", "--config", TINY, "--data_path", data, "--output_dir", run, "--max_steps", "3",
+            "--model_name_or_path", base, *lora, *steps)
+        runs[where] = (base, run)
+    rows = [[(m["step"], m["loss"]) for m in read_metrics(run)] for _, run in runs.values()]
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+    remote_base, remote = runs["remote"]
+    assert read_lora(remote, 3)[1] == f"{remote_base}/checkpoints/2"  # the base pinned to its step
+    ids = np.array([[3, 17, 42, 99, 511, 511]])
+    for merge in (False, True):
+        local_logits = np.asarray(load_pretrained(runs["local"][1], merge_lora=merge)(ids))
+        np.testing.assert_array_equal(np.asarray(load_pretrained(remote, merge_lora=merge)(ids)), local_logits)

@@ -40,3 +40,61 @@ def test_compile_check_sizes_the_8b_sampler_on_8_devices(tmp_path):
     assert abs(replicated["argument_bytes"] - 2 * 8_015_581_184) / replicated["argument_bytes"] < 0.02
     assert replicated["peak_bytes_estimate"] > 16 * 1024**3
     assert replicated["temp_bytes"] < 0.1 * replicated["argument_bytes"]
+
+
+def _tiny_sft_report(devices, **overrides):
+    import jax
+
+    from llada_jax.config import apply_overrides, load_config, model_config_from
+    from llada_jax.train import aot
+    from llada_jax.train.loop import make_run_mesh
+
+    config = load_config(os.path.join(ROOT, "configs", "tiny_sft.py"))
+    apply_overrides(config, [f"--config.{k}={v}" for k, v in overrides.items()])
+    mesh = make_run_mesh(config, jax.devices()[:devices])
+    return aot.compile_train_step(config, model_config_from(config), mesh)
+
+
+def test_compile_check_of_lora_reports_the_adapters_as_trained_and_the_base_as_a_frozen_argument():
+    """The tiny model with rank-4 adapters on every projection, one device: the trained parameters are the
+    adapters' rank * (in + out) per target per layer, the frozen ones the base model's, and the arguments hold
+    the base once (its dtype) instead of three float32 copies (masters + two AdamW moments)."""
+    from llada_jax.config import LLaDAConfig
+    from llada_jax.model import count_params
+
+    cfg, rank = LLaDAConfig.tiny(), 4
+    d, attn, mlp = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.mlp_hidden_size
+    kv = cfg.effective_n_kv_heads * cfg.head_dim
+    per_layer = rank * ((d + attn) + 2 * (d + kv) + (attn + d) + 2 * (d + mlp) + (mlp + d))
+    adapters = cfg.n_layers * per_layer
+    base = count_params(cfg)
+
+    full = _tiny_sft_report(1)
+    lora = _tiny_sft_report(1, **{"lora.enabled": "true", "lora.rank": rank})
+    lora_bf16 = _tiny_sft_report(1, **{"lora.enabled": "true", "lora.rank": rank, "model.param_dtype": "bfloat16"})
+
+    assert not full["lora"] and full["trained_parameters"] == full["parameters"] == base
+    assert full["frozen_parameters"] == 0
+    for r, itemsize in ((lora, 4), (lora_bf16, 2)):
+        assert r["lora"] and r["trained_parameters"] == adapters and r["frozen_parameters"] == base
+        assert r["parameters"] == base + adapters
+        assert r["trained_parameter_bytes"] == 4 * adapters and r["frozen_parameter_bytes"] == itemsize * base
+        # full: 12 bytes per base parameter (fp32 master + mu + nu); LoRA: the base once, plus 12 per adapter
+        # parameter; the batch and the scalars are the same in both
+        saved = full["argument_bytes"] - r["argument_bytes"]
+        expected = (12 - itemsize) * base - 12 * adapters
+        assert abs(saved - expected) <= 1024, (saved, expected)
+        assert 0 < r["output_bytes"] < full["output_bytes"]  # the updated state: adapters and their moments only
+    from llada_jax.train.aot import format_report
+
+    assert "LoRA: trained" in format_report(lora) and "LoRA" not in format_report(full)
+
+
+def test_compile_check_of_a_lora_config_needs_no_base_model(tmp_path):
+    """compile-check of a LoRA config runs without model_name_or_path (it reads no weights) and prints the split."""
+    report = tmp_path / "report.json"
+    proc = cli("compile-check", "--config", os.path.join(ROOT, "configs", "tiny_sft.py"), "--num_devices", "2",
+               "--config.lora.enabled=true", "--config.model.param_dtype=bfloat16", "--json", str(report), devices=1)
+    r = json.loads(report.read_text())
+    assert r["lora"] and r["frozen_parameters"] + r["trained_parameters"] == r["parameters"]
+    assert "LoRA: trained" in proc.stdout and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}

@@ -152,3 +152,12 @@ def test_flops_per_token_counts_the_8b_model():
     norms = (2 * 32 + 1) * 4096
     matmul = 8_015_581_184 - 126464 * 4096 - norms
     assert flops_per_token(c, 4096) == 6 * matmul + 12 * 32 * 4096 * 4096
+
+
+def test_flops_per_token_with_lora_drops_the_base_weight_gradients():
+    from llada_jax.config import LoRAConfig
+
+    c = LLaDAConfig.llada_8b()
+    matmul = 8_015_581_184 - 126464 * 4096 - (2 * 32 + 1) * 4096
+    adapters = 41_943_040  # rank 16 on the seven projections of 32 blocks (configs/llada_8b_lora_sft.py)
+    assert flops_per_token(c, 4096, LoRAConfig(rank=16)) == 4 * matmul + 6 * adapters + 12 * 32 * 4096 * 4096
