@@ -21,17 +21,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llada_jax.checkpoints import layout, storage
-from llada_jax.checkpoints.adapters import base_reference, lora_item, read_lora
+from llada_jax.checkpoints.adapters import read_lora
 from llada_jax.checkpoints.orbax_model import model_items, restore_items
-from llada_jax.config import lora_config_from
 from llada_jax.errors import CheckpointError, ResumeError
 from llada_jax.train.step import TrainState, host_scalar
 
 
-def check_resumable(run_dir: str, seed: int, restore_step: int = 0, *, lora=None, base: str = "") -> int | None:
+def check_resumable(run_dir: str, seed: int, restore_step: int = 0, *, lora_item: dict | None = None) -> int | None:
     """The step a run in `run_dir` resumes from (None: nothing to resume): `restore_step`, or the latest finished
     step when it is 0, after checking that it is a training checkpoint saved with the same seed, and with the same
-    LoRA settings (`lora`, a LoRAConfig or None) on the same base."""
+    LoRA settings on the same base (`lora_item`, the run's `adapters.lora_item`, or None without LoRA)."""
     steps = layout.finished_steps(run_dir)
     if restore_step:
         if restore_step not in steps:
@@ -51,26 +50,26 @@ def check_resumable(run_dir: str, seed: int, restore_step: int = 0, *, lora=None
         raise ResumeError(f"{where} was trained with seed {saved['seed']}, but this run has seed {seed}: the noise "
                           f"of every step comes from (seed, step), so resuming needs --seed {saved['seed']} (or "
                           f"start a new run in another --output_dir)")
-    _check_same_lora(where, read_lora(run_dir, step), lora, base)
+    _check_same_lora(where, read_lora(run_dir, step), lora_item)
     return step
 
 
-def _check_same_lora(where: str, saved, lora, base: str) -> None:
-    if saved is None and lora is None:
+def _check_same_lora(where: str, saved, item: dict | None) -> None:
+    if saved is None and item is None:
         return
-    if saved is None or lora is None:
+    if saved is None or item is None:
         held, asked = ("whole-model", "LoRA") if saved is None else ("LoRA", "whole-model")
         raise ResumeError(f"{where} holds a {held} training state, but this run is a {asked} run (lora.enabled="
-                          f"{lora is not None}): resume with the settings it was started with, or use another "
+                          f"{item is not None}): resume with the settings it was started with, or use another "
                           f"--output_dir")
     saved_lora, saved_base = saved
     for field, value in saved_lora.to_dict().items():
-        if lora.to_dict()[field] != value:
+        if item[field] != value:
             raise ResumeError(f"{where} holds adapters with lora.{field}={value!r}, but this run has "
-                              f"lora.{field}={lora.to_dict()[field]!r}: resume with the settings it was started with")
-    if base_reference(base) != saved_base:
+                              f"lora.{field}={item[field]!r}: resume with the settings it was started with")
+    if item["base"] != saved_base:
         raise ResumeError(f"{where} trained adapters on the base {saved_base}, but this run's model_name_or_path is "
-                          f"{base}: resume with the same base")
+                          f"{item['base']}: resume with the same base")
 
 
 def gather_data_state(data) -> dict:
@@ -90,14 +89,14 @@ def gather_data_state(data) -> dict:
     return merge_states([json.loads(bytes(row).rstrip(b"\0").decode()) for row in rows])
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, *, model_config, config, data) -> None:
-    """Save a training step (asynchronously when the manager is): model items plus the training items."""
+def save(manager: ocp.CheckpointManager, state: TrainState, *, model_config, config, data,
+         lora_item: dict | None = None) -> None:
+    """Save a training step (asynchronously when the manager is): model items plus the training items (a LoRA run's
+    `lora_item`, resolved once when the run starts, names the base it trains on)."""
     step = host_scalar(state.step)
     train_state = {"step": step, "nonfinite_streak": host_scalar(state.nonfinite_streak),
                    "nonfinite_total": host_scalar(state.nonfinite_total), "seed": int(config.seed)}
-    lora = lora_config_from(config)
-    items = model_items(model_config, ocp.args.StandardSave(state.params),
-                        lora=None if lora is None else lora_item(lora, config.model_name_or_path))
+    items = model_items(model_config, ocp.args.StandardSave(state.params), lora=lora_item)
     items.update({
         layout.OPT_STATE: ocp.args.StandardSave(state.opt_state),
         layout.TRAIN_STATE: ocp.args.JsonSave(train_state),

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from llada_jax import sharding
-from llada_jax.checkpoints import layout, storage
+from llada_jax.checkpoints import adapters, layout, storage
 from llada_jax.checkpoints.atomic import copy_dir, write_json
 from llada_jax.checkpoints.orbax_model import checkpoint_manager
 from llada_jax.config import ADAPTABLE_FIELDS, LLaDAConfig, lora_config_from, model_config_from
@@ -139,8 +139,8 @@ def check_block_diffusion(config, model_config: LLaDAConfig) -> None:
             raise ConfigError(f"{where}: block size {size} does not divide max_length {config.max_length}")
 
 
-def check_lora(config):
-    """The LoRA settings (ConfigError naming the setting); the LoRAConfig, or None when LoRA is off."""
+def check_lora(config) -> None:
+    """The LoRA settings (ConfigError naming the setting)."""
     try:
         lora = lora_config_from(config)
     except (ValueError, TypeError) as e:  # LoRAConfig's own checks: "lora.rank: ..."
@@ -148,7 +148,6 @@ def check_lora(config):
     if lora is not None and not config.model_name_or_path:
         raise ConfigError("lora.enabled: LoRA trains adapters on a frozen base model; give the base with "
                           "--model_name_or_path (an Orbax run, a Hugging Face directory or a LoRA run)")
-    return lora
 
 
 def checked_model_config(config) -> LLaDAConfig:
@@ -226,6 +225,7 @@ class TrainingRun:
     logger: MetricsLogger
     state: object  # TrainState
     start: int  # the step the run starts after (0, or the resumed step)
+    lora_item: dict | None = None  # LoRA: the settings and the pinned base every save records (`adapters.lora_item`)
 
     @classmethod
     def open(cls, config) -> "TrainingRun":
@@ -242,9 +242,12 @@ class TrainingRun:
                 stored = model_tokenizer(start_from)
             config.data.tokenizer = stored or ""
         storage.check_writable(config.output_dir, f".llada_jax_write_check_{jax.process_index()}")
+        model_config = resolve_model_config(config)  # (a missing model_name_or_path is a ConfigError naming it)
+        lora = lora_config_from(config)  # (checked by validate)
+        # LoRA: the base resolved once (an Orbax run pinned to its step), then loaded from and named by every save
+        lora_item = None if lora is None else adapters.lora_item(lora, config.model_name_or_path)
         start = checkpoint.check_resumable(config.output_dir, config.seed, config.checkpoint.restore_step,
-                                           lora=check_lora(config), base=config.model_name_or_path)
-        model_config = resolve_model_config(config)
+                                           lora_item=lora_item)
         config.model.update(model_config.to_dict())
         mesh = make_run_mesh(config)
         storage.makedirs(config.output_dir)
@@ -256,7 +259,7 @@ class TrainingRun:
             manager = checkpoint_manager(config.output_dir, keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
             on_error.callback(manager.close)
-            state, start = cls._initial_state(config, model_config, mesh, trainer, data, manager, start)
+            state, start = cls._initial_state(config, model_config, mesh, trainer, data, manager, start, lora_item)
             on_error.pop_all()
         is_main = jax.process_index() == 0
         if is_main:
@@ -267,12 +270,13 @@ class TrainingRun:
         logger = MetricsLogger(config.output_dir, enabled=is_main, wandb_config=config.wandb,
                                run_config=config.to_dict())
         logger.truncate_after(start)
-        return cls(config, model_config, mesh, trainer, data, manager, logger, state, start)
+        return cls(config, model_config, mesh, trainer, data, manager, logger, state, start, lora_item)
 
     @staticmethod
-    def _initial_state(config, model_config, mesh, trainer, data, manager, start):
+    def _initial_state(config, model_config, mesh, trainer, data, manager, start, lora_item):
         """(state, step): resumed from step `start` of output_dir, else from model_name_or_path, else new. With
-        LoRA, model_name_or_path is the frozen base, loaded in every case; the adapters are resumed or new."""
+        LoRA, the base (`lora_item["base"]`, model_name_or_path pinned) is frozen and loaded in every case; the
+        adapters are resumed or new."""
         from flax import nnx
 
         starting = None
@@ -280,7 +284,8 @@ class TrainingRun:
             from llada_jax.checkpoints import load_pretrained
 
             # (a LoRA run as the starting model is merged: its adapters are part of the weights started from)
-            starting = load_pretrained(config.model_name_or_path, mesh=mesh, rules=trainer.rules, merge_lora=True,
+            path = config.model_name_or_path if lora_item is None else lora_item["base"]
+            starting = load_pretrained(path, mesh=mesh, rules=trainer.rules, merge_lora=True,
                                        param_dtype=model_config.param_dtype, scan_layers=model_config.scan_layers)
             if trainer.lora is not None:
                 trainer.set_frozen(starting)
@@ -339,7 +344,8 @@ class TrainingRun:
         if not params_all_finite(self.state.params):
             log.error("step %d: parameters are not finite; checkpoint NOT written", step)
             return
-        checkpoint.save(self.manager, self.state, model_config=self.model_config, config=self.config, data=self.data)
+        checkpoint.save(self.manager, self.state, model_config=self.model_config, config=self.config, data=self.data,
+                        lora_item=self.lora_item)
         self.logger.sync()
 
     def close(self) -> None:

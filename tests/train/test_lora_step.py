@@ -11,7 +11,7 @@ from llada_jax import sharding
 from llada_jax.config import LLaDAConfig, train_config
 from llada_jax.model import LLaDAForMaskedLM
 from llada_jax.train.step import Trainer
-from tests.train.test_step import LENGTH, batches, run
+from tests.train.test_step import LENGTH, assert_same_training, batches, run
 
 MODEL = LLaDAConfig.tiny()
 
@@ -60,21 +60,15 @@ def test_only_the_adapters_train_and_the_base_is_bitwise_unchanged():
 def test_gradient_accumulation_equals_the_full_batch_with_dropout(task):
     """Dropout masks are keyed by (seed, step, row): micro-batching does not change them."""
     data = batches(3, task=task)
-    full, s1 = run(lora_trainer(8, 1, task=task), data)
-    accumulated, s4 = run(lora_trainer(2, 4, task=task), data, accumulation=4)
-    np.testing.assert_allclose(accumulated, full, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert_same_training(run(lora_trainer(8, 1, task=task), data),
+                         run(lora_trainer(2, 4, task=task), data, accumulation=4))
 
 
 def test_eight_device_mesh_equals_one_device():
     data = batches(3, task="sft")
-    single, s1 = run(lora_trainer(mesh=(1, 1, 1)), data)
     trainer = lora_trainer(mesh=(2, 2, 2))
     sharded, s8 = run(trainer, data)
-    np.testing.assert_allclose(sharded, single, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert_same_training(run(lora_trainer(mesh=(1, 1, 1)), data), (sharded, s8))
     # the adapters shard like their projections (B's output over tensor), the base stays sharded as it was placed
     b = s8.params["blocks"]["adapters"]["ff_proj"]["lora_b"]
     assert b.sharding.spec == jax.P(None, None, "tensor")

@@ -47,27 +47,28 @@ def run(trainer, data, accumulation=1):
     return losses, state
 
 
+def assert_same_training(expected, got):
+    """Two runs' (losses, state) agree up to float32 summation order: the losses to 1e-5 relative (the reductions
+    split differently over micro-batches or devices); the parameters to 1e-4, as Adam normalises each coordinate,
+    so rounding differences of near-zero gradients can move a parameter by a fraction of one step (lr 3e-3)."""
+    (losses, state), (other_losses, other_state) = expected, got
+    np.testing.assert_allclose(other_losses, losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(other_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("task", ["pretrain", "sft"])
 def test_gradient_accumulation_equals_the_full_batch(task):
     data = batches(3, task=task)
-    full, s1 = run(make_trainer(8, 1, task=task), data)
-    accumulated, s4 = run(make_trainer(2, 4, task=task), data, accumulation=4)
-    np.testing.assert_allclose(accumulated, full, rtol=1e-5)
-    # Adam normalises each coordinate, so float-rounding differences of near-zero gradients can move a
-    # parameter by a fraction of one step (lr 3e-3): compare parameters to 1e-4 absolute
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert_same_training(run(make_trainer(8, 1, task=task), data),
+                         run(make_trainer(2, 4, task=task), data, accumulation=4))
 
 
 def test_eight_device_mesh_equals_one_device():
     data = batches(3)
-    single, s1 = run(make_trainer(mesh=(1, 1, 1)), data)
     sharded_trainer = make_trainer(mesh=(2, 2, 2))
     sharded, s8 = run(sharded_trainer, data)
-    # tolerance: float32 reductions are split differently across 8 devices; 1e-5 relative on the loss
-    np.testing.assert_allclose(sharded, single, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert_same_training(run(make_trainer(mesh=(1, 1, 1)), data), (sharded, s8))
     # parameters and optimizer moments really are sharded
     ff = s8.params["blocks"]["ff_proj"]
     assert ff.sharding.spec == jax.P(None, "fsdp", "tensor")
