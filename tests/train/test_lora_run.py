@@ -150,6 +150,13 @@ def test_lora_needs_a_base_and_resumes_only_with_its_settings(runs, tmp_path):
     shutil.copytree(runs["straight"], copy)
     proc = sft(runs["base"], runs["data"], copy, "--config.lora.rank=8", steps=STEPS + 10, check=False)
     assert proc.returncode != 0 and "holds adapters with lora.rank=16, but this run has lora.rank=8" in proc.stderr
+    proc = sft(runs["base"], runs["data"], copy, "--config.lora.enabled=false", steps=STEPS + 10, check=False)
+    assert proc.returncode == 2 and "holds a LoRA training state, but this run is a whole-model run" in proc.stderr
+    other = str(tmp_path / "other_base")
+    shutil.copytree(runs["base"], other)
+    proc = sft(other, runs["data"], copy, steps=STEPS + 10, check=False)
+    assert proc.returncode == 2 and "trained adapters on the base" in proc.stderr and "resume with the same base" in \
+        proc.stderr
 
 
 def test_a_base_that_does_not_match_the_adapters_is_refused(runs, tmp_path):
@@ -162,6 +169,13 @@ def test_a_base_that_does_not_match_the_adapters_is_refused(runs, tmp_path):
     with pytest.raises(CheckpointError, match=r"trained on a base with mlp_hidden_size=192, but the base model .*other "
                                               r"has mlp_hidden_size=128"):
         load_pretrained(runs["straight"], base=other)
+    # base= is for LoRA checkpoints only
+    with pytest.raises(ValueError, match="base= applies to LoRA checkpoints; this one holds a whole model"):
+        load_pretrained(runs["base"], base=other)
+    hf = str(tmp_path / "hf")
+    cli("convert", "to-hf", "--input", runs["base"], "--output", hf, devices=1)
+    with pytest.raises(ValueError, match="base= applies to LoRA checkpoints; this is a Hugging Face model directory"):
+        load_pretrained(hf, base=other)
     # a base that has gone: the error names it, and the command exits with one line
     moved = str(tmp_path / "moved")
     shutil.copytree(runs["straight"], moved)
