@@ -18,11 +18,15 @@ Errors of the storage libraries (a missing object or bucket, a permission error)
 naming the URL (`StorageError`, an `OSError`; the library's error is its `__cause__`).
 
 Emulators: with the standard `STORAGE_EMULATOR_HOST=http://HOST:PORT` set, `configure_emulator()` (run by the
-`llada-jax` command, and by this module on import) points every client at it without credentials: gcsfs and
-google-cloud-storage read that variable themselves; TensorStore (Orbax's array I/O) gets
-`TENSORSTORE_GCS_HTTP_URL` and a test token (`GOOGLE_AUTH_TOKEN_FOR_TESTING`); and gcsfs's probe of the bucket
-type over gRPC, which an emulator never answers (gcsfs then waits about 60 s per bucket), is switched off
-(`GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`).
+`llada-jax` command, by this module on import and before the first gs:// file system is made) points every client
+at it without credentials: gcsfs and google-cloud-storage read that variable themselves; TensorStore (Orbax's array
+I/O) gets `TENSORSTORE_GCS_HTTP_URL` and a test token (`GOOGLE_AUTH_TOKEN_FOR_TESTING`). And gs:// URLs use
+gcsfs's flat-namespace file system, without its probe of the bucket type: gcsfs's default class asks the Storage
+Control API over gRPC (TLS, to the emulator's host and port) whether a bucket is hierarchical or zonal, which no
+emulator answers, and waits out a 60 s retry budget on every file it opens (an unknown type is not cached). gcsfs
+picks that class when it is imported, from `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT` (set to `false` here), so the
+flat class (`gcsfs.core.GCSFileSystem`) is also registered with fsspec for `gs` and `gcs`, which holds when
+gcsfs was imported first. A `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=true` already set is kept, with its probe.
 """
 
 from __future__ import annotations
@@ -52,6 +56,23 @@ def configure_emulator(environ=os.environ) -> None:
     environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host if "://" in host else f"http://{host}")
     environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    if environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"].lower() not in ("true", "1"):
+        _flat_namespace_gcsfs()
+
+
+def _flat_namespace_gcsfs() -> None:
+    """gs:// and gcs:// through gcsfs's flat-namespace file system (no gRPC bucket-type probe), also when gcsfs
+    was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT was set: fsspec's documented registry, the class named
+    (imported when first used) or, if fsspec has already loaded one for the protocol, the class itself."""
+    import fsspec
+
+    for protocol in ("gs", "gcs"):
+        if protocol in fsspec.registry:
+            from gcsfs.core import GCSFileSystem
+
+            fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
+        else:
+            fsspec.register_implementation(protocol, "gcsfs.core.GCSFileSystem", clobber=True)
 
 
 configure_emulator()
@@ -68,6 +89,7 @@ def _fresh_listings() -> None:
     afresh (the listings of one directory are few and small)."""
     import fsspec
 
+    configure_emulator()  # STORAGE_EMULATOR_HOST may have been set after this module was imported
     for protocol in ("gs", "gcs"):
         fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
 

@@ -4,13 +4,19 @@ never leave a complete-looking partial object; and one clear error for a wrong b
 
 import json
 import os
+import re
+import socketserver
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from llada_jax.checkpoints import atomic, layout, storage
 from llada_jax.train.metrics import read_metrics
-from tests.runs import TINY, cli, write_pretrain_data
+from tests.runs import ROOT, TINY, cli, environment, write_pretrain_data
 
 STEPS = ["--max_steps", "6", "--batch_size", "8", "--max_length", "32", "--save_steps", "3", "--logging_steps", "1",
          "--warmup_steps", "1", "--config.checkpoint.async_save=false"]
@@ -131,3 +137,60 @@ def test_lora_on_a_base_in_a_bucket_equals_local_paths(tmp_path, bucket):
     for merge in (False, True):
         local_logits = np.asarray(load_pretrained(runs["local"][1], merge_lora=merge)(ids))
         np.testing.assert_array_equal(np.asarray(load_pretrained(remote, merge_lora=merge)(ids)), local_logits)
+
+
+class RecordingGcsEndpoint(socketserver.ThreadingTCPServer):
+    """A plain-HTTP stand-in for an emulator on 127.0.0.1 that answers every JSON API request 404 and records each
+    connection that does not start with an HTTP/1 request line (gRPC's TLS handshake or HTTP/2 preface)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self):
+        self.other_connections: list[bytes] = []
+        super().__init__(("127.0.0.1", 0), self.Handler)
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.settimeout(5)
+            try:
+                data = self.request.recv(4096)
+                if not re.match(rb"[A-Z]+ \S+ HTTP/1\.[01]\r\n", data):
+                    self.server.other_connections.append(data[:16])
+                    return
+                while b"\r\n\r\n" not in data:
+                    data += self.request.recv(4096)
+                body = b'{"error": {"code": 404, "message": "No such object"}}'
+                self.request.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+
+
+def test_no_grpc_probe_against_an_emulator_even_when_gcsfs_was_imported_first():
+    """With STORAGE_EMULATOR_HOST set, gs:// goes through gcsfs's flat-namespace file system: no gRPC connection to
+    the emulator (gcsfs's hierarchical-namespace class asks the Storage Control API over gRPC for the bucket type,
+    which no emulator answers, and waits out 60 s per file), also when gcsfs was imported before llada_jax (it picks
+    its class on import). token=anon (gcsfs's setting for emulators) gives its gRPC client credentials, so the probe
+    reaches the endpoint here as it does on a machine with default credentials."""
+    server = RecordingGcsEndpoint()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    code = ("import gcsfs\n"  # first: gcsfs chooses its class now, before llada_jax sets anything
+            "from llada_jax.checkpoints import storage\n"
+            "print(storage.exists('gs://bucket/missing.txt'))\n")
+    env = environment(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{server.server_address[1]}",
+                      FSSPEC_GS_TOKEN="anon", FSSPEC_GCS_TOKEN="anon")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and not server.other_connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, err = proc.communicate()
+        server.shutdown()
+        server.server_close()
+    assert not server.other_connections, f"a non-HTTP/1 (gRPC) connection to the emulator: {server.other_connections}"
+    assert proc.returncode == 0 and out.strip() == "False", err[-3000:]
