@@ -1,5 +1,5 @@
 """The package's shape: one-way layers (import-linter), no private names across packages, no test-only
-switches in production code, and a README Layout section that matches the tree."""
+switches in production code, and a Layout page (docs/layout.md) that matches the tree."""
 
 import ast
 import os
@@ -35,20 +35,29 @@ def test_layers_point_one_way():
     assert lint_imports(config_filename=os.path.join(ROOT, ".importlinter"), no_cache=True, no_logo=True) == 0
 
 
-def test_the_layer_contract_catches_an_upward_import(tmp_path):
-    """The contract is not vacuous: a copy of the package where the model imports the training loop breaks it."""
+@pytest.mark.parametrize("module, code, broken", [
+    ("model.py", "from llada_jax.train import loop", "llada_jax.model -> llada_jax.train.loop"),
+    # the checkpoint layer's own order (issue 28: a cycle through the LoRA checkpoints, in function-local imports)
+    ("checkpoints/orbax_model.py", "from llada_jax.checkpoints import adapters",
+     "llada_jax.checkpoints.orbax_model -> llada_jax.checkpoints.adapters"),
+    # a new module of the checkpoint layer must be given its place in the order
+    ("checkpoints/extra.py", "pass", "llada_jax.checkpoints.extra"),
+])
+def test_the_layer_contracts_catch_an_upward_import(tmp_path, module, code, broken):
+    """The contracts are not vacuous: a copy of the package with an upward (function-local) import, or a module
+    the checkpoint layer's order does not place, breaks them."""
     import shutil
     import subprocess
     import sys
 
     shutil.copytree(PACKAGE, tmp_path / "llada_jax", ignore=shutil.ignore_patterns("__pycache__"))
-    model = tmp_path / "llada_jax" / "model.py"
-    model.write_text(model.read_text() + "\n\ndef _upward():\n    from llada_jax.train import loop  # noqa\n")
+    path = tmp_path / "llada_jax" / module
+    path.write_text((path.read_text() if path.exists() else "") + f"\n\ndef _upward():\n    {code}  # noqa\n")
     proc = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports; "
                            f"sys.exit(lint_imports(config_filename={os.path.join(ROOT, '.importlinter')!r}, "
                            "no_cache=True, no_logo=True))"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    assert proc.returncode == 1 and "llada_jax.model -> llada_jax.train.loop" in proc.stdout, proc.stdout[-2000:]
+    assert proc.returncode == 1 and broken in proc.stdout, proc.stdout[-2000:]
 
 
 def private_imports(module: str, path: str):
@@ -107,9 +116,13 @@ def test_production_code_reads_no_test_only_variable():
     assert names <= DOCUMENTED_VARIABLES, names - DOCUMENTED_VARIABLES
 
 
+LAYOUT_PAGE = os.path.join(ROOT, "docs", "layout.md")  # the Layout, linked from the README
+
+
 def readme_layout() -> dict[str, str]:
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    block = re.search(r"## Layout.*?```\n(.*?)```", text, re.S).group(1)
+    """The modules docs/layout.md lists (its "Modules" block), by path."""
+    text = open(LAYOUT_PAGE, encoding="utf-8").read()
+    block = re.search(r"^## Modules\n.*?```\n(.*?)```", text, re.S | re.M).group(1)
     return {line.split()[0]: line for line in block.splitlines() if line.startswith("llada_jax/")}
 
 
@@ -127,8 +140,8 @@ def test_readme_layout_lists_every_top_level_module_and_package():
 def test_readme_layers_agree_with_the_contract(layer):
     config = open(os.path.join(ROOT, ".importlinter"), encoding="utf-8").read()
     layers = [line.strip() for line in config.split("layers =", 1)[1].split("#", 1)[0].splitlines() if line.strip()]
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    diagram = re.search(r"## Layout.*?Layers, top to bottom.*?```\n(.*?)```", text, re.S).group(1)
+    text = open(LAYOUT_PAGE, encoding="utf-8").read()
+    diagram = re.search(r"^## Layers\n.*?Layers, top to bottom.*?```\n(.*?)```", text, re.S | re.M).group(1)
     rows = [line.strip() for line in diagram.splitlines() if line.strip()]
     index = [i for i, row in enumerate(layers) if f"llada_jax.{layer}" in row.split()]
     readme_index = [i for i, row in enumerate(rows) if layer in re.split(r"[\s|,]+", row)]

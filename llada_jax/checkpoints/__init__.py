@@ -1,19 +1,28 @@
 """The checkpoint I/O layer: every file a model or a run is saved in, read and written in one place.
 
-    layout         the run-directory layout: names, finished steps, Orbax run vs Hugging Face directory,
-                   the tokenizer's place
-    atomic         files and directories written under a temporary name and renamed when complete
-    orbax_model    models in Orbax checkpoints: save, sharded restore, one parameter at a time
-    hf_keys        the key table between our parameters and the official Hugging Face state dict
-    hf_config      config.json of the official layout <-> LLaDAConfig
-    safetensors_io (sharded) safetensors read and written one tensor at a time
-    hf_import      Hugging Face directory -> a model in memory or an Orbax checkpoint
+Its modules, in their layers (`.importlinter`: each imports only the rows below it, those of one row do not
+import each other; function-local imports count):
+
+    cli            `llada-jax convert to-hf [--adapter_only] | from-hf [--adapter]`
     hf_export      a model or an Orbax checkpoint -> Hugging Face directory (with hf_files/, the PyTorch code);
                    a LoRA checkpoint exported merged
-    adapters       LoRA checkpoints: adapters only, naming their base model
     peft_adapter   LoRA checkpoints <-> PEFT LoRA adapter directories
-    loading        load_model_and_tokenizer / load_pretrained / read_model_config for either format
-    cli            `llada-jax convert to-hf [--adapter_only] | from-hf [--adapter]`
+    loading        load_model_and_tokenizer / load_pretrained / read_model_config for every format: a Hugging
+                   Face directory, an Orbax model, a LoRA checkpoint (its base loaded, then the adapters applied)
+    adapters | hf_import
+                   LoRA checkpoints: adapters only, naming their base model (read, write, apply to a loaded base)
+                   | Hugging Face directory -> a model in memory or an Orbax checkpoint
+    orbax_model | ar_import | hf_config | safetensors_io | hf_keys
+                   whole models in Orbax checkpoints: save, sharded restore, one parameter at a time
+                   | autoregressive LLaMA / Mistral / Qwen2 directories: config, mask token, tokenizer
+                   | config.json of the official layout <-> LLaDAConfig
+                   | (sharded) safetensors read and written one tensor at a time
+                   | the key table between our parameters and the official Hugging Face state dict
+    atomic | layout
+                   files and directories written under a temporary name and renamed when complete
+                   | the run-directory layout: names, finished steps, Orbax run vs Hugging Face directory, LoRA
+                   steps, the tokenizer's place
+    storage        local paths and URLs (gs://...): one set of file operations for both
 
 Training, data, sampling and evaluation build on this layer; it builds only on the model and the config.
 Importing the package is cheap: the names below load their module on first use.

@@ -8,22 +8,33 @@ A LoRA step (what a `--config.lora.enabled=true` run saves, and `convert from-hf
     lora            {"rank", "alpha", "dropout", "targets", "base"}: the LoRAConfig and the base model's path
                     (an Orbax run, a Hugging Face directory, a gs:// URL; a LoRA run as a base is merged first)
 
-so it is a small fraction of the base. Loading it (`load_lora_model`, reached from every `--model`,
-`load_pretrained` and `load_model_and_tokenizer`) loads the base as it is stored, checks that its shapes are
-those the adapters were trained on, restores the adapters into their shardings and returns the model with
-adapters (`merge_lora=False`) or with them folded into the weights (`merge_lora=True`).
+so it is a small fraction of the base. This module reads and writes such steps; loading one
+(`loading.load_lora_model`, reached from every `--model`, `load_pretrained` and `load_model_and_tokenizer`) loads
+the base as it is stored (any format, a LoRA run merged) and then `apply_adapters` here checks that the base's
+shapes are those the adapters were trained on, restores the adapters into their shardings and returns the model
+with adapters, which the loader folds into the weights with `merge_lora=True`.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from llada_jax import sharding
 from llada_jax.checkpoints import layout, storage
+from llada_jax.checkpoints.atomic import copy_dir
+from llada_jax.checkpoints.orbax_model import (
+    SHAPE_FIELDS,
+    checkpoint_manager,
+    model_items,
+    relayout_blocks,
+    restore_items,
+    saved_config,
+)
 from llada_jax.config import ADAPTABLE_FIELDS, LLaDAConfig, LoRAConfig
-from llada_jax.errors import CheckpointError, CheckpointNotFoundError
+from llada_jax.errors import CheckpointError, CheckpointNotFoundError, UsageError
 from llada_jax.model import LLaDAForMaskedLM, abstract_model
 
 
@@ -43,9 +54,7 @@ def base_reference(path: str) -> str:
 
 def read_lora(run_dir: str, step: int) -> tuple[LoRAConfig, str] | None:
     """(LoRAConfig, base path) of a LoRA step, None for a step that holds a whole model."""
-    from llada_jax.checkpoints.orbax_model import restore_items
-
-    if not storage.is_dir(storage.join(layout.step_dir(run_dir, step), layout.LORA)):
+    if not layout.is_lora_step(run_dir, step):
         return None
     item = dict(restore_items(run_dir, step, **{layout.LORA: ocp.args.JsonRestore()})[layout.LORA])
     base = item.pop("base")
@@ -69,8 +78,6 @@ def restore_adapters(run_dir: str, step: int, lora: LoRAConfig, trained_on: LLaD
                      mesh=None, rules=None) -> dict:
     """A LoRA step's adapters (pure dict, float32), placed on `mesh` (else one local device), in the layer layout
     `scan_layers` (default: as stored)."""
-    from llada_jax.checkpoints.orbax_model import relayout_blocks, restore_items
-
     target = adapter_target(trained_on, lora, mesh, rules)
     adapters = restore_items(run_dir, step, **{layout.PARAMS: ocp.args.StandardRestore(target)})[layout.PARAMS]
     if scan_layers is not None and scan_layers != trained_on.scan_layers:
@@ -88,8 +95,6 @@ def require_base(where: str, base: str) -> None:
 def check_base(base: LLaDAConfig, trained_on: LLaDAConfig, where: str, base_path: str) -> None:
     """A CheckpointError naming the first shape field where the base differs from what the adapters were
     trained on."""
-    from llada_jax.checkpoints.orbax_model import SHAPE_FIELDS
-
     for field in SHAPE_FIELDS:
         if getattr(base, field) != getattr(trained_on, field):
             raise CheckpointError(
@@ -121,33 +126,52 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def load_lora_model(run_dir: str, step: int, *, merge_lora: bool = False, base: str | None = None,
-                    mesh=None, rules=None, **load_kwargs) -> LLaDAForMaskedLM:
-    """The base model named by a LoRA step (or `base`) with the step's adapters: unmerged, or merged into the
-    weights. `load_kwargs` (dtype, param_dtype, scan_layers, ...) go to the base's loader; the adapters stay
-    float32. The model's attention_type / shift_logits / block_size are the run's (`adapted_config`)."""
-    from llada_jax.checkpoints.loading import load_pretrained
-    from llada_jax.checkpoints.orbax_model import saved_config
-
-    where = layout.step_dir(run_dir, step)
-    lora, recorded = read_lora(run_dir, step)
-    base_path = base or recorded
-    require_base(where, base_path)
-    model = load_pretrained(base_path, mesh=mesh, rules=rules, merge_lora=True, **load_kwargs)
+def apply_adapters(base_model: LLaDAForMaskedLM, run_dir: str, step: int, lora: LoRAConfig, base_path: str, *,
+                   mesh=None, rules=None, **overrides) -> LLaDAForMaskedLM:
+    """The loaded base model (`base_path`, for the errors) with the adapters of a LoRA step, unmerged: the base's
+    shapes checked against those the adapters were trained on, the adapters restored into their shardings in the
+    base's layer layout, the model's attention_type / shift_logits / block_size the run's (`adapted_config`;
+    `overrides`, the loader's keyword arguments, win)."""
     trained_on = saved_config(run_dir, step)
-    check_base(model.config, trained_on, where, base_path)
-    adapters = restore_adapters(run_dir, step, lora, trained_on, scan_layers=model.config.scan_layers, mesh=mesh,
-                                rules=rules)
-    model = with_adapters(model, lora, adapters, adapted_config(model.config, trained_on, **load_kwargs))
-    return model.merge_lora() if merge_lora else model
+    check_base(base_model.config, trained_on, layout.step_dir(run_dir, step), base_path)
+    adapters = restore_adapters(run_dir, step, lora, trained_on, scan_layers=base_model.config.scan_layers,
+                                mesh=mesh, rules=rules)
+    return with_adapters(base_model, lora, adapters, adapted_config(base_model.config, trained_on, **overrides))
+
+
+def read_lora_step(path: str):
+    """(run_dir, step, LoRAConfig, base path, LLaDAConfig trained on, adapters pure dict of numpy) of a LoRA
+    checkpoint (a run directory, its checkpoints/ directory or a step); UsageError for a whole model."""
+    run_dir, step = layout.find_checkpoint(path)
+    found = read_lora(run_dir, step)
+    if found is None:
+        raise UsageError(f"{path}: not a LoRA checkpoint (its step {step} holds a whole model, no "
+                         f"'{layout.LORA}' item)")
+    lora, base = found
+    trained_on = saved_config(run_dir, step)
+    adapters = restore_adapters(run_dir, step, lora, trained_on)
+    return run_dir, step, lora, base, trained_on, jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
+
+
+def per_layer(adapters: dict, lora: LoRAConfig, n_layers: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """{target: [(A [in, r], B [r, out]) of each layer]} from a pure dict of adapters in either layout."""
+    blocks = adapters["blocks"]
+    out: dict[str, list] = {t: [] for t in lora.targets}
+    for i in range(n_layers):
+        if "adapters" in blocks:  # scanned: stacked [layers, ...]
+            pairs = {t: (p["lora_a"][i], p["lora_b"][i]) for t, p in blocks["adapters"].items()}
+        else:
+            block = blocks[i] if i in blocks else blocks[str(i)]
+            pairs = {t: (p["lora_a"], p["lora_b"]) for t, p in block["adapters"].items()}
+        for t in lora.targets:
+            a, b = pairs[t]
+            out[t].append((np.asarray(a, np.float32), np.asarray(b, np.float32)))
+    return out
 
 
 def save_adapters(run_dir: str, adapters: dict, config: LLaDAConfig, lora: LoRAConfig, base: str, *,
                   step: int = 0, tokenizer_dir: str | None = None) -> str:
     """Write adapters (a pure dict in `config`'s layout) as a one-step LoRA checkpoint of the base at `base`."""
-    from llada_jax.checkpoints.atomic import copy_dir
-    from llada_jax.checkpoints.orbax_model import checkpoint_manager, model_items
-
     manager = checkpoint_manager(run_dir)
     items = model_items(config, ocp.args.StandardSave(adapters), lora=lora_item(lora, base))
     manager.save(step, args=ocp.args.Composite(**items), force=True)

@@ -95,12 +95,10 @@ def convert_to_hf(input_path: str, output_dir: str, *, dtype: str | None = None,
     folded into the targeted weights (`export_merged_lora`). With `adapter_only` it is written as a PEFT
     LoRA adapter directory instead (`peft_adapter.export_peft_adapter`), to apply to the exported base.
     """
-    from llada_jax.checkpoints.adapters import read_lora
     from llada_jax.checkpoints.orbax_model import ParamReader
 
     parse_size(max_shard_size)
-    run_dir, step = layout.find_checkpoint(input_path)
-    is_lora = read_lora(run_dir, step) is not None
+    is_lora = layout.is_lora_step(*layout.find_checkpoint(input_path))
     if adapter_only:
         from llada_jax.checkpoints.peft_adapter import export_peft_adapter
 
@@ -133,10 +131,9 @@ def export_merged_lora(input_path: str, output_dir: str, *, dtype: str | None = 
     the LoRA run's, else the base's.
     """
     from llada_jax import lora as lora_lib
-    from llada_jax.checkpoints.adapters import adapted_config, check_base, read_lora, require_base
-    from llada_jax.checkpoints.loading import model_tokenizer
+    from llada_jax.checkpoints.adapters import adapted_config, check_base, per_layer, read_lora_step, require_base
+    from llada_jax.checkpoints.loading import load_lora_model, model_tokenizer
     from llada_jax.checkpoints.orbax_model import ParamReader
-    from llada_jax.checkpoints.peft_adapter import per_layer, read_lora_step
 
     run_dir, step, lora, base, trained_on, adapters = read_lora_step(input_path)
     where = layout.step_dir(run_dir, step)
@@ -145,9 +142,7 @@ def export_merged_lora(input_path: str, output_dir: str, *, dtype: str | None = 
     require_base(where, base)
     tokenizer_dir = layout.tokenizer_path(input_path) or model_tokenizer(base)
     base_format = layout.model_format(base)
-    if base_format == "orbax" and read_lora(*layout.find_checkpoint(base)) is not None:
-        from llada_jax.checkpoints.adapters import load_lora_model
-
+    if base_format == "orbax" and layout.is_lora_step(*layout.find_checkpoint(base)):
         model = load_lora_model(run_dir, step, merge_lora=True)  # the base merged, then these adapters
         return save_pretrained(model, output_dir, dtype=dtype, max_shard_size=max_shard_size,
                                tokenizer_dir=tokenizer_dir, overwrite=overwrite)

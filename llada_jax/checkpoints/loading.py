@@ -1,8 +1,11 @@
-"""Loading a model whatever its format: an Orbax run or a Hugging Face directory (auto-detected).
+"""Loading a model whatever its format: an Orbax run, a LoRA checkpoint or a Hugging Face directory
+(auto-detected).
 
     load_model_and_tokenizer(path)   the model and the tokenizer stored with it: what sampling, evaluation,
                                      the lm-eval adapter and the demo load
     load_pretrained(path)            the model alone (`LLaDAForMaskedLM.from_pretrained`)
+    load_lora_model(run_dir, step)   a LoRA step: its base (in any of these formats, loaded by load_pretrained)
+                                     with the adapters (`adapters.apply_adapters`)
     load_on_mesh(path, mesh)         the model and tokenizer on a device mesh (sample, inference, evaluation)
     model_tokenizer(path)            the tokenizer stored with it (an AR model's with the mask token added)
     read_model_config(path)          its LLaDAConfig, without the weights
@@ -33,9 +36,31 @@ def load_pretrained(path: str, dtype: str | None = None, **overrides):
         if overrides.pop("base", None) is not None:
             raise ValueError(f"{path}: base= applies to LoRA checkpoints; this is a Hugging Face model directory")
         return load_hf_model(path, dtype, **overrides)
+    merge_lora, base = overrides.pop("merge_lora", False), overrides.pop("base", None)
+    run_dir, step = layout.find_checkpoint(path)
+    if layout.is_lora_step(run_dir, step):
+        return load_lora_model(run_dir, step, merge_lora=merge_lora, base=base, dtype=dtype, **overrides)
+    if base is not None:
+        raise ValueError(f"{path}: base= applies to LoRA checkpoints; this one holds a whole model")
     from llada_jax.checkpoints.orbax_model import load_model
 
-    return load_model(path, dtype=dtype, **overrides)
+    return load_model(layout.step_dir(run_dir, step), dtype=dtype, **overrides)
+
+
+def load_lora_model(run_dir: str, step: int, *, merge_lora: bool = False, base: str | None = None,
+                    mesh=None, rules=None, **load_kwargs):
+    """The base model named by a LoRA step (or `base`) with the step's adapters: unmerged, or merged into the
+    weights. `load_kwargs` (dtype, param_dtype, scan_layers, ...) go to the base's loader; the adapters stay
+    float32. The model's attention_type / shift_logits / block_size are the run's (`adapters.adapted_config`).
+    A base that is itself a LoRA checkpoint is loaded merged."""
+    from llada_jax.checkpoints import adapters
+
+    lora, recorded = adapters.read_lora(run_dir, step)
+    base_path = base or recorded
+    adapters.require_base(layout.step_dir(run_dir, step), base_path)
+    model = load_pretrained(base_path, mesh=mesh, rules=rules, merge_lora=True, **load_kwargs)
+    model = adapters.apply_adapters(model, run_dir, step, lora, base_path, mesh=mesh, rules=rules, **load_kwargs)
+    return model.merge_lora() if merge_lora else model
 
 
 def load_model_and_tokenizer(path: str, *, dtype: str | None = None, tokenizer: str | None = None, **overrides):

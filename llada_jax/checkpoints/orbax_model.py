@@ -6,7 +6,8 @@ model checkpoint. `model_items` is the one definition of how a model is written 
 
     load_model(path, ...)         a run directory (latest finished step), its checkpoints/ dir or a step ->
                                   LLaDAForMaskedLM, parameters restored into their shardings, never
-                                  initialised first
+                                  initialised first (a whole model; a LoRA step is loaded, with its base, by
+                                  `loading.load_pretrained`)
     save_model(model, run_dir)    a one-step model checkpoint
     save_params(run_dir, ...)     host numpy parameters written without extra copies (conversion)
     ParamReader(path)             the stored parameters read one at a time (conversion)
@@ -119,19 +120,16 @@ def merge_params(config: LLaDAConfig, params: dict) -> LLaDAForMaskedLM:
 
 
 def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None, rules=None,
-               merge_lora: bool = False, base: str | None = None, **overrides) -> LLaDAForMaskedLM:
-    """A model restored from an Orbax checkpoint. `dtype` sets the compute dtype, `param_dtype` casts the
+               **overrides) -> LLaDAForMaskedLM:
+    """A whole model restored from an Orbax checkpoint. `dtype` sets the compute dtype, `param_dtype` casts the
     stored parameters; other keyword arguments override LLaDAConfig fields that do not change shapes
-    (scan_layers, remat_policy, attention_impl). A LoRA checkpoint loads its base model (or `base`) and applies
-    the adapters, folded into the weights with `merge_lora` (`adapters.load_lora_model`)."""
+    (scan_layers, remat_policy, attention_impl). A LoRA checkpoint holds no whole model: `load_pretrained` loads
+    its base and applies the adapters (`loading.load_lora_model`)."""
     run_dir, step = layout.find_checkpoint(path)
-    from llada_jax.checkpoints.adapters import load_lora_model, read_lora
-
-    if read_lora(run_dir, step) is not None:
-        return load_lora_model(run_dir, step, merge_lora=merge_lora, base=base, mesh=mesh, rules=rules, dtype=dtype,
-                               param_dtype=param_dtype, **overrides)
-    if base is not None:
-        raise ValueError(f"{path}: base= applies to LoRA checkpoints; this one holds a whole model")
+    if layout.is_lora_step(run_dir, step):
+        raise CheckpointError(f"{layout.step_dir(run_dir, step)}: a LoRA checkpoint (adapters only, no whole model): "
+                              f"load it with load_pretrained or load_model_and_tokenizer, which load its base and "
+                              f"apply the adapters")
     changes = dict(overrides)
     if dtype is not None:
         changes["dtype"] = dtype

@@ -66,44 +66,6 @@ def target_modules_regex(targets) -> str:
     return r"model\.transformer\.blocks\.\d+\.(" + "|".join(targets) + ")"
 
 
-# --- our LoRA checkpoints ------------------------------------------------------------------------------------------
-
-
-def read_lora_step(path: str):
-    """(run_dir, step, LoRAConfig, base path, LLaDAConfig trained on, adapters pure dict of numpy) of a LoRA
-    checkpoint (a run directory, its checkpoints/ directory or a step); UsageError for a whole model."""
-    import jax
-
-    from llada_jax.checkpoints.adapters import read_lora, restore_adapters
-    from llada_jax.checkpoints.orbax_model import saved_config
-
-    run_dir, step = layout.find_checkpoint(path)
-    found = read_lora(run_dir, step)
-    if found is None:
-        raise UsageError(f"{path}: not a LoRA checkpoint (its step {step} holds a whole model, no "
-                         f"'{layout.LORA}' item)")
-    lora, base = found
-    trained_on = saved_config(run_dir, step)
-    adapters = restore_adapters(run_dir, step, lora, trained_on)
-    return run_dir, step, lora, base, trained_on, jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
-
-
-def per_layer(adapters: dict, lora: LoRAConfig, n_layers: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """{target: [(A [in, r], B [r, out]) of each layer]} from a pure dict of adapters in either layout."""
-    blocks = adapters["blocks"]
-    out: dict[str, list] = {t: [] for t in lora.targets}
-    for i in range(n_layers):
-        if "adapters" in blocks:  # scanned: stacked [layers, ...]
-            pairs = {t: (p["lora_a"][i], p["lora_b"][i]) for t, p in blocks["adapters"].items()}
-        else:
-            block = blocks[i] if i in blocks else blocks[str(i)]
-            pairs = {t: (p["lora_a"], p["lora_b"]) for t, p in block["adapters"].items()}
-        for t in lora.targets:
-            a, b = pairs[t]
-            out[t].append((np.asarray(a, np.float32), np.asarray(b, np.float32)))
-    return out
-
-
 # --- export --------------------------------------------------------------------------------------------------------
 
 
@@ -124,6 +86,7 @@ def export_peft_adapter(input_path: str, output_dir: str, *, overwrite: bool = F
     """Write a LoRA checkpoint's adapters as a PEFT LoRA adapter directory (float32), atomically."""
     from safetensors.numpy import save_file
 
+    from llada_jax.checkpoints.adapters import per_layer, read_lora_step
     from llada_jax.checkpoints.atomic import atomic_dir, write_json
 
     run_dir, _, lora, base, trained_on, adapters = read_lora_step(input_path)

@@ -14,15 +14,9 @@ from flax import nnx
 
 from llada_jax import LLaDAConfig, LLaDAForMaskedLM
 from llada_jax.checkpoints import load_pretrained
-from llada_jax.checkpoints.adapters import adapter_target, save_adapters, with_adapters
+from llada_jax.checkpoints.adapters import adapter_target, per_layer, read_lora_step, save_adapters, with_adapters
 from llada_jax.checkpoints.orbax_model import save_model
-from llada_jax.checkpoints.peft_adapter import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    per_layer,
-    read_lora_step,
-    weight_key,
-)
+from llada_jax.checkpoints.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, weight_key
 from llada_jax.cli import main
 from llada_jax.config import LORA_TARGETS, LoRAConfig
 from llada_jax.lora import target_layout
@@ -200,6 +194,17 @@ def test_unsupported_peft_settings_are_errors(setup, tmp_path, capsys, changes, 
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0 and ADAPTER_CONFIG in err, err
     assert_nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize("setup", ["scanned_all"], indirect=True)
+def test_orbax_load_model_of_a_lora_step_names_load_pretrained(setup):
+    """`orbax_model.load_model` restores whole models; a LoRA step (adapters only) is loaded with its base by
+    `load_pretrained`, and load_model says so instead of restoring the adapters as a model."""
+    from llada_jax.checkpoints.orbax_model import load_model
+    from llada_jax.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="a LoRA checkpoint .*load it with load_pretrained"):
+        load_model(setup["run"])
 
 
 @pytest.mark.parametrize("setup", ["scanned_all"], indirect=True)
