@@ -399,6 +399,84 @@ def lora_config_from(c: ml_collections.ConfigDict) -> LoRAConfig | None:
     return LoRAConfig.from_dict({k: v for k, v in c.lora.items() if k != "enabled"}, source="config.lora")
 
 
+def padding_token_id(config) -> int:
+    """The id prompts are left-padded with: `pad_token_id`, else `eos_token_id` (LLaDA pads with its EOS). The
+    padded positions are outside the attention mask, so they change no output; a model with neither id is a
+    ValueError naming the field (there is nothing to derive it from)."""
+    if config.pad_token_id is not None:
+        return config.pad_token_id
+    if config.eos_token_id is not None:
+        return config.eos_token_id
+    raise ValueError("pad_token_id is not set, nor eos_token_id (LLaDA pads with its EOS): prompts cannot be "
+                     "left-padded; set pad_token_id (or eos_token_id) in the model's config")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings that would not apply
+# ----------------------------------------------------------------------------------------------------
+
+
+def _unused_groups(c: ml_collections.ConfigDict, model: LLaDAConfig):
+    """(options, why they do not apply) for each group of options that this run would not read: those of a feature
+    that is off (naming what turns it on), of the other task, of another learning-rate schedule."""
+    if not c.lora.enabled:
+        yield (("lora.rank", "lora.alpha", "lora.dropout", "lora.targets"),
+               "lora.enabled is false: set --config.lora.enabled=true to train LoRA adapters (without it the whole "
+               "model is trained)")
+    if not c.wandb.enabled:
+        yield ("wandb.project", "wandb.run_name"), "wandb.enabled is false (set --config.wandb.enabled=true)"
+    if not c.eval_data_path:
+        yield ("eval_steps", "eval_batches"), "eval_data_path is empty: no evaluation runs (give eval_data_path)"
+    if model.attention_type != "block_causal":
+        yield (("block_diffusion.mask_rate_min", "block_diffusion.mask_rate_max",
+                "block_diffusion.block_size_schedule"),
+               f"model.attention_type is {model.attention_type!r} (block_causal models only)")
+    else:
+        yield ("eps",), ("model.attention_type is 'block_causal' (block diffusion draws each block's mask rate from "
+                         "block_diffusion.mask_rate_min / mask_rate_max)")
+    if c.task == "sft":
+        yield ("random_length_prob", "data.pretrain_mode"), "task is 'sft' (pretraining only)"
+    else:
+        yield ("data.too_long",), f"task is {c.task!r} (SFT only: pretraining cuts documents into rows)"
+    if c.lr_scheduler_type != "wsd":
+        yield ("optimizer.decay_fraction",), f"lr_scheduler_type is {c.lr_scheduler_type!r} (wsd only)"
+    if c.lr_scheduler_type == "constant":
+        yield ("optimizer.min_lr_ratio",), "lr_scheduler_type is 'constant' (the decaying schedules only)"
+    if not any(str(path).startswith("tfds:") for path in (c.data_path, c.eval_data_path)):
+        yield ("data.tfds_data_dir",), "neither data_path nor eval_data_path is a tfds:NAME:SPLIT dataset"
+
+
+def override_keys(overrides) -> tuple[str, ...]:
+    """The dotted keys that `--config.key=value` strings set ("lora.rank" for "--config.lora.rank=8")."""
+    return tuple(item[len("--config."):].split("=", 1)[0] for item in overrides
+                 if item.startswith("--config.") and "=" in item)
+
+
+def unused_settings(c: ml_collections.ConfigDict, model: LLaDAConfig, overridden=()) -> str | None:
+    """A one-line message naming the options that are given but that this run would not use, or None.
+
+    An option is given when it differs from the schema's default for the config's task (`train_config`, with
+    `sft_defaults` for SFT) or when it is among `overridden`, the keys a command line set (`override_keys`), even
+    to the default value. So a config file counts like the command line, and one that writes every default (as
+    create-configs does) gives nothing. `model`: the model the run trains (its attention type, which may come
+    from the checkpoint started from).
+    """
+    defaults = train_config(task=c.task)
+    if c.task == "sft":
+        sft_defaults(defaults)
+
+    def value(config, dotted):
+        for part in dotted.split("."):
+            config = config[part]
+        return tuple(config) if isinstance(config, list) else config
+
+    for options, why in _unused_groups(c, model):
+        given = [o for o in options if o in overridden or value(c, o) != value(defaults, o)]
+        if given:
+            return f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set, but {why}"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading experiment files and command-line overrides
 # ----------------------------------------------------------------------------------------------------

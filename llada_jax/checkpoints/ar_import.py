@@ -18,6 +18,9 @@ those families to an `LLaDAConfig` and plans the mask token, which an AR vocabul
   added row start as the mean of the checkpoint's rows (of the embedding, and of the head), so the new token
   starts as an average input and none of them stands out in the logits.
 - `write_tokenizer` copies the tokenizer with the mask token added (a special token at the planned id).
+- The special ids are config.json's; one it leaves unset (transformers 5 writes null for every id the model was
+  not given) is the tokenizer's, and an unset pad is the EOS (LLaDA's convention). Without a tokenizer an unset
+  id stays unset: training then names it (it needs the EOS), as sampling names a missing pad / EOS.
 
 The converted model is bidirectional and unshifted by default (a LLaDA model); `attention_type="causal"`
 gives exactly the AR model's logits (logits[i] predicting token i + 1), and `shift_logits=True` keeps that
@@ -104,13 +107,19 @@ def from_ar_config(d: dict[str, Any], *, source: str, tokenizer_dir: str | None 
         max_length = window
 
     source_rows = d["vocab_size"]
-    vocab = _vocab_plan(source_rows, tokenizer_dir, mask_token, source)
+    tokenizer = _load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    vocab = _vocab_plan(source_rows, tokenizer, tokenizer_dir, mask_token, source)
     eos = d.get("eos_token_id")
     if isinstance(eos, list):  # LLaMA 3 Instruct lists several; the first is <|end_of_text|> / <|eot_id|>
         eos = eos[0] if eos else None
     bos = d.get("bos_token_id")
     pad = d.get("pad_token_id")
-    pad = eos if pad is None else pad
+    if tokenizer is not None:  # an id config.json leaves null is the tokenizer's
+        eos = tokenizer.eos_token_id if eos is None else eos
+        bos = tokenizer.bos_token_id if bos is None else bos
+    pad = eos if pad is None else pad  # LLaDA pads with its EOS
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
     fields: dict[str, Any] = dict(
         d_model=d_model, n_layers=d["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=d.get("num_key_value_heads") or n_heads, mlp_hidden_size=d["intermediate_size"],
@@ -166,11 +175,11 @@ def _load_tokenizer(directory: str):
                                          trust_remote_code=False)
 
 
-def _vocab_plan(source_rows: int, tokenizer_dir: str | None, mask_token: str | None, source: str) -> VocabPlan:
+def _vocab_plan(source_rows: int, tokenizer, tokenizer_dir: str | None, mask_token: str | None,
+                source: str) -> VocabPlan:
     def padded(n: int) -> int:
         return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
-    tokenizer = _load_tokenizer(tokenizer_dir) if tokenizer_dir else None
     if mask_token is not None:
         if tokenizer is None:
             raise HFConfigError(f"{source}: mask_token {mask_token!r} needs the tokenizer, and the directory has none")

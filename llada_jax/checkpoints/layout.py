@@ -84,6 +84,12 @@ def latest_finished_step(run_dir: str) -> int | None:
     return steps[-1] if steps else None
 
 
+def is_lora_step(run_dir: str, step: int) -> bool:
+    """Whether a checkpoint step holds LoRA adapters (its `lora` item names the base model) rather than a whole
+    model; `checkpoints.adapters` reads and writes such steps."""
+    return storage.is_dir(join(step_dir(run_dir, step), LORA))
+
+
 def _base(path: str) -> str:
     return storage.clean(path).rsplit("/", 1)[-1]
 
@@ -136,6 +142,14 @@ def model_format(path: str) -> str:
         return "orbax"
     raise CheckpointNotFoundError(f"{path}: neither a Hugging Face model directory (no config.json) nor an Orbax "
                                   f"checkpoint (no '{CHECKPOINTS}' directory)")
+
+
+def model_config_file(path: str) -> str:
+    """Where the architecture of the saved model at `path` is stored (for messages that name it): the Hugging Face
+    directory's config.json, or the model_config item of the Orbax checkpoint step that `path` names."""
+    if model_format(path) == "hf":
+        return join(storage.clean(path), HF_CONFIG_FILE)
+    return join(step_dir(*find_checkpoint(path)), MODEL_CONFIG)
 
 
 def tokenizer_files(directory: str | None) -> list[str]:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llada_jax.config import padding_token_id
 from llada_jax.model import apply_rope
 
 
@@ -177,7 +178,7 @@ def compare_sampling_methods(model, dataset, settings: list[dict] | None = None,
         batches = []
         for b in range(0, len(prompts), batch_size):
             chunk = prompts[b:b + batch_size]
-            ids, mask = prompt_io.left_pad(chunk, config.pad_token_id, width, rows=batch_size)
+            ids, mask = prompt_io.left_pad(chunk, padding_token_id(config), width, rows=batch_size)
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(
                 np.minimum(np.arange(b, b + batch_size), len(prompts) - 1).astype(np.uint32))
             batches.append((len(chunk), ids, mask, keys))

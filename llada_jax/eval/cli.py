@@ -17,7 +17,7 @@ from llada_jax import distributed
 from llada_jax.checkpoints import storage
 from llada_jax.config import DTYPES
 from llada_jax.errors import UsageError
-from llada_jax.sampling.cli import add_merge_lora_flag
+from llada_jax.sampling.cli import add_merge_lora_flag, check_special_ids
 from llada_jax.sampling.prompts import json_object
 
 
@@ -90,6 +90,7 @@ def run(args) -> int:
         model, tokenizer, mesh = load_on_mesh(args.model, args.mesh, dtype=args.dtype, merge_lora=args.merge_lora)
     except CheckpointNotFoundError as e:
         raise UsageError(f"--model: {e}") from e
+    check_special_ids(model, args.model)
     name = "<stdin>" if args.input == "-" else args.input
     prompts, answers = [], []
     for number, record in enumerate(records, 1):

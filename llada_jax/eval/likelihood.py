@@ -61,6 +61,7 @@ import numpy as np
 from flax import nnx
 
 from llada_jax import sharding
+from llada_jax.config import padding_token_id
 from llada_jax.diffusion import block_diffusion_pairs, token_cross_entropy
 from llada_jax.model import positions_from_mask
 from llada_jax.sampling import noise, remasking
@@ -217,8 +218,7 @@ def _groups(prompts, answers, per_call, config):
         a_len = _bucket(max(len(answers[i]) for i in rows))
         longest = max(len(prompts[i]) for i in rows)
         p_len = max(min(_bucket(longest), config.max_sequence_length - a_len), longest, 1)
-        pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-        prompt, prompt_mask = left_pad([prompts[i] for i in fill], pad_id, p_len)
+        prompt, prompt_mask = left_pad([prompts[i] for i in fill], padding_token_id(config), p_len)
         answer = np.zeros((per_call, a_len), np.int32)
         lengths = np.zeros((per_call,), np.int32)
         for r, i in enumerate(fill):

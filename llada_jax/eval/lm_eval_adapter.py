@@ -56,6 +56,7 @@ from lm_eval.api.model import LM
 from tqdm import tqdm
 
 from llada_jax import sharding
+from llada_jax.config import padding_token_id
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class LLaDAJaxLM(LM):
         unknown = sorted(set(sampler_args) - set(_SAMPLER_ARGS))
         if unknown:
             raise ValueError(f"llada_jax: unknown model arg(s) {unknown}; sampler args: {sorted(_SAMPLER_ARGS)}")
+        source = None  # the model's config file, when it is loaded from `pretrained`
         if model is None:
             if pretrained is None:
                 raise ValueError("llada_jax: give pretrained=PATH (an Orbax checkpoint or HF model directory)")
@@ -94,6 +96,7 @@ class LLaDAJaxLM(LM):
             model, stored, self.mesh = load_on_mesh(pretrained, mesh_flag or None, dtype=dtype,
                                                     merge_lora=merge_lora in (True, "true", "True", "1", 1))
             tokenizer = stored if tokenizer is None else tokenizer
+            source = pretrained
         else:
             self.mesh = None
         self.model = model
@@ -122,6 +125,13 @@ class LLaDAJaxLM(LM):
         # split the requests over processes: to lm-eval each process is rank 0 of 1 (`main` keeps the other
         # processes from writing results).
         self.sampler.options.resolved(self.model.config)  # token ids fit the model: fail now, not mid-run
+        try:
+            padding_token_id(self.model.config)  # generate_until left-pads its prompts
+        except ValueError as e:
+            from llada_jax.checkpoints import layout
+
+            where = f"{layout.model_config_file(source)}: " if source is not None else ""
+            raise ValueError(f"llada_jax: {where}{e}") from e
         if self.mc_num % self.batch_size:
             raise ValueError(f"llada_jax: mc_num {self.mc_num} must be a multiple of the batch size "
                              f"{self.batch_size} (lm-eval's --batch_size is the Monte Carlo batch)")
@@ -197,7 +207,7 @@ class LLaDAJaxLM(LM):
         for b in tqdm(range(0, len(order), self.gen_batch_size), desc="generate_until", disable=disable_tqdm):
             rows = order[b:b + self.gen_batch_size]
             length = prompt_io.padded_length(max(len(encoded[i]) for i in rows), prompt_io.LENGTH_BUCKET, limit)
-            ids, mask = prompt_io.left_pad([encoded[i] for i in rows], config.pad_token_id, length,
+            ids, mask = prompt_io.left_pad([encoded[i] for i in rows], padding_token_id(config), length,
                                            rows=self.gen_batch_size)
             keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(
                 np.array(rows + [rows[0]] * (self.gen_batch_size - len(rows)), np.uint32))

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from llada_jax import sharding
+from llada_jax.config import padding_token_id
 from llada_jax.sampling import prompts as prompt_io
 
 WINDOW_BATCHES = 16  # batches per sorting window
@@ -76,7 +77,7 @@ def sample_file(model, tokenizer, sampler, records: list[dict], encoded: list[li
                 rows = indices[b:b + batch_size]
                 seqs = [encoded[i] for i in rows]
                 length = prompt_io.padded_length(max(map(len, seqs)), prompt_io.LENGTH_BUCKET, limit)
-                ids, mask = prompt_io.left_pad(seqs, config.pad_token_id, length, rows=batch_size)
+                ids, mask = prompt_io.left_pad(seqs, padding_token_id(config), length, rows=batch_size)
                 keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(
                     np.array(rows + [rows[0]] * (batch_size - len(rows)), np.uint32))
                 out_ids, stats = sampler(model, ids, mask, rng=keys, return_stats=True)

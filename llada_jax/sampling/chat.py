@@ -14,6 +14,7 @@ import sys
 import jax
 
 from llada_jax import distributed, sharding
+from llada_jax.config import padding_token_id
 from llada_jax.sampling import prompts as prompt_io
 
 COMMANDS = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
@@ -43,7 +44,7 @@ class Chat:
             raise ValueError(f"the prompt has {len(ids)} tokens; with gen_length {gen_length} at most {limit} fit "
                              f"the model's max_sequence_length {config.max_sequence_length}")
         length = prompt_io.padded_length(len(ids), prompt_io.LENGTH_BUCKET, limit)
-        prompt, mask = prompt_io.left_pad([ids], config.pad_token_id, length)
+        prompt, mask = prompt_io.left_pad([ids], padding_token_id(config), length)
         out, stats = self.sampler(self.model, prompt, mask, rng=jax.random.fold_in(self.key, self.turn)[None],
                                   return_stats=True)
         self.turn += 1

@@ -12,8 +12,8 @@ import sys
 import tempfile
 
 from llada_jax import distributed
-from llada_jax.checkpoints import storage
-from llada_jax.config import DTYPES
+from llada_jax.checkpoints import layout, storage
+from llada_jax.config import DTYPES, padding_token_id
 from llada_jax.errors import UsageError
 from llada_jax.sampling.options import BLOCK_METHODS, CACHES, METHODS, REMASKING
 
@@ -109,9 +109,27 @@ def _usage(error: ValueError) -> UsageError:
     return UsageError(f"--{text}" if flagged else text)
 
 
-def check_model(sampler, model) -> None:
+def check_special_ids(model, path: str) -> None:
+    """The ids a command that runs the model on prompts needs: the mask token, and the pad of left-padded prompts
+    (`config.padding_token_id`: pad_token_id, else eos_token_id). A missing one is a UsageError naming the field
+    and the config file of `path` (the --model), before any work."""
+    config = model.config
+    problem = None
+    if config.mask_token_id is None:
+        problem = "mask_token_id is not set: the samplers and the likelihood need the mask token"
+    else:
+        try:
+            padding_token_id(config)
+        except ValueError as e:
+            problem = str(e)
+    if problem:
+        raise UsageError(f"--model: {layout.model_config_file(path)}: {problem}")
+
+
+def check_model(sampler, model, path: str) -> None:
     """The flags against the loaded model (the method its attention allows, gen_length in its blocks, the token
-    ids in its vocabulary), before anything is sampled."""
+    ids in its vocabulary and the special ids it needs; `path`: the --model), before anything is sampled."""
+    check_special_ids(model, path)
     try:
         sampler.options.resolved(model.config)
     except ValueError as e:
@@ -191,7 +209,7 @@ def run_sample(args) -> int:
             print(f"{args.output}: all {len(records)} lines are already done", file=sys.stderr)
         return 0
     sampler = _sampler(args, tokenizer, mesh)
-    check_model(sampler, model)
+    check_model(sampler, model, args.model)
     encoded = []
     limit = model.config.max_sequence_length - args.gen_length
     name = "<stdin>" if args.input == "-" else args.input
@@ -234,7 +252,7 @@ def run_inference(args) -> int:
         raise UsageError(f"--model: no tokenizer is stored with {args.model}; inference needs one")
     use_template = tokenizer.declares_chat_template and not args.no_chat_template
     sampler = _sampler(args, tokenizer, mesh)
-    check_model(sampler, model)
+    check_model(sampler, model, args.model)
     session = chat.Chat(model, tokenizer, sampler, use_template=use_template, seed=args.seed)
     if args.interactive:
         return chat.interactive(session)

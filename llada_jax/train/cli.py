@@ -82,11 +82,16 @@ def run_compile_check(args) -> int:
 
             report = _compile_sampler(args, devices)
         else:
+            from llada_jax.config import override_keys, unused_settings
             from llada_jax.train import aot
 
             config = load_config(args.config, task=args.task)
             apply_overrides(config, args.extra)
-            report = aot.compile_train_step(config, model_config_from(config), make_run_mesh(config, devices))
+            model_config = model_config_from(config)
+            unused = unused_settings(config, model_config, override_keys(args.extra))
+            if unused:  # (it would size a run that ignores it: a full fine-tune for a LoRA setting)
+                raise UsageError(unused)
+            report = aot.compile_train_step(config, model_config, make_run_mesh(config, devices))
     except LLaDAError:
         raise
     except (ValueError, FileNotFoundError) as e:
@@ -144,6 +149,7 @@ def build_config(args):
 
 
 def run_train(args) -> int:
+    from llada_jax.config import override_keys
     from llada_jax.train.loop import train
 
     try:
@@ -152,7 +158,7 @@ def run_train(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
     try:
-        train(config)
+        train(config, overridden=override_keys(args.extra))  # (named options count as given: loop.validate)
     except LLaDAError:
         raise  # reported by the command line: config errors exit 2, data errors and stops exit 1
     except FileNotFoundError as e:

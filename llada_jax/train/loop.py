@@ -1,6 +1,7 @@
 """The training loop behind `llada-jax pretrain` and `llada-jax sft`.
 
-    validate(config)        every check that needs no device: config values, model, schedule, data, rules
+    validate(config)        every check that needs no device: config values, model (and the one it starts from),
+                            schedule, data, rules, and settings the run would not use
     TrainingRun.open(...)   the run set up: mesh, train step, data, checkpoint manager, and the state
                             (resumed from output_dir, or started from model_name_or_path, or initialised)
     train(config)           the loop: step, log, evaluate if due, save if due, stop if asked
@@ -29,7 +30,7 @@ from llada_jax import sharding
 from llada_jax.checkpoints import adapters, layout, storage
 from llada_jax.checkpoints.atomic import copy_dir, write_json
 from llada_jax.checkpoints.orbax_model import checkpoint_manager
-from llada_jax.config import ADAPTABLE_FIELDS, LLaDAConfig, lora_config_from, model_config_from
+from llada_jax.config import ADAPTABLE_FIELDS, LLaDAConfig, lora_config_from, model_config_from, unused_settings
 from llada_jax.errors import ConfigError, MeshError, TrainingStopped
 from llada_jax.train import checkpoint
 from llada_jax.train.metrics import MetricsLogger
@@ -56,8 +57,11 @@ ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidd
 # ----------------------------------------------------------------------------------------------------
 
 
-def validate(config) -> None:
-    """Raise ConfigError naming the first bad setting (nothing touches a device or writes a file)."""
+def validate(config, overridden=()) -> LLaDAConfig:
+    """Raise ConfigError naming the first bad setting (nothing touches a device or writes a file); returns the model
+    config of the run (`resolve_model_config`). `overridden`: the keys the command line set (`override_keys`),
+    which count as given even at their default value: an option given while it does not apply (a LoRA setting
+    with lora.enabled false, ...) is an error, never silently ignored (`config.unused_settings`)."""
     from llada_jax.data.settings import check_config
     from llada_jax.data.sources import resolve_paths
     from llada_jax.train.optimizer import learning_rate_schedule
@@ -94,7 +98,7 @@ def validate(config) -> None:
     annealing = config.adaptation.mask_annealing_steps
     if not isinstance(annealing, int) or isinstance(annealing, bool) or annealing < 0:
         fail(f"adaptation.mask_annealing_steps must be an integer >= 0 (0: no annealing), got {annealing!r}")
-    check_block_diffusion(config, checked_model_config(config))
+    model_config = resolve_model_config(config)
     check_lora(config)
     o = config.optimizer
     if not config.learning_rate >= 0 or not np.isfinite(config.learning_rate):
@@ -111,8 +115,15 @@ def validate(config) -> None:
         check_config(config, process_count=jax.process_count())
     except ValueError as e:
         fail(str(e))
-    checked_model_config(config)
     sharding.check_rules(config.mesh.logical_axis_rules)
+    unused = unused_settings(config, model_config, overridden)
+    if unused:
+        fail(unused)
+    named = [f"model.{f}" for f in ARCHITECTURE_FIELDS if f"model.{f}" in overridden]
+    if named and config.model_name_or_path:  # (the checkpoint's architecture replaces config.model's)
+        fail(f"{', '.join(named)} {'is' if len(named) == 1 else 'are'} set, but the architecture is the one of "
+             f"model_name_or_path ({layout.model_config_file(config.model_name_or_path)}): leave the setting out")
+    return model_config
 
 
 def check_block_diffusion(config, model_config: LLaDAConfig) -> None:
@@ -126,13 +137,11 @@ def check_block_diffusion(config, model_config: LLaDAConfig) -> None:
             [e[0] for e in schedule] != sorted(e[0] for e in schedule):
         raise ConfigError(f"block_diffusion.block_size_schedule must be ((step, block_size), ...) with steps >= 0 in "
                           f"increasing order and positive sizes, got {bd.block_size_schedule!r}")
+    if config.adaptation.mask_annealing_steps and model_config.attention_type != "bidirectional":
+        raise ConfigError(f"adaptation.mask_annealing_steps applies to bidirectional models, not "
+                          f"{model_config.attention_type} ones (it anneals causal attention into bidirectional)")
     if model_config.attention_type != "block_causal":
-        if schedule:
-            raise ConfigError("block_diffusion.block_size_schedule is set but model.attention_type is "
-                              f"{model_config.attention_type!r} (block_causal models only)")
-        return
-    if config.adaptation.mask_annealing_steps:
-        raise ConfigError("adaptation.mask_annealing_steps applies to bidirectional models, not block_causal ones")
+        return  # (its block_diffusion options are named by config.unused_settings)
     for where, size in [("model.block_size", model_config.block_size)] + [
             (f"block_diffusion.block_size_schedule step {s}", b) for s, b in schedule]:
         if config.max_length % size:
@@ -158,8 +167,10 @@ def checked_model_config(config) -> LLaDAConfig:
 
 
 def resolve_model_config(config) -> LLaDAConfig:
-    """The model config of the run: config.model, with the architecture of `model_name_or_path` if given."""
+    """The model config of the run: config.model, with the architecture of `model_name_or_path` if given, checked
+    (block diffusion, the special ids; an unset pad id is the EOS, LLaDA's convention)."""
     model_config = checked_model_config(config)
+    source = "model"
     if config.model_name_or_path:
         from llada_jax.checkpoints import read_model_config
 
@@ -175,7 +186,18 @@ def resolve_model_config(config) -> LLaDAConfig:
         except ValueError as e:
             raise ConfigError(f"model_name_or_path {config.model_name_or_path}: {e}".replace("LLaDAConfig.", "model.")
                               ) from e
-        check_block_diffusion(config, model_config)
+        source = layout.model_config_file(config.model_name_or_path)
+    check_block_diffusion(config, model_config)
+    # Training needs the mask token and the EOS; an AR checkpoint's config.json may leave its ids null
+    # (transformers 5 writes null for every id it was not given), and nothing else names them.
+    for name, use in (("mask_token_id", "the forward process replaces tokens with it"),
+                      ("eos_token_id", "documents are joined with it, SFT answers and pad-mode rows padded with it")):
+        if getattr(model_config, name) is None:
+            if source == "model":
+                raise ConfigError(f"model.{name} is not set: training needs it ({use})")
+            raise ConfigError(f"{source}: {name} is not set: training needs it ({use}); set {name} there")
+    if model_config.pad_token_id is None:
+        model_config = model_config.replace(pad_token_id=model_config.eos_token_id)
     return model_config
 
 
@@ -228,8 +250,8 @@ class TrainingRun:
     lora_item: dict | None = None  # LoRA: the settings and the pinned base every save records (`adapters.lora_item`)
 
     @classmethod
-    def open(cls, config) -> "TrainingRun":
-        validate(config)
+    def open(cls, config, overridden=()) -> "TrainingRun":
+        model_config = validate(config, overridden)  # (a missing model_name_or_path is a ConfigError naming it)
         from llada_jax.data.pipeline import make_train_iterator
 
         start_from = config.model_name_or_path
@@ -242,7 +264,6 @@ class TrainingRun:
                 stored = model_tokenizer(start_from)
             config.data.tokenizer = stored or ""
         storage.check_writable(config.output_dir, f".llada_jax_write_check_{jax.process_index()}")
-        model_config = resolve_model_config(config)  # (a missing model_name_or_path is a ConfigError naming it)
         lora = lora_config_from(config)  # (checked by validate)
         # LoRA: the base resolved once (an Orbax run pinned to its step), then loaded from and named by every save
         lora_item = None if lora is None else adapters.lora_item(lora, config.model_name_or_path)
@@ -418,9 +439,9 @@ class StepLog:
         self.progress.close()
 
 
-def train(config, *, on_step: Callable[[int], None] | None = None) -> dict:
-    """Run (or resume) training as configured; returns the last logged metrics."""
-    run = TrainingRun.open(config)
+def train(config, *, on_step: Callable[[int], None] | None = None, overridden=()) -> dict:
+    """Run (or resume) training as configured; returns the last logged metrics. `overridden`: as for `validate`."""
+    run = TrainingRun.open(config, overridden)
     max_steps = int(config.max_steps)
     if run.start >= max_steps:
         log.info("%s is already at step %d >= max_steps %d: nothing to do", config.output_dir, run.start, max_steps)

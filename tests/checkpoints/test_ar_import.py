@@ -138,3 +138,15 @@ def test_sliding_window_caps_the_length_and_longer_is_an_error(tmp_path):
     # Qwen2 windows only with use_sliding_window
     q, _, _ = make_ar_dir(str(tmp_path / "q"), "qwen2", sliding_window=64, use_sliding_window=False)
     assert read_model_config(q).max_sequence_length == 256
+
+
+def test_special_ids_missing_from_config_json_come_from_the_tokenizer_or_stay_unset(tmp_path):
+    """transformers 5 writes bos / eos / pad as null unless they are given (issue 28). An id config.json leaves
+    unset is read from the directory's tokenizer, the pad from the EOS when neither names one (LLaDA pads with its
+    EOS); without a tokenizer it stays unset, for training and sampling to name."""
+    d, _, _ = make_ar_dir(str(tmp_path / "tok"), "qwen2", bos_token_id=None, eos_token_id=None)
+    c = read_model_config(d)  # the helper's tokenizer: BOS <s> = 1, EOS </s> = 2, no pad token
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (1, 2, 2)
+    d, _, _ = make_ar_dir(str(tmp_path / "none"), "qwen2", tokenizer=False, bos_token_id=None, eos_token_id=None)
+    c = read_model_config(d)
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (None, None, None)

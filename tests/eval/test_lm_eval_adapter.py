@@ -167,3 +167,16 @@ def test_lm_eval_on_two_processes_equals_one(tmp_path):
             np.testing.assert_allclose([float(r[0][0]) for r in other], [float(r[0][0]) for r in resps], rtol=1e-5)
         else:
             assert other == resps
+
+
+def test_a_model_without_pad_or_eos_is_refused_when_the_adapter_is_built(tokenizer_dir):
+    """Issue 28: generate_until left-pads prompts with pad_token_id, else eos_token_id; a model with neither is a
+    ValueError naming the field when the adapter is made, not a TypeError in the middle of an evaluation."""
+    from llada_jax.eval.lm_eval_adapter import LLaDAJaxLM
+    from llada_jax.tokenizer import load_tokenizer
+
+    helper = load_tokenizer(tokenizer_dir)
+    config = LLaDAConfig.tiny(**config_overrides(helper), max_sequence_length=64).replace(eos_token_id=None,
+                                                                                          pad_token_id=None)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        LLaDAJaxLM(model=LLaDAForMaskedLM(config, rngs=nnx.Rngs(0)), tokenizer=helper, mc_num=2, batch_size=2)

@@ -151,3 +151,28 @@ def test_sample_with_threshold_and_cache_equals_the_api(saved, tmp_path, capsys)
     assert main(["sample", "--model", run, "--input", src, "--output", str(tmp_path / "x.jsonl"), *FLAGS,
                  "--threshold", "-1"]) == 2
     assert "--threshold must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_a_model_without_pad_or_eos_is_one_clear_error(saved, tmp_path, capsys):
+    """Issue 28: prompts are left-padded with the model's pad_token_id, else its eos_token_id (LLaDA pads with its
+    EOS); a model with neither crashed mid-run (TypeError). sample and inference say which field is missing and in
+    which file, exit 2, before anything is written."""
+    from flax import nnx
+
+    from llada_jax import LLaDAForMaskedLM
+    from llada_jax.checkpoints.orbax_model import save_model
+
+    run, model, _, base = saved
+    config = model.config.replace(eos_token_id=None, pad_token_id=None)
+    hf = LLaDAForMaskedLM(config, rngs=nnx.Rngs(0)).save_pretrained(str(tmp_path / "hf"))  # no tokenizer
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"input_ids": [5, 6, 7]}])
+    out = tmp_path / "o.jsonl"
+    assert main(["sample", "--model", hf, "--input", prompts, "--output", str(out), "--no_progress", *FLAGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"llada-jax sample: error: --model: {os.path.join(hf, 'config.json')}: pad_token_id "), err
+    assert "eos_token_id" in err and not out.exists()
+    orbax = save_model(LLaDAForMaskedLM(config, rngs=nnx.Rngs(0)), str(tmp_path / "run"),
+                       tokenizer_dir=str(base / "tok"))
+    assert main(["inference", "--model", orbax, "--prompt", "Hello", *FLAGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("llada-jax inference: error: --model: ") and "model_config: pad_token_id " in err, err

@@ -104,3 +104,42 @@ def test_the_seed_flow_create_configs_then_pretrain_from_a_llama_directory(tmp_p
     trained = LLaDAForMaskedLM.from_pretrained(run)
     np.testing.assert_array_equal(np.asarray(trained.wte[...])[:n_tok],
                                   hf_model.model.embed_tokens.weight.detach().numpy())
+
+
+def test_a_qwen2_without_special_ids_is_refused_by_name_and_with_an_eos_it_trains_and_samples(tmp_path):
+    """Issue 28: a Qwen2 saved by transformers 5 with its defaults (bos / eos / pad null) and no tokenizer trained
+    (documents joined with no EOS) and then `sample` crashed on the missing pad id (TypeError). Training refuses a
+    model without an EOS, naming the field and the file, before anything is written; with eos_token_id in
+    config.json and no pad_token_id the run pads with its EOS (LLaDA's convention), records it, and samples."""
+    from tests.checkpoints.ar_helpers import edit_config
+
+    ar, _, _ = make_ar_dir(str(tmp_path / "qwen2"), "qwen2", tokenizer=False, bos_token_id=None, eos_token_id=None)
+    data = tmp_path / "ids.jsonl"
+    rs = np.random.RandomState(0)
+    data.write_text("".join(json.dumps({"input_ids": rs.randint(3, 250, 40).tolist()}) + "\n" for _ in range(40)))
+    run = tmp_path / "run"
+
+    def pretrain():
+        return cli("pretrain", "--config", TINY, "--model_name_or_path", ar, "--data_path", str(data),
+                   "--output_dir", str(run), "--max_steps", "3", "--batch_size", "8", "--max_length", "32",
+                   "--config.gradient_accumulation_steps=1", "--config.checkpoint.async_save=false",
+                   "--config.model.shift_logits=true", check=False, devices=1)
+
+    proc = pretrain()
+    error = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "eos_token_id" in error and os.path.join(ar, "config.json") in error and "Traceback" not in proc.stderr
+    assert not run.exists()
+
+    edit_config(ar, eos_token_id=2)  # what the message asks for
+    proc = pretrain()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.load(open(run / "config.json"))["model"]
+    assert (saved["eos_token_id"], saved["pad_token_id"], saved["bos_token_id"]) == (2, 2, None)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"input_ids": [5, 6, 7]}) + "\n" + json.dumps({"input_ids": [8, 9]}) + "\n")
+    out = tmp_path / "samples.jsonl"
+    proc = cli("sample", "--model", str(run), "--input", str(prompts), "--output", str(out), "--gen_length", "8",
+               "--steps", "8", "--block_length", "8", check=False, devices=1)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [len(json.loads(line)["output_ids"]) for line in out.read_text().splitlines()] == [8, 8]

@@ -179,6 +179,91 @@ def test_validate_names_the_bad_setting(pretrain_data, key, value, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("settings,message", [
+    ({"lora.rank": 8}, "lora.rank is set, but lora.enabled is false"),
+    ({"lora.alpha": 8.0, "lora.targets": "q_proj"}, "lora.alpha, lora.targets are set, but lora.enabled is false"),
+    ({"wandb.project": "mine"}, "wandb.project is set, but wandb.enabled is false"),
+    ({"eval_batches": 2}, "eval_batches is set, but eval_data_path is empty"),
+    ({"block_diffusion.mask_rate_max": 0.9}, "block_diffusion.mask_rate_max is set, but model.attention_type is "
+                                             "'bidirectional'"),
+    ({"data.too_long": "skip"}, "data.too_long is set, but task is 'pretrain'"),
+    ({"task": "sft", "random_length_prob": 0.01}, "random_length_prob is set, but task is 'sft'"),
+    ({"optimizer.decay_fraction": 0.2}, "optimizer.decay_fraction is set, but lr_scheduler_type is 'cosine'"),
+    ({"lr_scheduler_type": "constant", "optimizer.min_lr_ratio": 0.5},
+     "optimizer.min_lr_ratio is set, but lr_scheduler_type is 'constant'"),
+    ({"data.tfds_data_dir": "/data/tfds"}, "data.tfds_data_dir is set, but neither data_path nor eval_data_path is"),
+    ({"model.attention_type": "block_causal", "model.block_size": 8, "eps": 0.01},
+     "eps is set, but model.attention_type is 'block_causal'"),
+    ({"model.attention_type": "causal", "adaptation.mask_annealing_steps": 10},
+     "adaptation.mask_annealing_steps applies to bidirectional models, not causal ones"),
+])
+def test_a_setting_that_would_not_apply_is_an_error(pretrain_data, settings, message):
+    """An option of a feature that is off (LoRA, W&B, evaluation, block diffusion), of another task or of another
+    schedule would be silently ignored: validate names it and what turns it on (issue 28)."""
+    from llada_jax.config import train_config
+    from llada_jax.errors import ConfigError
+    from llada_jax.train.loop import validate
+
+    c = train_config()
+    c.output_dir, c.data_path, c.max_length = "unused", pretrain_data, 32
+    for key, value in settings.items():
+        *groups, name = key.split(".")
+        target = c
+        for g in groups:
+            target = target[g]
+        target[name] = value
+    with pytest.raises(ConfigError) as e:
+        validate(c)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_setting_named_on_the_command_line_or_in_a_config_file_counts_as_given(tmp_path, pretrain_data):
+    """Given means: different from the default, or named by a --config override (even at its default value). A
+    config file is the same as the command line; a file that holds every default (create-configs) gives nothing."""
+    from llada_jax.cli import main
+    from llada_jax.config import LLaDAConfig, load_config, train_config
+    from llada_jax.errors import ConfigError
+    from llada_jax.train.loop import validate
+
+    c = train_config()
+    c.output_dir, c.data_path, c.max_length = "unused", pretrain_data, 32
+    validate(c)
+    validate(c, overridden=("learning_rate", "lora.enabled"))
+    on = c.copy_and_resolve_references()  # the same options, with what makes them apply
+    on.wandb.enabled, on.wandb.project = True, "mine"
+    on.eval_data_path, on.eval_batches = pretrain_data, 2
+    on.lr_scheduler_type, on.optimizer.decay_fraction, on.optimizer.min_lr_ratio = "wsd", 0.2, 0.5
+    on.model.update(attention_type="block_causal", block_size=8)
+    on.block_diffusion.mask_rate_max = 0.9
+    validate(on, overridden=("wandb.run_name", "eval_steps", "block_diffusion.mask_rate_min"))
+    with pytest.raises(ConfigError, match="^lora.rank is set, but lora.enabled is false"):
+        validate(c, overridden=("lora.rank",))  # --config.lora.rank=16: the default, but named
+    path = tmp_path / "lora.json"
+    body = {"output_dir": "unused", "data_path": pretrain_data, "max_length": 32, "model": LLaDAConfig.tiny().to_dict(),
+            "lora": {"enabled": False, "rank": 8}}
+    path.write_text(json.dumps({"pretraining": body}))
+    with pytest.raises(ConfigError, match="^lora.rank is set, but lora.enabled is false"):
+        validate(load_config(str(path), task="pretrain"))
+    # the architecture of a model started from is its own: a model.* shape or id on the command line is an error
+    from flax import nnx
+
+    from llada_jax import LLaDAForMaskedLM
+
+    c.model_name_or_path = LLaDAForMaskedLM(LLaDAConfig.tiny(), rngs=nnx.Rngs(0)).save_pretrained(str(tmp_path / "hf"))
+    validate(c, overridden=("model.dtype", "model.shift_logits"))  # compute settings and adaptable fields apply
+    with pytest.raises(ConfigError, match="^model.eos_token_id is set, but the architecture is the one of "
+                                          "model_name_or_path .*config.json"):
+        validate(c, overridden=("model.eos_token_id",))
+    c.model_name_or_path = ""
+    assert main(["create-configs", "--output_dir", str(tmp_path / "defaults")]) == 0
+    for name, task in (("pretraining_config.json", "pretrain"), ("sft_config.json", "sft")):
+        full = load_config(str(tmp_path / "defaults" / name), task=task)
+        full.model.update(train_config().model.to_dict())  # the tiny model, to keep validate cheap
+        full.output_dir, full.data_path, full.max_length = "unused", pretrain_data, 32
+        full.model_name_or_path = ""
+        validate(full)
+
+
 def test_missing_data_and_unknown_flag(tmp_path):
     proc = cli("pretrain", "--config", TINY, "--data_path", str(tmp_path / "none.jsonl"), "--output_dir",
                str(tmp_path / "o"), check=False)
