@@ -58,6 +58,20 @@ class BlockLayout:
         return cls(gen_length, block_length, steps)
 
 
+def prompt_bucket(length: int, gen_length: int, max_length: int) -> int:
+    """The length a prompt of `length` tokens is left-padded to. The whole sequence (prompt + gen_length), which
+    is what a step costs, is rounded up to a multiple of 64 positions, or of a quarter of its next power of two
+    above 256: 4 compiled shapes per doubling of the length, at most 1/4 more positions (and at most 63 below
+    256); never past `max_length` (the model's max_sequence_length).
+
+    Measured on a 2-core CPU (d_model 256, gen_length 128, batch 1): 32 more prompt positions cost 2% of a call
+    with the dual cache and 12% without a cache, while compiling a new shape costs one to two calls, which an
+    application sampling one prompt at a time would pay for every new prompt length without buckets."""
+    total = length + gen_length
+    step = max(64, (1 << (total - 1).bit_length()) // 4)
+    return max(length, min(-(-total // step) * step, max_length) - gen_length)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerOptions:
     """One sampler configuration (hashable: it is a static argument of the jitted program)."""
@@ -77,6 +91,9 @@ class SamplerOptions:
     threshold: float | None = None  # parallel decoding: commit every masked position with confidence >= this
     cache: str | None = None  # KV cache: none | prefix | dual; None: prefix for block_diffusion, else none
     cache_refresh: int = 0  # with a cache, a full forward (cache refresh) every this many steps; 0: block starts
+    # Left-pad prompts to a bucket length (`prompt_bucket`), so that calls with other prompt lengths reuse the
+    # compiled programs of a few shapes; False: compile for each prompt length as given.
+    prompt_buckets: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS + BLOCK_METHODS:
@@ -106,6 +123,8 @@ class SamplerOptions:
             object.__setattr__(self, "cache", "prefix" if self.method in BLOCK_METHODS else "none")
         if self.cache not in CACHES:
             raise ValueError(f"cache: unknown cache {self.cache!r}; expected one of {list(CACHES)}")
+        if not isinstance(self.prompt_buckets, bool):
+            raise ValueError(f"prompt_buckets must be True or False, got {self.prompt_buckets!r}")
         value = self.cache_refresh
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"cache_refresh must be an integer >= 0 (0: refresh at block starts only), got {value!r}")

@@ -15,14 +15,13 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from llada_jax import sharding
 from llada_jax.sampling import methods, noise
 from llada_jax.sampling.methods import SampleStats
-from llada_jax.sampling.options import BLOCK_METHODS, METHODS, REMASKING, SamplerOptions
+from llada_jax.sampling.options import BLOCK_METHODS, METHODS, REMASKING, SamplerOptions, prompt_bucket
 
 __all__ = ["BLOCK_METHODS", "METHODS", "REMASKING", "SampleStats", "Sampler", "SamplerOptions", "create_sampler",
            "generate", "program"]
@@ -52,6 +51,9 @@ class Sampler:
                  return_history: bool = False):
         opts = self.options.resolved(model.config)
         prompt_ids, attention_mask = _check_prompt(prompt_ids, attention_mask, opts, model.config)
+        pad = _bucket_padding(prompt_ids.shape[1], opts, model.config)
+        if opts.prompt_buckets:  # always with a mask: one program per bucket, padded or not
+            prompt_ids, attention_mask = _left_pad(prompt_ids, attention_mask, pad, opts.mask_id)
         keys = noise.row_keys(rng, prompt_ids.shape[0]) if opts.needs_rng else None
         graphdef, state = nnx.split(model)
         run = functools.partial(program, opts=opts, record=return_history)
@@ -59,6 +61,9 @@ class Sampler:
             ids, stats, history = run(graphdef, state, prompt_ids, attention_mask, keys)
         else:
             ids, stats, history = self._run_sharded(run, graphdef, state, prompt_ids, attention_mask, keys)
+        if pad:  # the bucket's padding out: the caller's columns
+            ids = ids[:, pad:]
+            history = None if history is None else history[:, :, pad:]
         out = (ids,)
         if return_stats:
             out += (stats,)
@@ -98,7 +103,7 @@ def create_sampler(method: str = "semi_ar_padding", *, mesh=None, rules=None, **
     """A `Sampler` for `method` (fixed_length | semi_ar_padding | semi_ar_origin, or block_diffusion for a
     block_causal model); `options` are the fields
     of `SamplerOptions` (gen_length, block_length, steps, temperature, cfg_scale, remasking, mask_id, eos_id,
-    eot_id, logits_eos_inf, confidence_eos_eot_inf, threshold, cache, cache_refresh)."""
+    eot_id, logits_eos_inf, confidence_eos_eot_inf, threshold, cache, cache_refresh, prompt_buckets)."""
     known = {f.name for f in dataclasses.fields(SamplerOptions)} - {"method"}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -111,11 +116,14 @@ def generate(model, prompt_ids, attention_mask=None, *, method: str = "semi_ar_p
              remasking: str = "low_confidence", mask_id: int | None = None, eos_id: int | None = None,
              eot_id: int | None = None, logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False,
              threshold: float | None = None, cache: str | None = None, cache_refresh: int = 0,
-             rng=None, mesh=None, rules=None, return_stats: bool = False, return_history: bool = False):
+             prompt_buckets: bool = True, rng=None, mesh=None, rules=None, return_stats: bool = False,
+             return_history: bool = False):
     """Sample answers for a batch of (left-padded) prompts: int32 ids [B, P + gen_length].
 
-    `attention_mask` [B, P] marks real prompt tokens with 1 (left padding 0). `mask_id` / `eos_id` default to
-    the model config's. `cache` None: "prefix" for block_diffusion (its exact cache), "none" otherwise. With
+    `attention_mask` [B, P] marks real prompt tokens with 1 (left padding 0). The prompts are left-padded further
+    to their bucket length (`options.prompt_bucket`; not with `prompt_buckets=False`), so that other prompt
+    lengths reuse a few compiled programs: the answer is the same and the result keeps the caller's columns.
+    `mask_id` / `eos_id` default to the model config's. `cache` None: "prefix" for block_diffusion (its exact cache), "none" otherwise. With
     `return_stats=True` returns `(ids, SampleStats)`, with `return_history=True` also the sequence after every
     step. See `methods` and `step` for the algorithm and `Sampler` for `rng` and `mesh`.
     """
@@ -123,18 +131,19 @@ def generate(model, prompt_ids, attention_mask=None, *, method: str = "semi_ar_p
         method, mesh=mesh, rules=rules, gen_length=gen_length, block_length=block_length, steps=steps,
         temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, mask_id=mask_id, eos_id=eos_id,
         eot_id=eot_id, logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
-        threshold=threshold, cache=cache, cache_refresh=cache_refresh)
+        threshold=threshold, cache=cache, cache_refresh=cache_refresh, prompt_buckets=prompt_buckets)
     return sampler(model, prompt_ids, attention_mask, rng=rng, return_stats=return_stats,
                    return_history=return_history)
 
 
-def _as_array(a) -> jax.Array:
-    return a if isinstance(a, jax.Array) else jnp.asarray(np.asarray(a))  # lists, numpy, torch CPU tensors
+def _as_array(a) -> np.ndarray:
+    """Prompts stay on the host until the program's call takes them (lists, numpy, torch CPU tensors, arrays)."""
+    return np.asarray(a)
 
 
 def _check_prompt(prompt_ids, attention_mask, opts: SamplerOptions, config):
     prompt_ids = _as_array(prompt_ids)
-    if prompt_ids.ndim != 2 or not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
+    if prompt_ids.ndim != 2 or not np.issubdtype(prompt_ids.dtype, np.integer):
         raise ValueError(f"prompt_ids: expected integer token ids [batch, length], got {prompt_ids.dtype} "
                          f"{prompt_ids.shape}")
     if prompt_ids.shape[0] == 0:
@@ -148,8 +157,24 @@ def _check_prompt(prompt_ids, attention_mask, opts: SamplerOptions, config):
         if attention_mask.shape != prompt_ids.shape:
             raise ValueError(f"attention_mask: shape {attention_mask.shape} differs from prompt_ids "
                              f"{prompt_ids.shape}")
-        attention_mask = attention_mask.astype(jnp.int32)
-    return prompt_ids.astype(jnp.int32), attention_mask
+        attention_mask = attention_mask.astype(np.int32)
+    return prompt_ids.astype(np.int32), attention_mask
+
+
+def _bucket_padding(length: int, opts: SamplerOptions, config) -> int:
+    """Columns of left padding that bring a prompt of `length` tokens to its bucket (0 without buckets)."""
+    if not opts.prompt_buckets:
+        return 0
+    return prompt_bucket(length, opts.gen_length, config.max_sequence_length) - length
+
+
+def _left_pad(prompt_ids: jax.Array, attention_mask: jax.Array | None, pad: int, fill: int):
+    """`pad` columns of padding on the left: attention_mask 0 there, so the positions (counted over real tokens),
+    the attention and the answer are those of the unpadded prompt."""
+    if attention_mask is None:
+        attention_mask = np.ones_like(prompt_ids)
+    widths = ((0, 0), (pad, 0))
+    return np.pad(prompt_ids, widths, constant_values=fill), np.pad(attention_mask, widths)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts", "record"))

@@ -249,6 +249,39 @@ def test_second_call_with_the_same_shapes_does_not_recompile(model):
     assert samplers.program._cache_size() == before + 1
 
 
+@pytest.mark.parametrize("method,extra", [
+    ("semi_ar_padding", {}),
+    ("semi_ar_padding", dict(threshold=0.5, cache="dual")),
+    ("semi_ar_origin", dict(temperature=1.0, remasking="random")),
+])
+def test_prompt_lengths_of_one_bucket_share_a_program_and_give_the_unbucketed_answer(model, method, extra):
+    """A call left-pads the prompt to its bucket (`options.prompt_bucket`): prompts of 3 to 24 tokens with
+    gen_length 8 lie in one bucket (64 positions), so they compile once, and each answer equals the call at the
+    prompt's own length (`prompt_buckets=False`), in the caller's columns."""
+    opts = dict(method=method, gen_length=8, block_length=4, steps=8, rng=5, **extra)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 500, (1, n)).astype(np.int32) for n in (3, 11, 24)]
+    before = samplers.program._cache_size()
+    for prompt in prompts:
+        got = np.asarray(generate(model, prompt, **opts))
+        want = np.asarray(generate(model, prompt, prompt_buckets=False, **opts))
+        assert got.shape == (1, prompt.shape[1] + 8)
+        np.testing.assert_array_equal(got, want)
+    # one program for the three bucketed calls, one per length without buckets
+    assert samplers.program._cache_size() == before + 1 + len(prompts)
+
+
+def test_prompt_buckets_round_the_sequence_up():
+    from llada_jax.sampling.options import prompt_bucket
+
+    # prompt + gen_length: multiples of 64 positions up to 256, then of a quarter of the next power of two
+    assert [prompt_bucket(n, 128, 4096) for n in (1, 32, 64, 65, 128, 129, 300, 385, 500)] == \
+        [64, 64, 64, 128, 128, 256, 384, 640, 640]
+    assert prompt_bucket(890, 128, 1024) == 896 and prompt_bucket(897, 128, 1024) == 897  # capped by the model
+    with pytest.raises(ValueError, match="prompt_buckets must be True or False"):
+        create_sampler("fixed_length", prompt_buckets=1)
+
+
 def test_sharded_over_the_mesh_equals_one_device(model):
     mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     prompts = np.concatenate([PROMPTS, PROMPTS[:1] + 3])  # 3 rows: padded to 4 for the 4-way data split
