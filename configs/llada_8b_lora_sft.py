@@ -2,16 +2,17 @@
 
 Rank 16, alpha 32, dropout 0.05 on every block projection (q/k/v, attention output, the MLP's gate, up and down
 projections): 41,943,040 trained parameters (0.5% of 8.0B). Only the adapters have float32 masters and AdamW
-moments; the frozen base is stored in bfloat16 (2 bytes per parameter, 14.9 GiB) and the compute is bfloat16. Remat
-`save_dots_no_batch` (the block's projection outputs kept, the rest recomputed): 44.5 GiB per device estimated by
-compile-check on one device, against 24.6 GiB with `full` remat (which recomputes every block's forward in the
-backward: an extra forward pass per step) and 131 GiB with none, so it is the least recompute that fits an 80 GB
-accelerator with margin. One sequence of 4096 tokens per micro-batch, 16 micro-batches per update (16 sequences,
-65,536 tokens per optimizer step: a quarter of the original SFT recipe's 64 sequences; raise
-gradient_accumulation_steps for larger updates, it costs time, not memory). The mesh puts every device on fsdp,
-so the same file runs on one device or shards over several; 8 x 16 GB chips (TPU v5e-8) need full remat:
---config.model.remat_policy=full --config.batch_size=8 --config.gradient_accumulation_steps=2 (11.4 GiB per
-device; see docs/BENCHMARKS.md, "LoRA fine-tuning memory").
+moments; the frozen base is stored in bfloat16 and the compute is bfloat16. Remat `save_dots_no_batch` (the
+block's projection outputs kept, the rest recomputed) is the least recompute that fits an 80 GB accelerator with
+margin; `full` remat needs less memory at the cost of an extra forward pass per step (per-device figures for each
+policy: docs/lora.md, "Memory"). One sequence of 4096 tokens per micro-batch, 16 micro-batches per update (16
+sequences, 65,536 tokens per optimizer step: a quarter of the original SFT recipe's 64 sequences; raise
+gradient_accumulation_steps for larger updates, it costs time, not memory).
+
+batch_size is global and must divide over the devices (the mesh puts them all on fsdp), so as it is this file runs
+on one device. On N devices (N dividing 16) set --config.batch_size=N --config.gradient_accumulation_steps=16/N
+(the same 16 sequences per update); 8 x 16 GB chips (TPU v5e-8) also need full remat:
+--config.model.remat_policy=full --config.batch_size=8 --config.gradient_accumulation_steps=2.
 
 `model_name_or_path` is left to the command line: pass the local directory of GSAI-ML/LLaDA-8B-Instruct (the Hugging Face
 download, or its Orbax conversion) with --model_name_or_path; the base's weights are read from it, cast to
@@ -44,6 +45,6 @@ def get_config():
     c.max_length = 4096
     c.save_steps = 500
     c.mesh.data = 1
-    c.mesh.fsdp = -1  # all the devices there are (one by default)
+    c.mesh.fsdp = -1  # all the devices there are (one by default); batch_size must be a multiple of them
     c.mesh.tensor = 1
     return c

@@ -2,7 +2,9 @@
 
 lr 5e-4, 8 sequences x 8 accumulation steps per update, 100k steps, 2k warmup, length 4096, eps 1e-3, and 1% of
 batches cut to a random length. bf16 compute over fp32 master weights, layers scanned and rematerialised,
-parameters and optimizer state sharded over the fsdp axis (all devices by default).
+parameters and optimizer state sharded over the fsdp axis (all devices by default). batch_size is global and must
+divide over the devices: keep 64 sequences per update with batch_size x gradient_accumulation_steps, e.g.
+--config.batch_size=64 --config.gradient_accumulation_steps=1 on 32 devices.
 """
 
 from llada_jax.config import LLaDAConfig, train_config

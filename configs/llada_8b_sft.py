@@ -1,7 +1,9 @@
 """LLaDA-8B supervised fine-tuning with the original recipe.
 
 lr 1e-5, 4 sequences x 16 accumulation steps per update, 10k steps, 500 warmup; prompts are never masked and the
-answer's EOS padding is trained like answer tokens. Start from a pretrained checkpoint:
+answer's EOS padding is trained like answer tokens. batch_size is global and must divide over the devices (all on
+fsdp by default): on 8 devices set --config.batch_size=8 --config.gradient_accumulation_steps=8 (the same 64
+sequences per update). Start from a pretrained checkpoint:
 
     llada-jax sft --config configs/llada_8b_sft.py --model_name_or_path LLaDA-8B-Base-orbax --data_path ...
 """

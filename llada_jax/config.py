@@ -310,8 +310,8 @@ def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") ->
     c.data.skip_invalid = False  # skip (and count) malformed records instead of stopping
     c.data.shuffle = True
     c.data.num_workers = 0  # Grain worker processes per data shard (0: in the training process)
-    # Independent row streams that make up each global batch (0: one per process). Fix it to a multiple of
-    # every process count you may use, and the data order no longer depends on the number of processes.
+    # Independent row streams that make up each global batch (0: one per row, i.e. batch_size). The data order
+    # depends on this number, never on the process count, which must divide it; batch_size must be a multiple of it.
     c.data.num_shards = 0
     c.data.prefetch_buffer_size = 2  # batches assembled ahead by a background thread (0: none)
     c.data.read_threads = 1  # threads parsing records in each reading process (Grain ReadOptions.num_threads)
