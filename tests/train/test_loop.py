@@ -149,6 +149,14 @@ def test_cli_errors_before_any_work(tmp_path, pretrain_data, args, message):
     assert not out.exists()
 
 
+def set_dotted(c, key: str, value) -> None:
+    """c["a"]["b"] = value for key "a.b"."""
+    *groups, name = key.split(".")
+    for g in groups:
+        c = c[g]
+    c[name] = value
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("lr_scheduler_type", "bogus", "lr_scheduler_type: expected one of"),
     ("learning_rate", float("nan"), "learning_rate must be a finite number >= 0"),
@@ -169,11 +177,7 @@ def test_validate_names_the_bad_setting(pretrain_data, key, value, message):
     c = train_config()
     c.output_dir, c.data_path, c.max_length = "unused", pretrain_data, 32
     validate(c)
-    *groups, name = key.split(".")
-    target = c
-    for g in groups:
-        target = target[g]
-    target[name] = value
+    set_dotted(c, key, value)
     with pytest.raises(ConfigError) as e:
         validate(c)
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -207,11 +211,7 @@ def test_a_setting_that_would_not_apply_is_an_error(pretrain_data, settings, mes
     c = train_config()
     c.output_dir, c.data_path, c.max_length = "unused", pretrain_data, 32
     for key, value in settings.items():
-        *groups, name = key.split(".")
-        target = c
-        for g in groups:
-            target = target[g]
-        target[name] = value
+        set_dotted(c, key, value)
     with pytest.raises(ConfigError) as e:
         validate(c)
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
