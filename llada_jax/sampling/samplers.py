@@ -51,8 +51,10 @@ class Sampler:
                  return_history: bool = False):
         opts = self.options.resolved(model.config)
         prompt_ids, attention_mask = _check_prompt(prompt_ids, attention_mask, opts, model.config)
-        pad = _bucket_padding(prompt_ids.shape[1], opts, model.config)
+        pad = 0
         if opts.prompt_buckets:  # always with a mask: one program per bucket, padded or not
+            length = prompt_ids.shape[1]
+            pad = prompt_bucket(length, opts.gen_length, model.config.max_sequence_length) - length
             prompt_ids, attention_mask = _left_pad(prompt_ids, attention_mask, pad, opts.mask_id)
         keys = noise.row_keys(rng, prompt_ids.shape[0]) if opts.needs_rng else None
         graphdef, state = nnx.split(model)
@@ -123,8 +125,8 @@ def generate(model, prompt_ids, attention_mask=None, *, method: str = "semi_ar_p
     `attention_mask` [B, P] marks real prompt tokens with 1 (left padding 0). The prompts are left-padded further
     to their bucket length (`options.prompt_bucket`; not with `prompt_buckets=False`), so that other prompt
     lengths reuse a few compiled programs: the answer is the same and the result keeps the caller's columns.
-    `mask_id` / `eos_id` default to the model config's. `cache` None: "prefix" for block_diffusion (its exact cache), "none" otherwise. With
-    `return_stats=True` returns `(ids, SampleStats)`, with `return_history=True` also the sequence after every
+    `mask_id` / `eos_id` default to the model config's. `cache` None: "prefix" for block_diffusion (its exact
+    cache), "none" otherwise. With `return_stats=True` returns `(ids, SampleStats)`, with `return_history=True` also the sequence after every
     step. See `methods` and `step` for the algorithm and `Sampler` for `rng` and `mesh`.
     """
     sampler = create_sampler(
@@ -136,13 +138,8 @@ def generate(model, prompt_ids, attention_mask=None, *, method: str = "semi_ar_p
                    return_history=return_history)
 
 
-def _as_array(a) -> np.ndarray:
-    """Prompts stay on the host until the program's call takes them (lists, numpy, torch CPU tensors, arrays)."""
-    return np.asarray(a)
-
-
 def _check_prompt(prompt_ids, attention_mask, opts: SamplerOptions, config):
-    prompt_ids = _as_array(prompt_ids)
+    prompt_ids = np.asarray(prompt_ids)  # on the host until the program's call (lists, numpy, torch CPU tensors)
     if prompt_ids.ndim != 2 or not np.issubdtype(prompt_ids.dtype, np.integer):
         raise ValueError(f"prompt_ids: expected integer token ids [batch, length], got {prompt_ids.dtype} "
                          f"{prompt_ids.shape}")
@@ -153,19 +150,12 @@ def _check_prompt(prompt_ids, attention_mask, opts: SamplerOptions, config):
         raise ValueError(f"prompt length {prompt_ids.shape[1]} + gen_length {opts.gen_length} = {total} tokens "
                          f"exceeds the model's max_sequence_length {config.max_sequence_length}")
     if attention_mask is not None:
-        attention_mask = _as_array(attention_mask)
+        attention_mask = np.asarray(attention_mask)
         if attention_mask.shape != prompt_ids.shape:
             raise ValueError(f"attention_mask: shape {attention_mask.shape} differs from prompt_ids "
                              f"{prompt_ids.shape}")
         attention_mask = attention_mask.astype(np.int32)
     return prompt_ids.astype(np.int32), attention_mask
-
-
-def _bucket_padding(length: int, opts: SamplerOptions, config) -> int:
-    """Columns of left padding that bring a prompt of `length` tokens to its bucket (0 without buckets)."""
-    if not opts.prompt_buckets:
-        return 0
-    return prompt_bucket(length, opts.gen_length, config.max_sequence_length) - length
 
 
 def _left_pad(prompt_ids: jax.Array, attention_mask: jax.Array | None, pad: int, fill: int):
