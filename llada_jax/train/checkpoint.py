@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import sys
+import traceback
 import types
 
 import jax
@@ -140,34 +142,59 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState, dat
 
 def _restore_items(manager: ocp.CheckpointManager, step: int, abstract: TrainState):
     """(the restored items of `step`, None), or (None, what is wrong) when they cannot be read."""
+    held = []  # errors reported while the restore runs, passed on once it is known how it ended
+    hook = sys.unraisablehook
+    sys.unraisablehook = held.append
     try:
-        return manager.restore(step, args=ocp.args.Composite(**{
+        restored = manager.restore(step, args=ocp.args.Composite(**{
             layout.PARAMS: ocp.args.StandardRestore(abstract.params),
             layout.OPT_STATE: ocp.args.StandardRestore(abstract.opt_state),
             layout.TRAIN_STATE: ocp.args.JsonRestore(),
             layout.DATA_STATE: ocp.args.JsonRestore(),
-        })), None
+        }))
+        reason = None
     except Exception as e:  # noqa: BLE001 - TensorStore, Orbax and the OS report damage in many types
-        reason = _first_line(e)
-    _finalise_abandoned_reads()
-    return None, reason
+        restored, reason = None, _first_line(e)
+    finally:
+        sys.unraisablehook = hook
+    if reason is not None:
+        _leave_out_abandoned_reads()
+    for unraisable in held:
+        sys.unraisablehook(unraisable)
+    if reason is not None:
+        gc.collect()  # the abandoned reads that can be collected now
+    return restored, reason
 
 
-def _finalise_abandoned_reads() -> None:
-    """A failed Orbax restore leaves its other array reads behind as suspended coroutines, some of them referenced
-    until late. Each reports the read error again when it is collected, and one collected at interpreter shutdown
-    prints an ImportError besides. The error was reported already: from now on, in this process, these reports
-    (about Orbax's coroutines only) are left out, and what can be collected now is."""
+def _leave_out_abandoned_reads() -> None:
+    """A failed Orbax restore gives up on its other array reads while TensorStore still runs them, and each one
+    reports itself later: as a suspended coroutine collected with the read error (one of them at interpreter
+    shutdown with an ImportError besides), as a TensorStore callback that finds Orbax's event loop closed (both
+    unraisable errors), and as an asyncio future whose exception was never retrieved (logged). The error was
+    reported already: from now on, in this process, these reports are left out (the process ends with the
+    error, or has checked older steps). Reports during a restore are held until it ends (`_restore_items`), so
+    the ones of a failed restore that come before this is set up are left out too."""
     hook = sys.unraisablehook
-    if not getattr(hook, "drops_abandoned_orbax_reads", False):
-        def drop_abandoned_reads(unraisable):
-            obj = unraisable.object
-            if not (isinstance(obj, types.CoroutineType) and "orbax" in obj.cr_code.co_filename):
-                hook(unraisable)
+    if getattr(hook, "leaves_out_abandoned_reads", False):
+        return
 
-        drop_abandoned_reads.drops_abandoned_orbax_reads = True
-        sys.unraisablehook = drop_abandoned_reads
-    gc.collect()
+    def leave_out_abandoned_reads(unraisable):
+        if not _is_abandoned_read(unraisable):
+            hook(unraisable)
+
+    leave_out_abandoned_reads.leaves_out_abandoned_reads = True
+    sys.unraisablehook = leave_out_abandoned_reads
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in record.getMessage())
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    obj, error = unraisable.object, unraisable.exc_value
+    if isinstance(obj, types.CoroutineType) and "orbax" in obj.cr_code.co_filename:
+        return True
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+            and any(f.name == "call_soon_threadsafe" for f in frames))
 
 
 def _first_line(error: BaseException) -> str:
