@@ -3,20 +3,33 @@
 import json
 import os
 import re
+import shutil
+
+import pytest
 
 from tests.runs import cli
 
 
-def test_demo_small_end_to_end_and_resume(tmp_path):
-    out = str(tmp_path / "demo")
-    small = ["demo", "--output_dir", out, "--d_model", "32", "--n_layers", "1", "--n_heads", "2",
-             "--pretrain_steps", "3", "--sft_steps", "6", "--batch_size", "8", "--test_size", "6"]
-    # the first run is killed (SIGKILL) right after SFT step 4; the same command then resumes it
-    killed = cli(*small, devices=1, kill_after_step=4, check=False)
+SMALL = ["--d_model", "32", "--n_layers", "1", "--n_heads", "2", "--pretrain_steps", "3", "--sft_steps", "6",
+         "--batch_size", "8", "--test_size", "6"]
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """A small demo on one device, killed (SIGKILL) right after SFT step 4 and resumed by the same command:
+    (its output directory, the resumed run). The other tests compare with it or add variants to a copy of it."""
+    out = str(tmp_path_factory.mktemp("small") / "demo")
+    killed = cli("demo", "--output_dir", out, *SMALL, devices=1, kill_after_step=4, check=False)
     assert killed.returncode == -9 and not os.path.exists(os.path.join(out, "results.json"))
-    first = cli(*small, devices=1)
+    return out, cli("demo", "--output_dir", out, *SMALL, devices=1)
+
+
+def test_demo_small_end_to_end_and_resume(small_demo, tmp_path):
+    out = str(tmp_path / "demo")  # a copy: the other tests read the fixture's directory as it was left
+    shutil.copytree(small_demo[0], out)
+    first = small_demo[1]
     # from step 4, or from step 2 when the asynchronous save of step 4 was still in flight at the kill
-    resumed = re.search(f"resumed from {re.escape(os.path.join(out, 'sft'))} step (\\d+)", first.stderr)
+    resumed = re.search(f"resumed from {re.escape(os.path.join(small_demo[0], 'sft'))} step (\\d+)", first.stderr)
     assert resumed and resumed.group(1) in ("2", "4"), first.stderr[-2000:]
     results = json.load(open(os.path.join(out, "results.json")))
     combos = {f"{m}/{r}" for m in ("fixed_length", "semi_ar_padding", "semi_ar_origin")
@@ -43,7 +56,7 @@ def test_demo_small_end_to_end_and_resume(tmp_path):
     assert len(test) == 6 and not train & set(test)
     # a second run finds everything done: no training step or sample is redone, the timings stay
     before = json.load(open(os.path.join(out, "timings.json")))
-    second = cli(*small, devices=1)
+    second = cli("demo", "--output_dir", out, *SMALL, devices=1)
     assert "nothing to do" in second.stderr and "all 6 lines are already done" in second.stderr
     after = json.load(open(os.path.join(out, "timings.json")))
     redone = ("export_and_reload_s", "analysis_s")  # the cheap checks run every time
@@ -51,16 +64,13 @@ def test_demo_small_end_to_end_and_resume(tmp_path):
     assert "# llada-jax demo" in first.stdout  # the report is printed at the end
 
 
-def test_demo_on_eight_devices_equals_one_device(tmp_path):
+def test_demo_on_eight_devices_equals_one_device(small_demo, tmp_path):
     """The default mesh fills whatever devices there are: on 8 devices the demo trains with fsdp 8 and gives
-    the 1-device results up to float32 reduction order (the losses), with the same samples."""
-    runs = {}
-    for devices in (1, 8):
-        out = str(tmp_path / f"demo_{devices}")
-        proc = cli("demo", "--output_dir", out, "--d_model", "32", "--n_layers", "1", "--n_heads", "2",
-                   "--pretrain_steps", "3", "--sft_steps", "4", "--batch_size", "8", "--test_size", "6", devices=devices)
-        assert f"{devices} local devices of {devices}" in proc.stderr  # training ran on every device
-        runs[devices] = out
+    the results of the 1-device run (which was killed and resumed besides) up to float32 reduction order (the
+    losses), with the same samples."""
+    runs = {1: small_demo[0], 8: str(tmp_path / "demo_8")}
+    proc = cli("demo", "--output_dir", runs[8], *SMALL, devices=8)
+    assert "8 local devices of 8" in proc.stderr and "1 local devices of 1" in small_demo[1].stderr
     one, eight = (json.load(open(os.path.join(runs[d], "results.json"))) for d in (1, 8))
     for task in ("pretrain", "sft"):
         assert abs(eight["final_loss"][task] - one["final_loss"][task]) <= 1e-4 * abs(one["final_loss"][task])
@@ -70,13 +80,20 @@ def test_demo_on_eight_devices_equals_one_device(tmp_path):
         assert texts[0] == texts[1], name
 
 
-def test_demo_block_causal_trains_the_variant_and_reports_it_beside(tmp_path):
+def test_demo_block_causal_and_lora_variants_are_added_beside_the_bidirectional_model(small_demo, tmp_path):
     """--attention_type block_causal: the block-diffusion variant is trained with the same commands, sampled with
-    block_diffusion, and the report compares it with the bidirectional model (exact match, NFE, tokens/s)."""
+    block_diffusion, and the report compares it with the bidirectional model (exact match, NFE, tokens/s).
+    --lora: LoRA adapters trained on the frozen pretrained model, sampled, exported merged (PyTorch gives the
+    adapters' logits) and as a PEFT directory, reported beside the full fine-tune. Both are added to a finished
+    demo (a copy of the small one): its own stages are not redone."""
     out = str(tmp_path / "demo")
-    cli("demo", "--output_dir", out, "--d_model", "32", "--n_layers", "1", "--n_heads", "2", "--pretrain_steps", "2",
-        "--sft_steps", "3", "--batch_size", "8", "--test_size", "4", "--attention_type", "block_causal", devices=1)
+    shutil.copytree(small_demo[0], out)
+    before = json.load(open(os.path.join(out, "timings.json")))
+    cli("demo", "--output_dir", out, *SMALL, "--attention_type", "block_causal", "--lora", devices=1)
+    after = json.load(open(os.path.join(out, "timings.json")))
+    assert all(after[k] == before[k] for k in ("pretrain_s", "sft_s"))
     results = json.load(open(os.path.join(out, "results.json")))
+
     block = results["block_diffusion"]
     names = [r["name"] for r in block["rows"]]
     assert names[0] == "bidirectional, semi_ar_padding" and "block_diffusion" in names[1]
@@ -89,14 +106,7 @@ def test_demo_block_causal_trains_the_variant_and_reports_it_beside(tmp_path):
     assert "## Block diffusion (--attention_type block_causal, blocks of 4)" in report
     assert "| block_causal (blocks of 4), block_diffusion |" in report
 
-
-def test_demo_lora_fine_tunes_beside_the_full_model_and_exports_both_ways(tmp_path):
-    """--lora: LoRA adapters trained on the frozen pretrained model with the same commands, sampled, exported merged
-    (PyTorch gives the adapters' logits) and as a PEFT directory, reported beside the full fine-tune."""
-    out = str(tmp_path / "demo")
-    cli("demo", "--output_dir", out, "--d_model", "32", "--n_layers", "1", "--n_heads", "2", "--pretrain_steps", "2",
-        "--sft_steps", "4", "--batch_size", "8", "--test_size", "4", "--lora", devices=1)
-    lora = json.load(open(os.path.join(out, "results.json")))["lora"]
+    lora = results["lora"]
     # rank 16 on q, k, v, attn_out (32 -> 32), ff_proj, up_proj (32 -> 96) and ff_out (96 -> 32), one layer
     assert lora["trained_parameters"] == 16 * (4 * (32 + 32) + 3 * (32 + 96))
     # the base: embedding and head 512 x 32 each, two norms per layer and the final one, the layer's projections
@@ -109,6 +119,5 @@ def test_demo_lora_fine_tunes_beside_the_full_model_and_exports_both_ways(tmp_pa
         assert os.path.exists(os.path.join(out, name)), name
     config = json.load(open(os.path.join(out, "lora_sft", "config.json")))
     assert config["lora"]["enabled"] and config["model_name_or_path"] == os.path.join(out, "pretrain")
-    report = open(os.path.join(out, "report.md")).read()
     assert "## LoRA fine-tuning (--lora: rank 16, alpha 32, every projection)" in report
     assert "| LoRA | 10,240 |" in report
