@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.train_step import jax_step, model_config, timed, train_setup  # noqa: E402
-from llada_jax import model as model_module  # noqa: E402
+from llada_jax.model import block as model_module  # noqa: E402  (the block calls `attention`)
 from llada_jax.train.step import flops_per_token  # noqa: E402
 
 VARIANTS = ("before", "after")

@@ -25,6 +25,9 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # positions <= i), used to prove an AR import exact and as the start of causal-to-bidirectional adaptation;
 # block_causal: block diffusion (BD3-LM, LLaDA 2.0), a position in block b sees every position of blocks <= b.
 ATTENTION_TYPES = ("bidirectional", "causal", "block_causal")
+# The router's scores of a Mixture-of-Experts MLP: softmax over the experts (LLaDA-MoE, OLMoE) or a sigmoid per
+# expert (LLaDA 2.x, DeepSeek-V3).
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,29 @@ class LLaDAConfig:
     # the next-token alignment of an AR model kept through adaptation (Dream, DiffuLLaMA).
     shift_logits: bool = False
     block_size: int | None = None  # block_causal: positions per block
+    # Attention of the LLaDA 2.x family: RMSNorm over head_dim on each query and key head before RoPE (its weights
+    # [head_dim], shared by the heads), and RoPE on the first head_dim * partial_rotary_factor dimensions only.
+    qk_norm: bool = False
+    partial_rotary_factor: float = 1.0
+    # Mixture of Experts (0 experts: every MLP dense). After the first `first_dense_layers` layers (dense,
+    # mlp_hidden_size wide), each MLP is `num_experts` SwiGLU experts of `expert_hidden_size`, `experts_per_token`
+    # chosen per token by a router, plus `num_shared_experts` always used (one SwiGLU of num_shared_experts *
+    # expert_hidden_size). The router (float32): scores by `router_score`; `router_expert_bias` adds a learned
+    # bias to the scores for the choice only (auxiliary-loss-free balancing); with `router_groups` > 1 the experts
+    # fall in that many groups, each scored by the sum of its two best scores, and the choice is made inside the
+    # best `router_topk_groups`; the chosen experts' unbiased scores are the weights, normalised to sum 1 when
+    # `router_norm_topk`, times `router_scale`.
+    num_experts: int = 0
+    experts_per_token: int = 1
+    expert_hidden_size: int | None = None
+    num_shared_experts: int = 0
+    first_dense_layers: int = 0
+    router_score: str = "softmax"  # one of ROUTER_SCORES
+    router_expert_bias: bool = False
+    router_groups: int = 1
+    router_topk_groups: int = 1
+    router_norm_topk: bool = False
+    router_scale: float = 1.0
     # JAX-side settings (not part of the HF config).
     dtype: str = "float32"  # compute dtype of matmuls and attention
     param_dtype: str = "float32"  # storage dtype of the parameters (the fp32 master copy by default)
@@ -99,6 +125,57 @@ class LLaDAConfig:
                 fail(name, f"expected true or false, got {getattr(self, name)!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             fail("attention_impl", f"expected one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if not isinstance(self.qk_norm, bool):
+            fail("qk_norm", f"expected true or false, got {self.qk_norm!r}")
+        rotary = self.head_dim * self.partial_rotary_factor
+        if not 0 < self.partial_rotary_factor <= 1 or rotary != int(rotary) or int(rotary) % 2:
+            fail("partial_rotary_factor", f"expected a factor in (0, 1] giving an even number of the head_dim "
+                                          f"{self.head_dim} dimensions, got {self.partial_rotary_factor!r}")
+        self._check_moe(fail)
+
+    def _check_moe(self, fail) -> None:
+        def count(name: str, low: int):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                fail(name, f"expected an integer >= {low}, got {value!r}")
+
+        count("num_experts", 0)
+        if not self.num_experts:
+            moe_fields = ("experts_per_token", "expert_hidden_size", "num_shared_experts", "first_dense_layers",
+                          "router_score", "router_expert_bias", "router_groups", "router_topk_groups",
+                          "router_norm_topk", "router_scale")
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [name for name in moe_fields if getattr(self, name) != defaults[name]]
+            if changed:
+                fail(changed[0], "applies to Mixture-of-Experts models only (num_experts is 0)")
+            return
+        for name, low in (("experts_per_token", 1), ("num_shared_experts", 0), ("first_dense_layers", 0),
+                          ("router_groups", 1), ("router_topk_groups", 1)):
+            count(name, low)
+        if not isinstance(self.expert_hidden_size, int) or self.expert_hidden_size <= 0:
+            fail("expert_hidden_size", f"a Mixture-of-Experts model needs a positive expert_hidden_size, got "
+                                       f"{self.expert_hidden_size!r}")
+        if self.experts_per_token > self.num_experts:
+            fail("experts_per_token", f"{self.experts_per_token} is more than num_experts {self.num_experts}")
+        if self.first_dense_layers >= self.n_layers:
+            fail("first_dense_layers", f"{self.first_dense_layers} leaves no Mixture-of-Experts layer of "
+                                       f"{self.n_layers}")
+        if self.router_score not in ROUTER_SCORES:
+            fail("router_score", f"expected one of {ROUTER_SCORES}, got {self.router_score!r}")
+        if self.num_experts % self.router_groups:
+            fail("router_groups", f"{self.router_groups} groups do not divide num_experts {self.num_experts}")
+        if self.router_topk_groups > self.router_groups:
+            fail("router_topk_groups", f"{self.router_topk_groups} is more than router_groups {self.router_groups}")
+        if self.router_groups > 1 and self.num_experts // self.router_groups < 2:
+            fail("router_groups", "each group needs at least 2 experts (a group is scored by its two best)")
+        if self.experts_per_token > self.router_topk_groups * (self.num_experts // self.router_groups):
+            fail("experts_per_token", f"{self.experts_per_token} is more than the experts of the "
+                                      f"{self.router_topk_groups} kept groups")
+        for name in ("router_expert_bias", "router_norm_topk"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, f"expected true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.router_scale, (int, float)) or not self.router_scale > 0:
+            fail("router_scale", f"expected a positive number, got {self.router_scale!r}")
 
     # Derived sizes -------------------------------------------------------------------------------------
 
@@ -109,6 +186,23 @@ class LLaDAConfig:
     @property
     def effective_n_kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dimensions of each query / key head that RoPE rotates (the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) has a Mixture-of-Experts MLP."""
+        return self.is_moe and layer >= self.first_dense_layers
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.first_dense_layers if self.is_moe else 0
 
     @property
     def padded_vocab_size(self) -> int:
@@ -163,9 +257,66 @@ class LLaDAConfig:
         return cls(**{**fields, **overrides})
 
     @classmethod
+    def tiny_moe(cls, **overrides) -> "LLaDAConfig":
+        """`tiny` with the LLaDA 2.x network: a dense first layer, then 8 experts in 4 groups (2 kept), 2 chosen per
+        token plus a shared expert, sigmoid router with expert bias, grouped-query attention, QK-norm, partial
+        rotary."""
+        fields = dict(
+            n_layers=3, n_kv_heads=2, mlp_hidden_size=128, qk_norm=True, partial_rotary_factor=0.5,
+            num_experts=8, experts_per_token=2, expert_hidden_size=32, num_shared_experts=1, first_dense_layers=1,
+            router_score="sigmoid", router_expert_bias=True, router_groups=4, router_topk_groups=2,
+            router_norm_topk=True, router_scale=2.5, rms_norm_eps=1e-6,
+        )
+        return cls.tiny(**{**fields, **overrides})
+
+    @classmethod
+    def _llada2(cls, fields: dict, overrides: dict) -> "LLaDAConfig":
+        """The LLaDA 2.x network (inclusionAI/LLaDA2.0-mini / -flash config.json): 4 kv heads of 128, QK-norm, RoPE
+        (theta 600000) on the first 64 dimensions, 256 experts in 8 groups (4 kept), 8 chosen plus one shared,
+        sigmoid router with expert bias, weights normalised then times 2.5, the first layer dense; 157184 tokens,
+        mask 156895, EOS / pad 156892 (`<|endoftext|>`); block diffusion in blocks of 32."""
+        base = dict(
+            n_kv_heads=4, vocab_size=157184, embedding_size=157184, max_sequence_length=16384, rope_theta=600000.0,
+            rms_norm_eps=1e-6, weight_tying=False, mask_token_id=156895, eos_token_id=156892, pad_token_id=156892,
+            bos_token_id=None, qk_norm=True, partial_rotary_factor=0.5, num_experts=256, experts_per_token=8,
+            num_shared_experts=1, first_dense_layers=1, router_score="sigmoid", router_expert_bias=True,
+            router_groups=8, router_topk_groups=4, router_norm_topk=True, router_scale=2.5,
+            attention_type="block_causal", block_size=32,
+        )
+        return cls(**{**base, **fields, **overrides})
+
+    @classmethod
+    def llada2_mini(cls, **overrides) -> "LLaDAConfig":
+        """LLaDA2.0-mini (and LLaDA2.1-mini, 32768 positions): 20 layers of 2048, 16 heads, dense MLP 5120, experts
+        of 512 (16.26B parameters, 1.44B active per token)."""
+        return cls._llada2(dict(d_model=2048, n_layers=20, n_heads=16, mlp_hidden_size=5120, expert_hidden_size=512),
+                           overrides)
+
+    @classmethod
+    def llada2_flash(cls, **overrides) -> "LLaDAConfig":
+        """LLaDA2.0-flash (and LLaDA2.1-flash): 32 layers of 4096, 32 heads, dense MLP 9216, experts of 1024
+        (about 100B parameters, 6.1B active per token)."""
+        return cls._llada2(dict(d_model=4096, n_layers=32, n_heads=32, mlp_hidden_size=9216, expert_hidden_size=1024),
+                           overrides)
+
+    @classmethod
+    def llada_moe_7b(cls, **overrides) -> "LLaDAConfig":
+        """LLaDA-MoE-7B-A1B (inclusionAI, OLMoE-style): 16 layers of 2048, 16 heads, QK-norm, 64 experts of 1024 in
+        every layer, 8 chosen by a softmax router (weights not renormalised), RoPE theta 50000, 8192 positions;
+        bidirectional. Mask 156895, EOS / pad 156892."""
+        fields = dict(
+            d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, mlp_hidden_size=8192, vocab_size=157184,
+            embedding_size=157184, max_sequence_length=8192, rope_theta=50000.0, rms_norm_eps=1e-5,
+            weight_tying=False, mask_token_id=156895, eos_token_id=156892, pad_token_id=156892, bos_token_id=None,
+            qk_norm=True, num_experts=64, experts_per_token=8, expert_hidden_size=1024, router_score="softmax",
+        )
+        return cls(**{**fields, **overrides})
+
+    @classmethod
     def preset(cls, name: str, **overrides) -> "LLaDAConfig":
-        presets = {"tiny": cls.tiny, "llada_8b": cls.llada_8b, "llama2_7b": cls.llama2_7b,
-                   "qwen2_5_7b": cls.qwen2_5_7b}
+        presets = {"tiny": cls.tiny, "tiny_moe": cls.tiny_moe, "llada_8b": cls.llada_8b, "llama2_7b": cls.llama2_7b,
+                   "qwen2_5_7b": cls.qwen2_5_7b, "llada2_mini": cls.llada2_mini, "llada2_flash": cls.llada2_flash,
+                   "llada_moe_7b": cls.llada_moe_7b}
         if name not in presets:
             raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(presets)}")
         return presets[name](**overrides)
@@ -190,8 +341,11 @@ class LLaDAConfig:
 ADAPTABLE_FIELDS = ("attention_type", "shift_logits", "block_size")
 
 # The projections of a block that can carry LoRA adapters: the official module names (what PEFT targets in the
-# exported PyTorch model). The attention's q/k/v and output, and the MLP's gate (ff_proj), up and down (ff_out).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+# exported PyTorch model). The attention's q/k/v and output, the dense MLP's gate (ff_proj), up and down (ff_out),
+# and a Mixture-of-Experts MLP's shared experts (shared_gate / shared_up / shared_down). A target a layer does not
+# have is skipped there (a MoE layer has no ff_proj, a dense one no shared expert); the routed experts take none.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out", "shared_gate", "shared_up",
+                "shared_down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,12 +407,12 @@ def parse_lora_targets(targets) -> tuple[str, ...]:
 
 
 # The logical-axis rules: logical name -> mesh axis, tuple of mesh axes, or None (replicated).
-# Parameters and activations name their dimensions with these logical names (see model.py); the mesh has
-# axes (data, fsdp, tensor). A mesh axis is used at most once per array: a later dimension whose rule names
+# Parameters and activations name their dimensions with these logical names (see llada_jax/model/); the mesh has
+# axes (data, fsdp, expert, tensor). A mesh axis is used at most once per array: a later dimension whose rule names
 # an axis that is already taken is left unsharded (e.g. activations [batch, length, embed] shard batch over
 # data and fsdp, so embed stays whole there, while the parameter [embed, mlp] shards embed over fsdp).
 DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -268,6 +422,8 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("exp", "expert"),  # the experts of a Mixture-of-Experts MLP
+    ("expert_mlp", "tensor"),  # an expert's hidden width
 )
 
 
@@ -331,6 +487,7 @@ def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") ->
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: all remaining devices
+    c.mesh.expert = 1  # expert parallelism (Mixture-of-Experts models): the experts split over this axis
     c.mesh.tensor = 1
     c.mesh.dcn_data = 1  # data-parallel replicas across slices / nodes (hybrid mesh)
     c.mesh.logical_axis_rules = tuple((name, axes) for name, axes in DEFAULT_LOGICAL_AXIS_RULES)

@@ -40,6 +40,7 @@ def target_layout(config: LLaDAConfig, target: str) -> tuple[tuple[int, ...], tu
     """(input dims, their logical axes, output dims, their logical axes) of a block projection's weight."""
     d, n, k, hd, m = (config.d_model, config.n_heads, config.effective_n_kv_heads, config.head_dim,
                       config.mlp_hidden_size)
+    s = config.num_shared_experts * (config.expert_hidden_size or 0)
     return {
         "q_proj": ((d,), ("embed",), (n, hd), ("heads", "head_dim")),
         "k_proj": ((d,), ("embed",), (k, hd), ("kv_heads", "head_dim")),
@@ -48,14 +49,36 @@ def target_layout(config: LLaDAConfig, target: str) -> tuple[tuple[int, ...], tu
         "ff_proj": ((d,), ("embed",), (m,), ("mlp",)),
         "up_proj": ((d,), ("embed",), (m,), ("mlp",)),
         "ff_out": ((m,), ("mlp",), (d,), ("embed",)),
+        "shared_gate": ((d,), ("embed",), (s,), ("mlp",)),
+        "shared_up": ((d,), ("embed",), (s,), ("mlp",)),
+        "shared_down": ((s,), ("mlp",), (d,), ("embed",)),
     }[target]
 
 
-def make_adapters(config: LLaDAConfig, lora: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Dict:
-    """One `nnx.LoRA` per target of a block (float32 matrices whatever the base's param_dtype: they are the
-    trained masters), computing in the model's compute dtype."""
+DENSE_MLP_TARGETS = ("ff_proj", "up_proj", "ff_out")
+SHARED_EXPERT_TARGETS = ("shared_gate", "shared_up", "shared_down")
+
+
+def layer_targets(config: LLaDAConfig, lora: LoRAConfig, moe: bool) -> tuple[str, ...]:
+    """The targets of `lora` that a layer has: a MoE layer's MLP has shared experts (when the model has them) in
+    place of the dense projections."""
+    absent = DENSE_MLP_TARGETS if moe else SHARED_EXPERT_TARGETS
+    if moe and not config.num_shared_experts:
+        absent = absent + SHARED_EXPERT_TARGETS
+    return tuple(t for t in lora.targets if t not in absent)
+
+
+def present_targets(config: LLaDAConfig, lora: LoRAConfig) -> tuple[str, ...]:
+    """The targets of `lora` that some layer of the model has (the adapters a checkpoint of it holds)."""
+    layers = {layer_targets(config, lora, config.is_moe_layer(i)) for i in range(config.n_layers)}
+    return tuple(t for t in lora.targets if any(t in targets for targets in layers))
+
+
+def make_adapters(config: LLaDAConfig, lora: LoRAConfig, *, rngs: nnx.Rngs, moe: bool = False) -> nnx.Dict:
+    """One `nnx.LoRA` per target of a block that it has (`layer_targets`; float32 matrices whatever the base's
+    param_dtype: they are the trained masters), computing in the model's compute dtype."""
     adapters = {}
-    for target in lora.targets:
+    for target in layer_targets(config, lora, moe):
         in_dims, in_axes, out_dims, out_axes = target_layout(config, target)
         adapters[target] = nnx.LoRA(
             math.prod(in_dims), lora.rank, math.prod(out_dims), dtype=jnp.dtype(config.dtype),
@@ -106,7 +129,9 @@ def merge_block(block: dict, lora: LoRAConfig) -> dict:
     """A block's pure-dict parameters with its adapters folded into the weights (and removed)."""
     block = dict(block)
     adapters = block.pop(ADAPTERS)
-    for target in lora.targets:
-        pair = adapters[target]
-        block[target] = merged_weight(block[target], pair["lora_a"], pair["lora_b"], lora.scale)
+    for target, pair in adapters.items():
+        holder = block
+        if target in SHARED_EXPERT_TARGETS:  # the MoE MLP's own parameters
+            holder = block["mlp"] = dict(block["mlp"])
+        holder[target] = merged_weight(holder[target], pair["lora_a"], pair["lora_b"], lora.scale)
     return block

@@ -28,7 +28,7 @@ from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES
 from llada_jax.errors import MeshError
 
 Rules = Sequence[tuple[str, Any]]
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 def current_rules() -> Rules:
@@ -36,7 +36,8 @@ def current_rules() -> Rules:
     return linen.get_logical_axis_rules() or DEFAULT_LOGICAL_AXIS_RULES
 
 
-def _as_tuple(axes) -> tuple[str, ...]:
+def as_tuple(axes) -> tuple[str, ...]:
+    """A rule's or a PartitionSpec entry's mesh axes as a tuple (None: none)."""
     if axes is None:
         return ()
     if isinstance(axes, str):
@@ -48,7 +49,7 @@ def _fit(axes, mesh_shape: dict[str, int] | None, size: int | None):
     """One rule's mesh axes as Flax takes them (None, a name or a tuple of names). With `mesh_shape`, axes
     missing from the mesh or of size 1 are dropped; with `size` too, trailing axes are dropped until the
     product of the rest divides the dimension."""
-    axes = list(_as_tuple(axes))
+    axes = list(as_tuple(axes))
     if mesh_shape is not None:
         axes = [a for a in axes if mesh_shape.get(a, 1) > 1]
         if size is not None:
@@ -122,7 +123,7 @@ def batch_spec(rules: Rules, mesh: jax.sharding.Mesh, ndim: int = 2) -> Partitio
 def data_parallel_size(rules: Rules, mesh: jax.sharding.Mesh) -> int:
     """Number of shards of the batch dimension (what the global batch must be divisible by)."""
     spec = batch_spec(rules, mesh)[0]
-    return math.prod(mesh.shape[a] for a in _as_tuple(spec))
+    return math.prod(mesh.shape[a] for a in as_tuple(spec))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,8 +132,9 @@ def data_parallel_size(rules: Rules, mesh: jax.sharding.Mesh) -> int:
 
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
-    """Resolve (data, fsdp, tensor, dcn_data) sizes from config; one of them may be -1 (the rest)."""
-    sizes = {name: int(mesh_config[name]) for name in ("dcn_data",) + MESH_AXES}
+    """Resolve (data, fsdp, expert, tensor, dcn_data) sizes from config; one of them may be -1 (the rest). A
+    config without an `expert` size (written before the axis existed) has expert 1."""
+    sizes = {name: int(mesh_config[name]) if name in mesh_config else 1 for name in ("dcn_data",) + MESH_AXES}
     free = [n for n, s in sizes.items() if s == -1]
     if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
         raise MeshError(f"mesh sizes {sizes}: each must be a positive integer, and at most one may be -1")
@@ -148,7 +150,7 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh with Auto axis types. `dcn_data` > 1 builds a hybrid mesh whose data
+    """The (data, fsdp, expert, tensor) mesh with Auto axis types. `dcn_data` > 1 builds a hybrid mesh whose data
     axis spans slices (TPU multi-slice) or processes (multi-node GPU), with ICI/NVLink axes inside each."""
     devices = list(devices if devices is not None else jax.devices())
     grid = device_grid(mesh_shape(mesh_config, len(devices)), devices)
@@ -156,7 +158,7 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
 
 
 def device_grid(sizes: dict[str, int], devices: Sequence[Any]) -> np.ndarray:
-    """The devices laid out as a (dcn_data x data, fsdp, tensor) array for resolved `sizes` (`mesh_shape`).
+    """The devices laid out as a (dcn_data x data, fsdp, expert, tensor) array for resolved `sizes` (`mesh_shape`).
 
     With dcn_data > 1 the devices fall into dcn_data granules: slices when the devices name more than one
     `slice_index` (TPU multi-slice), else processes. The outer factor of the data axis runs over granules and
@@ -165,7 +167,7 @@ def device_grid(sizes: dict[str, int], devices: Sequence[Any]) -> np.ndarray:
     """
     from jax.experimental import mesh_utils
 
-    ici = (sizes["data"], sizes["fsdp"], sizes["tensor"])
+    ici = tuple(sizes[name] for name in MESH_AXES)
     dcn = sizes["dcn_data"]
     if dcn == 1:
         return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
@@ -181,9 +183,9 @@ def device_grid(sizes: dict[str, int], devices: Sequence[Any]) -> np.ndarray:
                         f"data-parallel axis across {unit}")
     per = math.prod(ici)
     if any(n != per for n in counts.values()):
-        raise MeshError(f"mesh.dcn_data {dcn}: each of the {dcn} {unit} must hold data x fsdp x tensor = {per} "
+        raise MeshError(f"mesh.dcn_data {dcn}: each of the {dcn} {unit} must hold data x fsdp x expert x tensor = {per} "
                         f"devices, but they hold {sorted(counts.values())}")
-    return mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices, process_is_granule=not by_slice,
+    return mesh_utils.create_hybrid_device_mesh(ici, (dcn,) + (1,) * (len(ici) - 1), devices, process_is_granule=not by_slice,
                                                 allow_split_physical_axes=True)
 
 
@@ -196,7 +198,7 @@ def check_rules(rules: Rules) -> None:
         if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str):
             raise MeshError(f"mesh.logical_axis_rules: expected (logical_name, mesh_axes) pairs, got {entry!r}")
         name, axes = entry
-        axes = _as_tuple(axes)
+        axes = as_tuple(axes)
         unknown = [a for a in axes if a not in MESH_AXES]
         if unknown:
             raise MeshError(f"mesh.logical_axis_rules: {name!r} maps to unknown mesh axis {unknown[0]!r} "
@@ -214,17 +216,17 @@ def check_rules(rules: Rules) -> None:
 
 
 def parse_mesh(text: str | None) -> dict[str, int]:
-    """The mesh sizes of a `--mesh data=D,fsdp=F,tensor=T` flag (any subset, in any order; at most one size -1,
+    """The mesh sizes of a `--mesh data=D,fsdp=F,expert=E,tensor=T` flag (any subset, in any order; at most one size -1,
     meaning the remaining devices). Axes not named are 1, except `data`, which takes the remaining devices when no
     size is -1: the default (no flag) puts every device on `data`."""
-    sizes = {"dcn_data": 1, "data": 1, "fsdp": 1, "tensor": 1}
+    sizes = {"dcn_data": 1, **{name: 1 for name in MESH_AXES}}
     given = {}
     for item in (text or "").replace(" ", "").split(","):
         if not item:
             continue
         name, _, value = item.partition("=")
         if name not in MESH_AXES or not value.lstrip("-").isdigit():
-            raise MeshError(f"--mesh: expected data=D,fsdp=F,tensor=T (sizes are integers, one may be -1), "
+            raise MeshError(f"--mesh: expected data=D,fsdp=F,expert=E,tensor=T (sizes are integers, one may be -1), "
                             f"got {item!r}")
         if name in given:
             raise MeshError(f"--mesh: {name} is given twice")
@@ -236,11 +238,20 @@ def parse_mesh(text: str | None) -> dict[str, int]:
 
 
 def check_model_fits(sizes: dict[str, int], config) -> None:
-    """A tensor-parallel size must divide the attention heads and the MLP width (resolved `sizes`)."""
-    tensor = sizes["tensor"]
-    for what, n in (("attention heads", config.n_heads), ("MLP width (mlp_hidden_size)", config.mlp_hidden_size)):
+    """A tensor-parallel size must divide the attention heads and the MLP widths, an expert-parallel size the
+    experts (resolved `sizes`)."""
+    tensor, expert = sizes["tensor"], sizes.get("expert", 1)
+    widths = [("attention heads", config.n_heads), ("MLP width (mlp_hidden_size)", config.mlp_hidden_size)]
+    if config.is_moe:
+        widths.append(("expert width (expert_hidden_size)", config.expert_hidden_size))
+    for what, n in widths:
         if n % tensor:
             raise MeshError(f"mesh tensor={tensor} does not divide the model's {n} {what}")
+    if expert > 1 and not config.is_moe:
+        raise MeshError(f"mesh expert={expert}: the model has no experts (num_experts is 0); use data or fsdp")
+    if config.is_moe and config.num_experts % expert:
+        raise MeshError(f"mesh expert={expert} does not divide the model's {config.num_experts} experts "
+                        f"(num_experts)")
 
 
 def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -36,7 +36,7 @@ def test_layers_point_one_way():
 
 
 @pytest.mark.parametrize("module, code, broken", [
-    ("model.py", "from llada_jax.train import loop", "llada_jax.model -> llada_jax.train.loop"),
+    ("model/moe.py", "from llada_jax.train import loop", "llada_jax.model.moe -> llada_jax.train.loop"),
     # the checkpoint layer's own order (issue 28: a cycle through the LoRA checkpoints, in function-local imports)
     ("checkpoints/orbax_model.py", "from llada_jax.checkpoints import adapters",
      "llada_jax.checkpoints.orbax_model -> llada_jax.checkpoints.adapters"),

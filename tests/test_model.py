@@ -130,7 +130,8 @@ def test_attention_and_its_gradients_match_jax_reference(dtype, tol, queries):
     of jax.nn.dot_product_attention, with grouped-query heads, masked keys (a fully masked row included) and
     query-key pair masks: causal [L, S] (queries at positions 2 .. 6 for a window), and random per-row
     [B, L, S] ones (rows with no visible key included)."""
-    from llada_jax.model import attention, visible_pairs
+    from llada_jax.model import visible_pairs
+    from llada_jax.model.attention import attention
 
     keys = jax.random.split(jax.random.key(0), 5)
     q = jax.random.normal(keys[0], (2, queries, 4, 8), dtype)
@@ -413,7 +414,7 @@ def test_sharded_forward_equals_single_device():
     model = make_model(n_kv_heads=2)
     ids = random_ids(10, (4, 8))
     expected = model(ids)
-    mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((2, 2, 1, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
     graphdef, state = nnx.split(model)
     shardings = sharding.state_shardings(state, mesh, sharding.current_rules())
     state = jax.device_put(state, shardings)
@@ -445,7 +446,7 @@ def test_cudnn_path_passes_a_full_extent_mask_and_falls_back_with_a_warning(monk
     case the XLA attention with a logged warning instead of a silent switch."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 
-    from llada_jax import model as model_lib
+    from llada_jax.model import attention as attention_lib  # the module (the package does not export the function)
 
     q = jax.random.normal(jax.random.key(0), (2, 5, 4, 8), jnp.bfloat16)
     k = v = jax.random.normal(jax.random.key(1), (2, 7, 2, 8), jnp.bfloat16)
@@ -466,13 +467,13 @@ def test_cudnn_path_passes_a_full_extent_mask_and_falls_back_with_a_warning(monk
     logger = logging.getLogger("llada_jax")
     monkeypatch.setattr(logger, "propagate", True)
     monkeypatch.setattr(logger, "disabled", False)
-    model_lib._warn_cudnn_fallback_once.cache_clear()
+    attention_lib._warn_cudnn_fallback_once.cache_clear()
     with caplog.at_level("WARNING", logger="llada_jax"):
-        out = model_lib.attention(q, k, v, key_mask, "cudnn")
+        out = attention_lib.attention(q, k, v, key_mask, "cudnn")
     assert seen["mask"].shape == (2, 1, 5, 7) and seen["mask"].dtype == jnp.bool_
     np.testing.assert_array_equal(np.asarray(seen["mask"]), np.broadcast_to(key_mask[:, None, None, :], (2, 1, 5, 7)))
     assert "cuDNN attention unavailable" in caplog.text and "cuDNN is not detected" in caplog.text
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(model_lib.attention(q, k, v, key_mask, "xla")))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(attention_lib.attention(q, k, v, key_mask, "xla")))
 
 
 @pytest.mark.parametrize("anchor", [0, 3])

@@ -32,14 +32,15 @@ class FakeDevice:
     device_kind: str = "cpu"
 
 
-def mesh_config(data=1, fsdp=-1, tensor=1, dcn_data=1):
+def mesh_config(data=1, fsdp=-1, tensor=1, dcn_data=1, expert=1):
     c = train_config().mesh
-    c.data, c.fsdp, c.tensor, c.dcn_data = data, fsdp, tensor, dcn_data
+    c.data, c.fsdp, c.tensor, c.dcn_data, c.expert = data, fsdp, tensor, dcn_data, expert
     return c
 
 
 def test_mesh_shape_fills_the_free_axis_and_rejects_bad_sizes():
-    assert mesh_shape(mesh_config(tensor=2), 8) == {"dcn_data": 1, "data": 1, "fsdp": 4, "tensor": 2}
+    assert mesh_shape(mesh_config(tensor=2), 8) == {"dcn_data": 1, "data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+    assert mesh_shape(mesh_config(expert=4), 8) == {"dcn_data": 1, "data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
     assert mesh_shape(mesh_config(dcn_data=2, tensor=2), 8)["fsdp"] == 2
     with pytest.raises(MeshError, match="at most one may be -1"):
         mesh_shape(mesh_config(data=-1), 8)
@@ -53,7 +54,7 @@ def test_hybrid_grid_puts_each_process_in_its_own_data_replica():
     # 2 processes x 4 devices, listed interleaved: the outer data factor must still run over processes
     devices = [FakeDevice(id=i, process_index=i % 2) for i in range(8)]
     grid = device_grid(mesh_shape(mesh_config(data=2, tensor=2, dcn_data=2), 8), devices)
-    assert grid.shape == (4, 1, 2)  # (dcn_data x data, fsdp, tensor)
+    assert grid.shape == (4, 1, 1, 2)  # (dcn_data x data, fsdp, expert, tensor)
     assert {d.process_index for d in grid[:2].flat} == {0} and {d.process_index for d in grid[2:].flat} == {1}
     assert sorted(d.id for d in grid.flat) == list(range(8))
 
@@ -62,7 +63,7 @@ def test_hybrid_grid_uses_slices_when_devices_name_them():
     # TPU multi-slice: 2 slices of 4 devices, each slice spread over 2 hosts; granules are the slices
     devices = [FakeDevice(id=i, process_index=i // 2, slice_index=1 - i // 4) for i in range(8)]
     grid = device_grid(mesh_shape(mesh_config(fsdp=2, tensor=2, dcn_data=2), 8), devices)
-    assert grid.shape == (2, 2, 2)
+    assert grid.shape == (2, 2, 1, 2)
     assert {d.slice_index for d in grid[0].flat} == {0} and {d.slice_index for d in grid[1].flat} == {1}
 
 
@@ -80,15 +81,15 @@ def test_dcn_data_must_match_the_processes():
 
 def test_make_mesh_axes():
     mesh = make_mesh(mesh_config(data=2, tensor=2), jax.devices()[:8])
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 3
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 4
 
 
 def test_rules_table_errors():
     check_rules(DEFAULT_LOGICAL_AXIS_RULES)
     check_rules(train_config().mesh.logical_axis_rules)
     with pytest.raises(MeshError, match="no rule for 'norm'"):
-        check_rules(DEFAULT_LOGICAL_AXIS_RULES[:-1])
+        check_rules(tuple(rule for rule in DEFAULT_LOGICAL_AXIS_RULES if rule[0] != "norm"))
     with pytest.raises(MeshError, match="'embed' maps to unknown mesh axis 'fsdpp'"):
         check_rules(tuple((n, "fsdpp" if n == "embed" else a) for n, a in DEFAULT_LOGICAL_AXIS_RULES))
     with pytest.raises(MeshError, match="expected \\(logical_name, mesh_axes\\) pairs"):
@@ -99,7 +100,7 @@ def test_rules_table_errors():
 
 
 def mesh_222():
-    return jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return jax.make_mesh((2, 2, 1, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 
 def tiny_param_specs(**overrides) -> dict[str, P]:

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from llada_jax import lora as lora_lib
 from llada_jax import sharding
 from llada_jax.checkpoints import layout, storage
 from llada_jax.checkpoints.atomic import copy_dir
@@ -153,17 +154,19 @@ def read_lora_step(path: str):
     return run_dir, step, lora, base, trained_on, jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
 
 
-def per_layer(adapters: dict, lora: LoRAConfig, n_layers: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """{target: [(A [in, r], B [r, out]) of each layer]} from a pure dict of adapters in either layout."""
+def per_layer(adapters: dict, lora: LoRAConfig, config: LLaDAConfig) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """{target: [(A [in, r], B [r, out]) of each layer]} from a pure dict of adapters in either layout (a dense
+    model's; every layer has every present target)."""
     blocks = adapters["blocks"]
-    out: dict[str, list] = {t: [] for t in lora.targets}
-    for i in range(n_layers):
+    targets = lora_lib.present_targets(config, lora)
+    out: dict[str, list] = {t: [] for t in targets}
+    for i in range(config.n_layers):
         if "adapters" in blocks:  # scanned: stacked [layers, ...]
             pairs = {t: (p["lora_a"][i], p["lora_b"][i]) for t, p in blocks["adapters"].items()}
         else:
             block = blocks[i] if i in blocks else blocks[str(i)]
             pairs = {t: (p["lora_a"], p["lora_b"]) for t, p in block["adapters"].items()}
-        for t in lora.targets:
+        for t in targets:
             a, b = pairs[t]
             out[t].append((np.asarray(a, np.float32), np.asarray(b, np.float32)))
     return out

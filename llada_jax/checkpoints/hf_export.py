@@ -158,11 +158,14 @@ def export_merged_lora(input_path: str, output_dir: str, *, dtype: str | None = 
         base_leaves = iter_param_leaves(ck)
     check_base(config, trained_on, where, base)
     config = adapted_config(config, trained_on)  # the attention the run trained with
-    layers = per_layer(adapters, lora, config.n_layers)
+    if config.is_moe:
+        raise ValueError(f"{where}: merging a Mixture-of-Experts model's LoRA adapters on export is not implemented "
+                         f"yet")
+    layers = per_layer(adapters, lora, config)
 
     def merged(path: tuple, array: np.ndarray) -> np.ndarray:
         target = path[-1]
-        if path[0] != hf_keys.BLOCKS or len(path) == 1 or target not in lora.targets:
+        if path[0] != hf_keys.BLOCKS or len(path) == 1 or target not in layers:
             return array
         array = array.astype(np.float32)  # merged in float32 and rounded once, to the output dtype, when written
         if len(path) == 2:  # scanned: [layers, ...]

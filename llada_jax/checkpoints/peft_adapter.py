@@ -25,6 +25,7 @@ import re
 
 import numpy as np
 
+from llada_jax import lora as lora_lib
 from llada_jax.checkpoints import layout, storage
 from llada_jax.config import LORA_TARGETS, LLaDAConfig, LoRAConfig
 from llada_jax.errors import (
@@ -69,13 +70,13 @@ def target_modules_regex(targets) -> str:
 # --- export --------------------------------------------------------------------------------------------------------
 
 
-def adapter_config(lora: LoRAConfig, base: str) -> dict:
+def adapter_config(lora: LoRAConfig, base: str, targets: tuple[str, ...] | None = None) -> dict:
     """adapter_config.json of a LoRA checkpoint (fields PEFT >= 0.13 knows; the others keep PEFT's defaults)."""
     alpha = float(lora.alpha)
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "revision": None,
         "inference_mode": True, "r": lora.rank, "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
-        "lora_dropout": float(lora.dropout), "target_modules": target_modules_regex(lora.targets),
+        "lora_dropout": float(lora.dropout), "target_modules": target_modules_regex(targets or lora.targets),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {},
@@ -92,15 +93,19 @@ def export_peft_adapter(input_path: str, output_dir: str, *, overwrite: bool = F
     run_dir, _, lora, base, trained_on, adapters = read_lora_step(input_path)
     if storage.clean(output_dir) in (storage.clean(input_path), run_dir):
         raise ValueError(f"{output_dir}: the output must differ from the input checkpoint")
-    layers = per_layer(adapters, lora, trained_on.n_layers)
+    if trained_on.is_moe:
+        raise ValueError(f"{input_path}: PEFT export of a Mixture-of-Experts model's adapters is not implemented yet; "
+                         f"`convert to-hf` writes the model with its adapters merged")
+    layers = per_layer(adapters, lora, trained_on)
     tensors = {}
-    for target in lora.targets:
+    for target in lora_lib.present_targets(trained_on, lora):
         for i, (a, b) in enumerate(layers[target]):
             tensors[weight_key(i, target, "A")] = np.ascontiguousarray(a.T)  # [r, in]
             tensors[weight_key(i, target, "B")] = np.ascontiguousarray(b.T)  # [out, r]
     with atomic_dir(output_dir, overwrite=overwrite, last=(ADAPTER_CONFIG,)) as tmp:
         save_file(tensors, f"{tmp}/{ADAPTER_WEIGHTS}", metadata={"format": "pt"})
-        write_json(f"{tmp}/{ADAPTER_CONFIG}", adapter_config(lora, peft_base(base)))
+        write_json(f"{tmp}/{ADAPTER_CONFIG}", adapter_config(lora, peft_base(base),
+                                                             lora_lib.present_targets(trained_on, lora)))
     return storage.clean(output_dir)
 
 

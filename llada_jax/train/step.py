@@ -407,7 +407,7 @@ def flops_per_token(model_config: LLaDAConfig, length: int, lora=None) -> float:
     """
     import math
 
-    from llada_jax.lora import target_layout
+    from llada_jax.lora import present_targets, target_layout
 
     c = model_config
     hd, n, k = c.head_dim, c.n_heads, c.effective_n_kv_heads
@@ -417,7 +417,7 @@ def flops_per_token(model_config: LLaDAConfig, length: int, lora=None) -> float:
     if lora is None:
         return 6.0 * matmul_params + attention
     adapters = c.n_layers * sum(lora.rank * (math.prod(target_layout(c, t)[0]) + math.prod(target_layout(c, t)[2]))
-                                for t in lora.targets)
+                                for t in present_targets(c, lora))
     return 4.0 * matmul_params + 6.0 * adapters + attention
 
 

@@ -42,7 +42,7 @@ def test_load_pretrained_accepts_both_kinds(exports, tmp_path):
 
 def test_load_pretrained_shards_over_a_mesh(exports, tmp_path):
     model, path = exports["gqa"]
-    mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((2, 2, 1, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
     loaded = load_pretrained(path, mesh=mesh)
     spec = loaded.blocks.ff_proj[...].sharding.spec
     assert any(axis is not None for axis in spec), spec

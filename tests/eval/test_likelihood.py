@@ -296,7 +296,7 @@ def test_block_batched_examples_equal_each_example_alone(blocky):
 def test_block_estimate_on_a_mesh_equals_one_device(blocky):
     from llada_jax import sharding
 
-    mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((2, 2, 1, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
     prompts, answers = [[3, 17, 42], [9], [8, 1, 300, 65, 12]], [[250, 8, 1], [40, 41, 42, 43, 44], [7]]
     opts = dict(mc_num=8, batch_size=4, rng=2, examples_per_call=2)
     np.testing.assert_allclose(log_likelihood(blocky, prompts, answers, mesh=mesh, **opts),

@@ -161,7 +161,7 @@ def test_a_second_call_with_the_same_shapes_does_not_recompile(model):
 
 
 def test_sharded_over_the_mesh_equals_one_device(model):
-    mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((2, 2, 1, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
     ids, mask = padded()  # 3 rows: padded to 4 for the 4-way data split
     opts = dict(method="block_diffusion", gen_length=8, steps=4, cfg_scale=0.5, temperature=1.0, rng=2,
                 return_stats=True)

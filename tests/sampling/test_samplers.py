@@ -283,7 +283,7 @@ def test_prompt_buckets_round_the_sequence_up():
 
 
 def test_sharded_over_the_mesh_equals_one_device(model):
-    mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((2, 2, 1, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
     prompts = np.concatenate([PROMPTS, PROMPTS[:1] + 3])  # 3 rows: padded to 4 for the 4-way data split
     opts = dict(method="semi_ar_origin", gen_length=8, block_length=4, steps=4, temperature=1.0, rng=2,
                 return_stats=True)
