@@ -34,8 +34,8 @@ def our_config(cfg: dict, **overrides) -> LLaDAConfig:
                       router_score=cfg["score_function"], router_expert_bias=cfg["moe_router_enable_expert_bias"],
                       router_groups=cfg["n_group"], router_topk_groups=cfg["topk_group"])
     else:
-        fields.update(mlp_hidden_size=cfg["dense_intermediate_size"], expert_hidden_size=cfg["expert_intermediate_size"],
-                      router_score=cfg["moe_router_score_function"])
+        fields.update(mlp_hidden_size=cfg["dense_intermediate_size"],
+                      expert_hidden_size=cfg["expert_intermediate_size"], router_score=cfg["moe_router_score_function"])
     return LLaDAConfig(**{**fields, **overrides})
 
 
@@ -229,6 +229,18 @@ def test_unrolled_layers_equal_the_scanned_ones_and_report_the_expert_load(llada
     np.testing.assert_array_equal(load_.sum(-1), 2 * 8 * config.experts_per_token)  # every pair counted once
 
 
+def test_the_expert_load_counts_real_tokens_only(llada2):
+    """With an attention mask the load counts the (token, expert) pairs of the real tokens: a left-padded row's
+    are those of the same tokens unpadded (its positions and attention are the same), its padding routes nothing."""
+    cfg, _, config, model = llada2
+    ids = jnp.asarray(np.random.RandomState(9).randint(0, cfg["vocab_size"], (2, 10)))
+    mask = jnp.asarray([[1] * 10, [0] * 4 + [1] * 6])
+    _, load_ = model.hidden_states_and_load(ids, mask)
+    np.testing.assert_array_equal(load_.sum(-1), 16 * config.experts_per_token)
+    alone = [model.hidden_states_and_load(row)[1] for row in (ids[:1], ids[1:, 4:])]
+    np.testing.assert_array_equal(load_, alone[0] + alone[1])
+
+
 def test_presets_have_the_published_sizes():
     mini, flash = LLaDAConfig.llada2_mini(), LLaDAConfig.llada2_flash()
     assert round(count_params(mini) / 1e9, 2) == 16.26 and round(count_active_params(mini) / 1e9, 2) == 1.43
@@ -260,7 +272,8 @@ def test_expert_parallel_mesh_equals_one_device_forward_and_gradients(llada2, ba
     assert placed["blocks"]["mlp"]["gate"][...].sharding.spec[1] == "expert"  # [layers, E, d, f]
     rows = jax.P(("data", "expert")) if batch == 8 else jax.P()  # what the batch rule gives each batch
     with jax.set_mesh(mesh):
-        got_loss, got_grads = jax.jit(jax.value_and_grad(loss))(placed, jax.device_put(ids, jax.NamedSharding(mesh, rows)))
+        placed_ids = jax.device_put(ids, jax.NamedSharding(mesh, rows))
+        got_loss, got_grads = jax.jit(jax.value_and_grad(loss))(placed, placed_ids)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     for (path, got), (_, want) in zip(jax.tree_util.tree_leaves_with_path(got_grads),
                                       jax.tree_util.tree_leaves_with_path(want_grads)):
@@ -276,3 +289,31 @@ def test_model_info_prints_total_and_active_parameters(capsys):
     assert f"{count_params(mini):,} parameters, {count_active_params(mini):,} active per token" in out
     assert "experts: 256 of 512, 8 per token, 1 shared, the first 1 layer(s) dense; router sigmoid, 8 group(s) " \
            "(4 kept), scale 2.5" in out
+
+
+# ----------------------------------------------------------------------------------------------------- samplers
+
+def test_block_diffusion_sampling_of_a_moe_model_equals_the_reference_with_and_without_the_cache():
+    """The samplers run on a MoE model unchanged: block diffusion with the exact prefix cache gives the uncached
+    tokens, and each row the step-by-step reference on its unpadded prompt (left padding changes nothing)."""
+    from llada_jax import generate
+    from tests.sampling_reference import reference_block_diffusion
+
+    config = LLaDAConfig.tiny_moe(attention_type="block_causal", block_size=4)
+    model = LLaDAForMaskedLM(config, rngs=nnx.Rngs(3))
+    prompts = [[3, 17, 42, 99], [8, 1, 300, 65, 12, 77, 5]]
+    width = 7
+    ids = np.array([[config.pad_token_id] * (width - len(p)) + p for p in prompts], np.int32)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int32)
+    outs = {cache: np.asarray(generate(model, ids, mask, method="block_diffusion", gen_length=8, steps=4,
+                                       cache=cache)) for cache in ("none", "prefix")}
+    np.testing.assert_array_equal(outs["prefix"], outs["none"])
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, ids, anchor: nnx.merge(graphdef, state)(ids, block_anchor=anchor))
+    for row, prompt in enumerate(prompts):
+        def logits(ids, _mask, anchor=len(prompt)):
+            return np.asarray(forward(state, jnp.asarray(ids, jnp.int32), jnp.int32(anchor)))
+
+        want, _ = reference_block_diffusion(logits, np.array([prompt]), steps=4, gen_length=8, block_size=4,
+                                            mask_id=config.mask_token_id, eos_id=config.eos_token_id)
+        np.testing.assert_array_equal(outs["prefix"][row, width - len(prompt):], want[0])

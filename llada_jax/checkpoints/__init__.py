@@ -12,12 +12,14 @@ import each other; function-local imports count):
     adapters | hf_import
                    LoRA checkpoints: adapters only, naming their base model (read, write, apply to a loaded base)
                    | Hugging Face directory -> a model in memory or an Orbax checkpoint
-    orbax_model | ar_import | hf_config | safetensors_io | hf_keys
+    orbax_model | ar_import | hf_config | hf_moe_config | safetensors_io | hf_keys
                    whole models in Orbax checkpoints: save, sharded restore, one parameter at a time
                    | autoregressive LLaMA / Mistral / Qwen2 directories: config, mask token, tokenizer
                    | config.json of the official layout <-> LLaDAConfig
+                   | config.json of LLaDA 2.x and LLaDA-MoE <-> LLaDAConfig
                    | (sharded) safetensors read and written one tensor at a time
-                   | the key table between our parameters and the official Hugging Face state dict
+                   | the key tables between our parameters and the Hugging Face state dicts (LLaDA, LLaMA-style
+                   AR, LLaDA 2.x per-expert and merged, LLaDA-MoE)
     atomic | layout
                    files and directories written under a temporary name and renamed when complete
                    | the run-directory layout: names, finished steps, Orbax run vs Hugging Face directory, LoRA

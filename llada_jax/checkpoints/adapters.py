@@ -36,7 +36,7 @@ from llada_jax.checkpoints.orbax_model import (
 )
 from llada_jax.config import ADAPTABLE_FIELDS, LLaDAConfig, LoRAConfig
 from llada_jax.errors import CheckpointError, CheckpointNotFoundError, UsageError
-from llada_jax.model import LLaDAForMaskedLM, abstract_model
+from llada_jax.model import LLaDAForMaskedLM, abstract_model, layer_stacks
 
 
 def lora_item(lora: LoRAConfig, base: str) -> dict:
@@ -82,7 +82,7 @@ def restore_adapters(run_dir: str, step: int, lora: LoRAConfig, trained_on: LLaD
     target = adapter_target(trained_on, lora, mesh, rules)
     adapters = restore_items(run_dir, step, **{layout.PARAMS: ocp.args.StandardRestore(target)})[layout.PARAMS]
     if scan_layers is not None and scan_layers != trained_on.scan_layers:
-        adapters = relayout_blocks(adapters, to_scanned=scan_layers, n_layers=trained_on.n_layers)
+        adapters = relayout_blocks(adapters, to_scanned=scan_layers, config=trained_on)
     return adapters
 
 
@@ -115,7 +115,8 @@ def with_adapters(base: LLaDAForMaskedLM, lora: LoRAConfig, adapters: dict, conf
     (default: the base's)."""
     graphdef, state = abstract_model(config or base.config, lora)
     params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
-    params["blocks"] = _deep_merge(params["blocks"], adapters["blocks"])
+    for name, stack in adapters.items():  # each layer stack's (`blocks`, and a MoE model's `dense_blocks`)
+        params[name] = _deep_merge(params[name], stack)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
@@ -154,21 +155,24 @@ def read_lora_step(path: str):
     return run_dir, step, lora, base, trained_on, jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
 
 
-def per_layer(adapters: dict, lora: LoRAConfig, config: LLaDAConfig) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """{target: [(A [in, r], B [r, out]) of each layer]} from a pure dict of adapters in either layout (a dense
-    model's; every layer has every present target)."""
-    blocks = adapters["blocks"]
-    targets = lora_lib.present_targets(config, lora)
-    out: dict[str, list] = {t: [] for t in targets}
+def per_layer(adapters: dict, lora: LoRAConfig, config: LLaDAConfig
+              ) -> dict[str, list[tuple[np.ndarray, np.ndarray] | None]]:
+    """{target: [(A [in, r], B [r, out]) of each layer, or None where the layer has no such projection (a MoE
+    layer's dense MLP)]} from a pure dict of adapters in either layout."""
+    out: dict[str, list] = {t: [None] * config.n_layers for t in lora_lib.present_targets(config, lora)}
+    scanned = {name: adapters[name]["adapters"] for name in layer_stacks(config)
+               if "adapters" in adapters.get(name, {})}
     for i in range(config.n_layers):
-        if "adapters" in blocks:  # scanned: stacked [layers, ...]
-            pairs = {t: (p["lora_a"][i], p["lora_b"][i]) for t, p in blocks["adapters"].items()}
+        if scanned:  # stacked [layers, ...] per layer stack
+            name, (first, _) = next((n, span) for n, span in layer_stacks(config).items()
+                                    if span[0] <= i < span[0] + span[1])
+            pairs = {t: (p["lora_a"][i - first], p["lora_b"][i - first]) for t, p in scanned[name].items()}
         else:
+            blocks = adapters["blocks"]
             block = blocks[i] if i in blocks else blocks[str(i)]
             pairs = {t: (p["lora_a"], p["lora_b"]) for t, p in block["adapters"].items()}
-        for t in targets:
-            a, b = pairs[t]
-            out[t].append((np.asarray(a, np.float32), np.asarray(b, np.float32)))
+        for t, (a, b) in pairs.items():
+            out[t][i] = (np.asarray(a, np.float32), np.asarray(b, np.float32))
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 from flax import traverse_util
 
-from llada_jax.checkpoints import hf_keys, layout, storage
+from llada_jax.checkpoints import hf_keys, hf_moe_config, layout, storage
 from llada_jax.checkpoints.atomic import atomic_dir, write_json
 from llada_jax.checkpoints.hf_config import to_hf_config
 from llada_jax.checkpoints.safetensors_io import ShardedWriter, dtype_name, parse_size
@@ -49,21 +49,22 @@ def write_weights(directory: str | None, config: LLaDAConfig, leaves: Iterable[t
     of a multi-process save, which take part in gathering sharded parameters).
     """
     np_dtype = _np_dtype(dtype)
+    table = hf_keys.table_for(config)
     writer = None
     if directory is not None:
-        entries = [(t.key, dtype_name(np_dtype), t.hf_shape) for t in hf_keys.tensors(config)]
+        entries = [(key, dtype_name(np_dtype), shape) for key, shape in hf_keys.tensor_layout(config, table).items()]
         writer = ShardedWriter(directory, entries, max_shard_size=max_shard_size)
     try:
         for path, load in leaves:
-            tensors = hf_keys.leaf_tensors(path, config)
+            tensors = hf_keys.leaf_tensors(path, config, table)
             if not tensors:
                 raise ValueError(f"parameter {'.'.join(map(str, path))} has no Hugging Face counterpart")
             array = load()
             if writer is None:
                 continue
             for tensor, index in tensors:
-                part = array if index is None else array[index]
-                writer.write(tensor.key, np.ascontiguousarray(tensor.to_hf(part), dtype=np_dtype))
+                hf = np.ascontiguousarray(tensor.to_hf(array[index]), dtype=np_dtype)
+                writer.write(tensor.key, hf, None if tensor.rows is None else tensor.rows[0])
             del array
         if writer is not None:
             writer.close()
@@ -77,8 +78,14 @@ def write_hf_dir(directory: str, config: LLaDAConfig, leaves: Iterable[tuple[tup
                  dtype: str, max_shard_size: int | str = "5GB", hf_config_base: dict | None = None,
                  tokenizer_dir: str | None = None) -> None:
     write_weights(directory, config, leaves, dtype=dtype, max_shard_size=max_shard_size)
-    write_json(os.path.join(directory, layout.HF_CONFIG_FILE), to_hf_config(config, dtype, base=hf_config_base))
-    for f in MODELING_FILES:  # this project's PyTorch code, loaded with trust_remote_code=True
+    moe_layout = hf_keys.table_for(config) is hf_keys.LLADA2_KEYS
+    if moe_layout:
+        hf_config = hf_moe_config.to_moe_config(config, dtype, base=hf_config_base)
+    else:
+        hf_config = to_hf_config(config, dtype, base=hf_config_base)
+    write_json(os.path.join(directory, layout.HF_CONFIG_FILE), hf_config)
+    for f in hf_moe_config.MODELING_FILES if moe_layout else MODELING_FILES:  # this project's PyTorch code, loaded
+        # with trust_remote_code=True
         shutil.copy2(os.path.join(HF_FILES_DIR, f), os.path.join(directory, f))
     if tokenizer_dir:
         layout.copy_tokenizer_files(tokenizer_dir, directory)
@@ -134,6 +141,7 @@ def export_merged_lora(input_path: str, output_dir: str, *, dtype: str | None = 
     from llada_jax.checkpoints.adapters import adapted_config, check_base, per_layer, read_lora_step, require_base
     from llada_jax.checkpoints.loading import load_lora_model, model_tokenizer
     from llada_jax.checkpoints.orbax_model import ParamReader
+    from llada_jax.model import layer_stacks
 
     run_dir, step, lora, base, trained_on, adapters = read_lora_step(input_path)
     where = layout.step_dir(run_dir, step)
@@ -158,20 +166,20 @@ def export_merged_lora(input_path: str, output_dir: str, *, dtype: str | None = 
         base_leaves = iter_param_leaves(ck)
     check_base(config, trained_on, where, base)
     config = adapted_config(config, trained_on)  # the attention the run trained with
-    if config.is_moe:
-        raise ValueError(f"{where}: merging a Mixture-of-Experts model's LoRA adapters on export is not implemented "
-                         f"yet")
     layers = per_layer(adapters, lora, config)
+    stacks = layer_stacks(config)
 
     def merged(path: tuple, array: np.ndarray) -> np.ndarray:
         target = path[-1]
-        if path[0] != hf_keys.BLOCKS or len(path) == 1 or target not in layers:
+        if len(path) == 1 or target not in layers:
             return array
         array = array.astype(np.float32)  # merged in float32 and rounded once, to the output dtype, when written
-        if len(path) == 2:  # scanned: [layers, ...]
+        if path[0] in stacks and not str(path[1]).isdigit():  # scanned: [layers of the stack, ...]
+            first, count = stacks[path[0]]
             out = np.empty_like(array)
-            for i, (a, b) in enumerate(layers[target]):
-                out[i] = np.asarray(lora_lib.merged_weight(array[i], a, b, lora.scale))
+            for j in range(count):
+                a, b = layers[target][first + j]
+                out[j] = np.asarray(lora_lib.merged_weight(array[j], a, b, lora.scale))
             return out
         a, b = layers[target][int(path[1])]
         return np.asarray(lora_lib.merged_weight(array, a, b, lora.scale))

@@ -17,8 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
-from llada_jax.checkpoints import ar_import, hf_keys, layout, storage
-from llada_jax.checkpoints.hf_config import from_hf_config, read_hf_config
+from llada_jax.checkpoints import ar_import, hf_keys, hf_moe_config, layout, storage
+from llada_jax.checkpoints.hf_config import from_hf_config, read_hf_config, read_json_object
 from llada_jax.checkpoints.safetensors_io import DTYPES, TensorReader, short_list
 from llada_jax.config import DTYPES as FLOAT_NAMES
 from llada_jax.config import LLaDAConfig
@@ -62,13 +62,42 @@ def read_config(directory: str, *, mask_token: str | None = None, **overrides):
         ar = ar_import.from_ar_config(hf_config, source=source, tokenizer_dir=ar_import.tokenizer_dir(directory),
                                       mask_token=mask_token, **overrides)
         return hf_config, ar.config, ar
-    if hf_config.get("model_type") != "llada":
-        raise HFConfigError(f"{source}: model_type is {hf_config.get('model_type')!r}; supported: 'llada' and the "
-                            f"autoregressive {', '.join(map(repr, ar_import.AR_MODEL_TYPES))}")
+    moe_layout = hf_moe_config.layout_of(hf_config)
+    if hf_config.get("model_type") != "llada" and moe_layout is None:
+        moe_types = hf_moe_config.LLADA2_TYPES + hf_moe_config.LLADA_MOE_TYPES
+        raise HFConfigError(f"{source}: model_type is {hf_config.get('model_type')!r}; supported: 'llada', the "
+                            f"Mixture-of-Experts {', '.join(map(repr, moe_types))} "
+                            f"and the autoregressive {', '.join(map(repr, ar_import.AR_MODEL_TYPES))}")
     if mask_token is not None:
         raise ValueError(f"{source}: mask_token applies to autoregressive checkpoints; this is a LLaDA model "
                          f"with mask_token_id {hf_config.get('mask_token_id')}")
+    if moe_layout is not None:
+        ids = moe_token_ids(directory, hf_config)
+        return hf_config, hf_moe_config.from_moe_config({**hf_config, **ids}, source=source, **overrides), None
     return hf_config, from_hf_config(hf_config, source=source, **overrides), None
+
+
+def moe_token_ids(directory: str, hf_config: dict) -> dict[str, int]:
+    """The mask / EOS / pad ids a LLaDA 2.x or LLaDA-MoE config.json leaves out (the published ones name pad only):
+    from generation_config.json, else the tokenizer's `<|mask|>` and `<|endoftext|>` (tokenizer.json)."""
+    import json
+
+    found: dict[str, int] = {}
+    generation = storage.join(directory, "generation_config.json")
+    if storage.is_file(generation):
+        g = read_json_object(generation)
+        found.update({k: g[k] for k in ("mask_token_id", "eos_token_id", "pad_token_id")
+                      if isinstance(g.get(k), int) and not isinstance(g.get(k), bool)})
+    tokenizer = storage.join(directory, "tokenizer.json")
+    if storage.is_file(tokenizer):
+        try:
+            added = {t["content"]: t["id"] for t in json.loads(storage.read_text(tokenizer)).get("added_tokens", [])}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise HFConfigError(f"{tokenizer}: cannot read its added_tokens ({e})") from e
+        for name, token in (("mask_token_id", "<|mask|>"), ("eos_token_id", "<|endoftext|>")):
+            if token in added:
+                found.setdefault(name, added[token])
+    return {k: v for k, v in found.items() if hf_config.get(k) is None}
 
 
 def open_hf_dir(path: str, *, dtype: str | None = None, param_dtype: str | None = None, mask_token: str | None = None,
@@ -85,7 +114,8 @@ def open_hf_dir(path: str, *, dtype: str | None = None, param_dtype: str | None 
     hf_config, config, ar = read_config(directory, mask_token=mask_token, **ar_fields)
     overrides.update({} if ar else ar_fields)
     reader = TensorReader(directory)
-    table = hf_keys.AR_KEYS if ar else hf_keys.LLADA_KEYS
+    moe_layout = None if ar else hf_moe_config.layout_of(hf_config)
+    table = hf_keys.AR_KEYS if ar else hf_keys.table_for(config, moe_layout or "llada")
     check_weights(reader, ar.source if ar else config, directory, table)
     codes = {t.dtype for t in reader.tensors.values()}
     stored = FLOAT_CODES[codes.pop()] if len(codes) == 1 else "float32"
@@ -96,7 +126,7 @@ def open_hf_dir(path: str, *, dtype: str | None = None, param_dtype: str | None 
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from e
     if ar is None:
-        return HFCheckpoint(directory, hf_config, config, reader, stored)
+        return HFCheckpoint(directory, hf_config, config, reader, stored, table)
     return HFCheckpoint(directory, hf_config, config, reader, stored, table, ar.source, ar.vocab)
 
 
@@ -130,22 +160,20 @@ def check_weights(reader: TensorReader, config: LLaDAConfig, directory: str,
 def iter_param_leaves(ck: HFCheckpoint, *, scan_layers: bool | None = None) -> Iterator[tuple[tuple, np.ndarray]]:
     """(pure-dict key path, numpy array in param_dtype and our layout) for every parameter.
 
-    Scanned layout: one stacked [n_layers, ...] array per block parameter, filled layer by layer; unrolled:
-    one array per layer and parameter. Only one HF tensor is held besides the array being built.
+    Scanned layout: one stacked [layers, ...] array per parameter of each layer stack, filled layer by layer (and
+    expert by expert: the routed experts' [E, ...] arrays are stacked as their tensors are read); unrolled: one
+    array per layer and parameter. Only one HF tensor is held besides the array being built (a fused
+    query_key_value is read once for each of its parts).
     """
     import jax.numpy as jnp
 
     config = ck.config
     scan = config.scan_layers if scan_layers is None else scan_layers
     np_dtype = np.dtype(jnp.dtype(config.param_dtype))
-    all_tensors = ck.tensors()
-    n_head = next((i for i, t in enumerate(all_tensors) if t.layer is not None), len(all_tensors))
-    head = list(all_tensors[:n_head])
-    tail = [t for t in all_tensors[n_head:] if t.layer is None]
-    by_param: dict[str, list[hf_keys.Tensor]] = {}
-    for t in all_tensors:
-        if t.layer is not None:
-            by_param.setdefault(t.entry.param, []).append(t)
+    shapes = hf_keys.param_shapes((ck.shapes or config).replace(scan_layers=True))
+    leaves: dict[tuple, list[hf_keys.Tensor]] = {}
+    for t in ck.tensors():
+        leaves.setdefault(t.leaf(scan), []).append(t)
 
     def read(tensor: hf_keys.Tensor) -> np.ndarray:
         array = tensor.from_hf(ck.reader.read(tensor.key))
@@ -154,21 +182,16 @@ def iter_param_leaves(ck: HFCheckpoint, *, scan_layers: bool | None = None) -> I
             array = ar_import.grow_rows(array, 0 if tensor.entry.param == "wte" else 1, ck.vocab)
         return array
 
-    # Top-level parameters stay transposed views of the tensor read (no copy when the dtype is kept).
-    for t in head:
-        yield (t.entry.param,), np.asarray(read(t), dtype=np_dtype)
-    if scan:
-        for name, layers in by_param.items():
-            stacked = np.empty((config.n_layers, *layers[0].shape), np_dtype)
-            for t in layers:
-                stacked[t.layer] = read(t)
-            yield (hf_keys.BLOCKS, name), stacked
-    else:
-        for i in range(config.n_layers):
-            for name, layers in by_param.items():
-                yield (hf_keys.BLOCKS, i, name), np.ascontiguousarray(read(layers[i]), dtype=np_dtype)
-    for t in tail:
-        yield (t.entry.param,), np.asarray(read(t), dtype=np_dtype)
+    for path, group in leaves.items():
+        first = group[0]
+        if first.layer is None:  # top-level: a transposed view of the tensor read (no copy when the dtype is kept)
+            yield path, np.asarray(read(first), dtype=np_dtype)
+            continue
+        shape = shapes[(first.stack, *first.entry.path)]
+        array = np.empty(shape if scan else shape[1:], np_dtype)
+        for t in group:
+            array[t.leaf_index(scan)] = read(t)
+        yield path, array
 
 
 def load_hf_model(path: str, dtype: str | None = None, *, param_dtype: str | None = None, mesh=None,

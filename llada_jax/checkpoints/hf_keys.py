@@ -50,6 +50,8 @@ class Transform:
             return array.reshape(-1, array.shape[-1]).T
         if self.name == "flatten":  # [heads, head_dim] -> [heads * head_dim]
             return array.reshape(-1)
+        if self.name == "experts_t":  # [E, in, out] -> [E, out, in]
+            return array.swapaxes(-1, -2)
         return array.T
 
     def from_hf(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -58,6 +60,8 @@ class Transform:
             return tensor
         if self.name == "flatten":
             return tensor.reshape(shape)
+        if self.name == "experts_t":
+            return tensor.swapaxes(-1, -2).reshape(shape)
         return tensor.T.reshape(shape)
 
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -70,22 +74,33 @@ class Transform:
             return (shape[-1], int(np.prod(shape[:-1])))
         if self.name == "flatten":
             return (int(np.prod(shape)),)
+        if self.name == "experts_t":
+            return (*shape[:-2], shape[-1], shape[-2])
         return tuple(reversed(shape))
 
 
-AS_IS, TRANSPOSE, SPLIT_OUT, SPLIT_IN, FLATTEN = (
-    Transform(n) for n in ("as_is", "transpose", "split_out", "split_in", "flatten"))
+AS_IS, TRANSPOSE, SPLIT_OUT, SPLIT_IN, FLATTEN, EXPERTS_T = (
+    Transform(n) for n in ("as_is", "transpose", "split_out", "split_in", "flatten", "experts_t"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    hf: str  # the official key; "{layer}" is the block index for block parameters
-    param: str  # our parameter name: top-level, or inside every block when `in_block`
+    hf: str  # the official key; "{layer}" is the block index, "{expert}" the routed expert's
+    param: str  # our parameter: top-level, or a path inside every block ("mlp.gate") when `in_block`
     transform: Transform
 
     @property
     def in_block(self) -> bool:
         return "{layer}" in self.hf
+
+    @property
+    def per_expert(self) -> bool:
+        """One official tensor per routed expert, our parameter stacking them [E, ...]."""
+        return "{expert}" in self.hf
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return tuple(self.param.split("."))
 
 
 _BLOCK = "model.transformer.blocks.{layer}."
@@ -110,28 +125,48 @@ LLADA_KEYS: tuple[Entry, ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-    """One official tensor: its key, table entry, block index (None outside the blocks) and both shapes."""
+    """One official tensor (or one part of a fused one): its key, table entry, block index (None outside the
+    blocks), our shape, and where it lives in our parameters."""
 
     key: str
     entry: Entry
     layer: int | None
-    shape: tuple[int, ...]  # ours (one layer's, for block parameters)
+    shape: tuple[int, ...]  # ours: one layer's for block parameters, one expert's for per-expert ones
+    stack: str | None = None  # the stacked parameters holding the layer in the scanned layout ("blocks", ...)
+    index: int | None = None  # the layer's index in its stack
+    expert: int | None = None
+    rows: tuple[int, int] | None = None  # (first row, rows) of this part of a fused official tensor
+    fused_shape: tuple[int, ...] | None = None  # the whole fused tensor's shape
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
-        return self.entry.transform.hf_shape(self.shape)
+        return self.fused_shape or self.entry.transform.hf_shape(self.shape)
 
     def from_hf(self, tensor: np.ndarray) -> np.ndarray:
+        if self.rows is not None:
+            tensor = tensor[self.rows[0]: self.rows[0] + self.rows[1]]
         return self.entry.transform.from_hf(tensor, self.shape)
 
     def to_hf(self, array: np.ndarray) -> np.ndarray:
+        """Our array as the official tensor (this part's rows of it, for a fused one)."""
         return self.entry.transform.to_hf(array)
+
+    def leaf(self, scanned: bool) -> tuple:
+        """The pure-dict path of the parameter holding this tensor (scanned or unrolled layout)."""
+        if self.layer is None:
+            return (self.entry.param,)
+        return (self.stack, *self.entry.path) if scanned else (BLOCKS, self.layer, *self.entry.path)
+
+    def leaf_index(self, scanned: bool) -> tuple[int, ...]:
+        """Where this tensor is inside its leaf (layer in the stack, expert): an index tuple for numpy."""
+        lead = (self.index,) if scanned and self.layer is not None else ()
+        return lead + ((self.expert,) if self.expert is not None else ())
 
 
 @functools.lru_cache(maxsize=16)
 def param_shapes(config: LLaDAConfig) -> dict[tuple, tuple[int, ...]]:
     """Every parameter's shape, from the abstract model in the scanned layout: {("wte",): (V, d),
-    ("blocks", "q_proj"): (n_layers, d, n, hd), ...}."""
+    ("blocks", "q_proj"): (n_layers, d, n, hd), ("blocks", "mlp", "gate"): (layers, E, d, f), ...}."""
     from flax import nnx
 
     from llada_jax.model import abstract_model
@@ -141,39 +176,70 @@ def param_shapes(config: LLaDAConfig) -> dict[tuple, tuple[int, ...]]:
     return {path: tuple(value.shape) for path, value in flat.items()}
 
 
+def _layer_stack(config: LLaDAConfig, layer: int) -> tuple[str, int]:
+    from llada_jax.model import layer_stacks
+
+    for name, (first, count) in layer_stacks(config).items():
+        if first <= layer < first + count:
+            return name, layer - first
+    raise IndexError(layer)
+
+
 @functools.lru_cache(maxsize=16)
 def tensors(config: LLaDAConfig, table: tuple[Entry, ...] = LLADA_KEYS) -> tuple[Tensor, ...]:
     """Every official tensor of a model with `config`, in the official key order (top-level parameters before
-    the blocks first, then the blocks layer by layer, then the rest)."""
+    the blocks first, then the blocks layer by layer, then the rest). The parts of a fused tensor are one
+    Tensor each, with the same key, in table order."""
     shapes = param_shapes(config)
-    head, blocks, tail = [], [], []
+    head, per_layer, tail = [], [], []
     seen_block = False
     for entry in table:
         if entry.in_block:
             seen_block = True
-            shape = shapes.get((BLOCKS, entry.param))
-            if shape is not None:
-                blocks.append((entry, shape[1:]))
             continue
         shape = shapes.get((entry.param,))
         if shape is not None:
             (tail if seen_block else head).append(Tensor(entry.hf, entry, None, shape))
-    per_layer = [Tensor(e.hf.format(layer=i), e, i, s) for i in range(config.n_layers) for e, s in blocks]
+    for layer in range(config.n_layers):
+        stack, index = _layer_stack(config, layer)
+        parts: dict[str, list[Tensor]] = {}
+        for entry in (e for e in table if e.in_block):
+            shape = shapes.get((stack, *entry.path))
+            if shape is None:  # a parameter this layer does not have (a MoE layer's dense MLP, a bias)
+                continue
+            shape = shape[1:]
+            experts = range(shape[0]) if entry.per_expert else (None,)
+            for expert in experts:
+                key = entry.hf.format(layer=layer, expert=expert)
+                tensor = Tensor(key, entry, layer, shape[1:] if entry.per_expert else shape, stack, index, expert)
+                parts.setdefault(key, []).append(tensor)
+        for key, group in parts.items():
+            if len(group) == 1:
+                per_layer.append(group[0])
+                continue
+            heights = [t.entry.transform.hf_shape(t.shape) for t in group]
+            fused = (sum(h[0] for h in heights), *heights[0][1:])
+            first = 0
+            for t, h in zip(group, heights):
+                per_layer.append(dataclasses.replace(t, rows=(first, h[0]), fused_shape=fused))
+                first += h[0]
     return tuple(head + per_layer + tail)
 
 
+def tensor_layout(config: LLaDAConfig, table: tuple[Entry, ...] = LLADA_KEYS) -> dict[str, tuple[int, ...]]:
+    """{official key: shape} of every official tensor, in the official order (a fused tensor once)."""
+    return {t.key: t.hf_shape for t in tensors(config, table)}
+
+
 def leaf_tensors(path: tuple, config: LLaDAConfig, table: tuple[Entry, ...] = LLADA_KEYS
-                 ) -> list[tuple[Tensor, int | None]]:
+                 ) -> list[tuple[Tensor, tuple[int, ...]]]:
     """The official tensors held by one leaf of a parameter tree (pure dict; scanned or unrolled layout), each
-    with its index into the leaf's leading "layers" axis (None when the leaf is one layer's or top-level)."""
-    by_key = {t.key: t for t in tensors(config, table)}
-    if len(path) == 1:
-        return [(t, None) for t in by_key.values() if t.layer is None and t.entry.param == path[0]]
-    if len(path) == 2 and path[0] == BLOCKS:  # scanned: one stacked [layers, ...] array
-        return [(t, t.layer) for t in by_key.values() if t.layer is not None and t.entry.param == path[1]]
-    if len(path) == 3 and path[0] == BLOCKS and str(path[1]).isdigit():  # unrolled: one layer
-        return [(t, None) for t in by_key.values() if t.layer == int(path[1]) and t.entry.param == path[2]]
-    return []
+    with its index into the leaf (layer in the stack, expert; () for the whole leaf)."""
+    path = tuple(path)
+    scanned = not (len(path) > 2 and path[0] == BLOCKS and str(path[1]).isdigit())
+    if not scanned:
+        path = (BLOCKS, int(path[1]), *path[2:])
+    return [(t, t.leaf_index(scanned)) for t in tensors(config, table) if t.leaf(scanned) == path]
 
 
 # The LLaMA / Mistral / Qwen2 layout of transformers (`LlamaForCausalLM` and its kin), imported by
@@ -198,15 +264,105 @@ AR_KEYS: tuple[Entry, ...] = (
 )
 
 
-def hf_state_dict(model) -> dict[str, np.ndarray]:
-    """The whole model as an official HF state dict of numpy arrays (small models: tests, exports)."""
+def hf_state_dict(model, table: tuple[Entry, ...] | None = None) -> dict[str, np.ndarray]:
+    """The whole model as an official HF state dict of numpy arrays (small models: tests, exports), in the layout
+    of `table` (default: the one the model exports to, `table_for`)."""
     from flax import nnx
 
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    out = {}
+    table = table if table is not None else table_for(model.config)
+    return state_dict_of(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, table)
+
+
+def state_dict_of(params: dict, config: LLaDAConfig, table: tuple[Entry, ...] = LLADA_KEYS) -> dict[str, np.ndarray]:
+    """A parameter tree (pure dict) as an official state dict of numpy arrays, the parts of fused tensors joined."""
+    parts: dict[str, list[tuple[int, np.ndarray]]] = {}
     for path, value in traverse_util.flatten_dict(params).items():
         array = np.asarray(value)
-        for tensor, index in leaf_tensors(path, model.config):
-            part = array if index is None else array[index]
-            out[tensor.key] = np.asarray(tensor.to_hf(part))
-    return {t.key: out[t.key] for t in tensors(model.config)}
+        for tensor, index in leaf_tensors(path, config, table):
+            first = tensor.rows[0] if tensor.rows else 0
+            parts.setdefault(tensor.key, []).append((first, np.asarray(tensor.to_hf(array[index]))))
+    return {key: np.concatenate([a for _, a in sorted(parts[key], key=lambda p: p[0])]) if len(parts[key]) > 1
+            else parts[key][0][1] for key in tensor_layout(config, table)}
+
+
+# The LLaDA 2.x layout (inclusionAI's `llada2_moe`, Ling's): a fused query_key_value [(n + 2k) hd, d] whose rows are
+# all the query heads, then the key heads, then the value heads (three of our parameters, in that order), per-head
+# q / k norms, the first layers' dense MLP, then the router (`gate`, with its `expert_bias`), one tensor per routed
+# expert (stacked [E, ...] here) and the shared experts.
+_MLP = _LAYER + "mlp."
+_LLADA2_ATTENTION: tuple[Entry, ...] = (
+    Entry(_LAYER + "input_layernorm.weight", "attn_norm", AS_IS),
+    Entry(_LAYER + "attention.query_key_value.weight", "q_proj", SPLIT_OUT),
+    Entry(_LAYER + "attention.query_key_value.weight", "k_proj", SPLIT_OUT),
+    Entry(_LAYER + "attention.query_key_value.weight", "v_proj", SPLIT_OUT),
+    Entry(_LAYER + "attention.query_key_value.bias", "q_bias", FLATTEN),
+    Entry(_LAYER + "attention.query_key_value.bias", "k_bias", FLATTEN),
+    Entry(_LAYER + "attention.query_key_value.bias", "v_bias", FLATTEN),
+    Entry(_LAYER + "attention.query_layernorm.weight", "q_norm", AS_IS),
+    Entry(_LAYER + "attention.key_layernorm.weight", "k_norm", AS_IS),
+    Entry(_LAYER + "attention.dense.weight", "attn_out", SPLIT_IN),
+    Entry(_LAYER + "post_attention_layernorm.weight", "ff_norm", AS_IS),
+    Entry(_MLP + "gate_proj.weight", "ff_proj", TRANSPOSE),
+    Entry(_MLP + "up_proj.weight", "up_proj", TRANSPOSE),
+    Entry(_MLP + "down_proj.weight", "ff_out", TRANSPOSE),
+    Entry(_MLP + "gate.weight", "mlp.router", TRANSPOSE),
+    Entry(_MLP + "gate.expert_bias", "mlp.expert_bias", AS_IS),
+)
+_LLADA2_SHARED_AND_TOP: tuple[Entry, ...] = (
+    Entry(_MLP + "shared_experts.gate_proj.weight", "mlp.shared_gate", TRANSPOSE),
+    Entry(_MLP + "shared_experts.up_proj.weight", "mlp.shared_up", TRANSPOSE),
+    Entry(_MLP + "shared_experts.down_proj.weight", "mlp.shared_down", TRANSPOSE),
+    Entry("model.norm.weight", "ln_f", AS_IS),
+    Entry("lm_head.weight", "ff_out", TRANSPOSE),
+)
+LLADA2_KEYS: tuple[Entry, ...] = (
+    Entry("model.word_embeddings.weight", "wte", AS_IS),
+    *_LLADA2_ATTENTION,
+    Entry(_MLP + "experts.{expert}.gate_proj.weight", "mlp.gate", TRANSPOSE),
+    Entry(_MLP + "experts.{expert}.up_proj.weight", "mlp.up", TRANSPOSE),
+    Entry(_MLP + "experts.{expert}.down_proj.weight", "mlp.down", TRANSPOSE),
+    *_LLADA2_SHARED_AND_TOP,
+)
+# dFactory's merged experts (model_type "llada2_moe_veomni"): each layer's routed experts as three [E, out, in]
+# tensors, without the ".weight" suffix; the rest as LLADA2_KEYS.
+LLADA2_MERGED_KEYS: tuple[Entry, ...] = (
+    Entry("model.word_embeddings.weight", "wte", AS_IS),
+    *_LLADA2_ATTENTION,
+    Entry(_MLP + "experts.gate_proj", "mlp.gate", EXPERTS_T),
+    Entry(_MLP + "experts.up_proj", "mlp.up", EXPERTS_T),
+    Entry(_MLP + "experts.down_proj", "mlp.down", EXPERTS_T),
+    *_LLADA2_SHARED_AND_TOP,
+)
+# LLaDA-MoE-7B-A1B (OLMoE-style): separate q / k / v / o projections with per-head q / k norms, every layer's MLP a
+# softmax-routed MoE without shared experts.
+LLADA_MOE_KEYS: tuple[Entry, ...] = (
+    Entry("model.embed_tokens.weight", "wte", AS_IS),
+    Entry(_LAYER + "input_layernorm.weight", "attn_norm", AS_IS),
+    Entry(_LAYER + "self_attn.q_proj.weight", "q_proj", SPLIT_OUT),
+    Entry(_LAYER + "self_attn.k_proj.weight", "k_proj", SPLIT_OUT),
+    Entry(_LAYER + "self_attn.v_proj.weight", "v_proj", SPLIT_OUT),
+    Entry(_LAYER + "self_attn.q_norm.weight", "q_norm", AS_IS),
+    Entry(_LAYER + "self_attn.k_norm.weight", "k_norm", AS_IS),
+    Entry(_LAYER + "self_attn.o_proj.weight", "attn_out", SPLIT_IN),
+    Entry(_LAYER + "post_attention_layernorm.weight", "ff_norm", AS_IS),
+    Entry(_MLP + "gate.weight", "mlp.router", TRANSPOSE),
+    Entry(_MLP + "experts.{expert}.gate_proj.weight", "mlp.gate", TRANSPOSE),
+    Entry(_MLP + "experts.{expert}.up_proj.weight", "mlp.up", TRANSPOSE),
+    Entry(_MLP + "experts.{expert}.down_proj.weight", "mlp.down", TRANSPOSE),
+    Entry("model.norm.weight", "ln_f", AS_IS),
+    Entry("lm_head.weight", "ff_out", TRANSPOSE),
+)
+
+
+TABLES = {"llada": LLADA_KEYS, "llada2": LLADA2_KEYS, "llada2_merged": LLADA2_MERGED_KEYS, "llada_moe": LLADA_MOE_KEYS}
+
+
+def table_for(config: LLaDAConfig, layout_name: str | None = None) -> tuple[Entry, ...]:
+    """The key table of a layout (`TABLES`; `hf_moe_config.layout_of` names a config.json's), else the one a model
+    is written in: the LLaDA 2.x layout for a model only it describes (experts, QK-norm, partial rotary), else
+    LLaDA's."""
+    if layout_name is not None:
+        return TABLES[layout_name]
+    if config.is_moe or config.qk_norm or config.partial_rotary_factor != 1.0:
+        return LLADA2_KEYS
+    return LLADA_KEYS

@@ -29,11 +29,12 @@ from llada_jax.checkpoints import layout, storage
 from llada_jax.checkpoints.atomic import copy_dir
 from llada_jax.config import LLaDAConfig
 from llada_jax.errors import CheckpointError, CheckpointNotFoundError
-from llada_jax.model import LLaDAForMaskedLM, abstract_model
+from llada_jax.model import LLaDAForMaskedLM, abstract_model, layer_stacks
 
 # Fields that fix the parameters' shapes: a checkpoint restores only into a model that agrees on all of them.
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "padded_vocab_size",
-                "weight_tying")
+                "weight_tying", "qk_norm", "num_experts", "expert_hidden_size", "num_shared_experts",
+                "first_dense_layers", "router_expert_bias")
 
 
 def model_items(config: LLaDAConfig, params_save, *, hf_config: dict | None = None, lora: dict | None = None) -> dict:
@@ -84,17 +85,24 @@ def restore_target(config: LLaDAConfig, mesh: jax.sharding.Mesh | None = None, r
     return nnx.to_pure_dict(target)
 
 
-def relayout_blocks(params: dict, *, to_scanned: bool, n_layers: int) -> dict:
-    """Convert block parameters between the scanned (stacked) and unrolled (one entry per layer) layouts."""
+def relayout_blocks(params: dict, *, to_scanned: bool, config: LLaDAConfig) -> dict:
+    """Convert block parameters between the scanned layout (each layer stack stacked: `layer_stacks`) and the
+    unrolled one (`blocks`, one entry per layer)."""
     import jax.numpy as jnp
 
     params = dict(params)
+    stacks = layer_stacks(config)
     if to_scanned:
-        per_layer = [params["blocks"][i] for i in range(n_layers)]
-        params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+        unrolled = params.pop("blocks")
+        for name, (first, count) in stacks.items():
+            per_layer = [unrolled[i] if i in unrolled else unrolled[str(i)] for i in range(first, first + count)]
+            params[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
     else:
-        stacked = params["blocks"]
-        params["blocks"] = {i: jax.tree.map(lambda x: x[i], stacked) for i in range(n_layers)}
+        unrolled = {}
+        for name, (first, count) in stacks.items():
+            stacked = params.pop(name)
+            unrolled.update({first + j: jax.tree.map(lambda x, j=j: x[j], stacked) for j in range(count)})
+        params["blocks"] = unrolled
     return params
 
 
@@ -108,7 +116,7 @@ def restore_params(run_dir: str, step: int, config: LLaDAConfig, *, mesh=None, r
     target = restore_target(saved.replace(param_dtype=config.param_dtype), mesh, rules)
     params = restore_items(run_dir, step, **{layout.PARAMS: ocp.args.StandardRestore(target)})[layout.PARAMS]
     if saved.scan_layers != config.scan_layers:
-        params = relayout_blocks(params, to_scanned=config.scan_layers, n_layers=config.n_layers)
+        params = relayout_blocks(params, to_scanned=config.scan_layers, config=config)
     return params
 
 

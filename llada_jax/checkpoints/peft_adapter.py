@@ -70,13 +70,13 @@ def target_modules_regex(targets) -> str:
 # --- export --------------------------------------------------------------------------------------------------------
 
 
-def adapter_config(lora: LoRAConfig, base: str, targets: tuple[str, ...] | None = None) -> dict:
+def adapter_config(lora: LoRAConfig, base: str | None, targets: tuple[str, ...]) -> dict:
     """adapter_config.json of a LoRA checkpoint (fields PEFT >= 0.13 knows; the others keep PEFT's defaults)."""
     alpha = float(lora.alpha)
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "revision": None,
         "inference_mode": True, "r": lora.rank, "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
-        "lora_dropout": float(lora.dropout), "target_modules": target_modules_regex(targets or lora.targets),
+        "lora_dropout": float(lora.dropout), "target_modules": target_modules_regex(targets),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {},
@@ -93,20 +93,81 @@ def export_peft_adapter(input_path: str, output_dir: str, *, overwrite: bool = F
     run_dir, _, lora, base, trained_on, adapters = read_lora_step(input_path)
     if storage.clean(output_dir) in (storage.clean(input_path), run_dir):
         raise ValueError(f"{output_dir}: the output must differ from the input checkpoint")
-    if trained_on.is_moe:
-        raise ValueError(f"{input_path}: PEFT export of a Mixture-of-Experts model's adapters is not implemented yet; "
-                         f"`convert to-hf` writes the model with its adapters merged")
     layers = per_layer(adapters, lora, trained_on)
-    tensors = {}
-    for target in lora_lib.present_targets(trained_on, lora):
-        for i, (a, b) in enumerate(layers[target]):
-            tensors[weight_key(i, target, "A")] = np.ascontiguousarray(a.T)  # [r, in]
-            tensors[weight_key(i, target, "B")] = np.ascontiguousarray(b.T)  # [out, r]
+    if trained_on.is_moe or lora_layout(trained_on) == "llada2":
+        tensors, config = llada2_adapter(layers, lora, trained_on)
+        config["base_model_name_or_path"] = peft_base(base)
+    else:
+        tensors = {}
+        for target in lora_lib.present_targets(trained_on, lora):
+            for i, (a, b) in enumerate(layers[target]):
+                tensors[weight_key(i, target, "A")] = np.ascontiguousarray(a.T)  # [r, in]
+                tensors[weight_key(i, target, "B")] = np.ascontiguousarray(b.T)  # [out, r]
+        config = adapter_config(lora, peft_base(base), lora_lib.present_targets(trained_on, lora))
     with atomic_dir(output_dir, overwrite=overwrite, last=(ADAPTER_CONFIG,)) as tmp:
         save_file(tensors, f"{tmp}/{ADAPTER_WEIGHTS}", metadata={"format": "pt"})
-        write_json(f"{tmp}/{ADAPTER_CONFIG}", adapter_config(lora, peft_base(base),
-                                                             lora_lib.present_targets(trained_on, lora)))
+        write_json(f"{tmp}/{ADAPTER_CONFIG}", config)
     return storage.clean(output_dir)
+
+
+def lora_layout(config: LLaDAConfig) -> str:
+    """The exported model's layout the adapters apply to: "llada2" (Mixture of Experts, QK-norm, partial rotary)
+    or "llada"."""
+    return "llada2" if config.is_moe or config.qk_norm or config.partial_rotary_factor != 1.0 else "llada"
+
+
+# Our targets -> the exported LLaDA 2.x model's module (inside model.layers.{i}); q / k / v share the fused
+# query_key_value.
+LLADA2_MODULES = {
+    "q_proj": "attention.query_key_value", "k_proj": "attention.query_key_value",
+    "v_proj": "attention.query_key_value", "attn_out": "attention.dense", "ff_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj", "ff_out": "mlp.down_proj", "shared_gate": "mlp.shared_experts.gate_proj",
+    "shared_up": "mlp.shared_experts.up_proj", "shared_down": "mlp.shared_experts.down_proj",
+}
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def llada2_adapter(layers: dict, lora: LoRAConfig, config: LLaDAConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """(adapter tensors, adapter_config.json) of adapters on a model exported in the LLaDA 2.x layout.
+
+    The exported query_key_value is one Linear, so the q / k / v adapters become one of rank m * r (m of them
+    targeted): A is theirs stacked [m r, d], B block-diagonal [(n + 2k) hd, m r] (each part's rows from its own
+    adapter, zero elsewhere), and rank_pattern / alpha_pattern give that module m r and m alpha, keeping the scale
+    alpha / r. The output is the sum of the three adapters' outputs, exactly (the dropout, training only, is then
+    one mask for the three). Other projections map one to one; the routed experts carry none."""
+    c = config
+    hd = c.head_dim
+    heights = {"q_proj": c.n_heads * hd, "k_proj": c.effective_n_kv_heads * hd, "v_proj": c.effective_n_kv_heads * hd}
+    qkv = [t for t in QKV if t in layers]
+    tensors: dict[str, np.ndarray] = {}
+    for i in range(c.n_layers):
+        def key(module: str, which: str) -> str:
+            return f"{PREFIX}model.layers.{i}.{module}.lora_{which}.weight"
+
+        for target, pairs in layers.items():
+            if target in QKV or pairs[i] is None:
+                continue
+            a, b = pairs[i]
+            tensors[key(LLADA2_MODULES[target], "A")] = np.ascontiguousarray(a.T)
+            tensors[key(LLADA2_MODULES[target], "B")] = np.ascontiguousarray(b.T)
+        if qkv:
+            rank = lora.rank
+            fused_b = np.zeros((sum(heights.values()), rank * len(qkv)), np.float32)
+            offsets = {"q_proj": 0, "k_proj": heights["q_proj"], "v_proj": heights["q_proj"] + heights["k_proj"]}
+            for j, target in enumerate(qkv):
+                b = layers[target][i][1]  # [r, rows]
+                fused_b[offsets[target]: offsets[target] + heights[target], j * rank:(j + 1) * rank] = b.T
+            tensors[key("attention.query_key_value", "A")] = np.ascontiguousarray(
+                np.concatenate([layers[t][i][0].T for t in qkv]))
+            tensors[key("attention.query_key_value", "B")] = fused_b
+    modules = sorted({LLADA2_MODULES[t].replace(".", r"\.") for t in layers})
+    cfg = adapter_config(lora, None, ())
+    cfg["target_modules"] = r"model\.layers\.\d+\.(" + "|".join(modules) + ")"
+    if len(qkv) > 1:
+        cfg["rank_pattern"] = {"query_key_value": lora.rank * len(qkv)}
+        alpha = float(lora.alpha) * len(qkv)
+        cfg["alpha_pattern"] = {"query_key_value": int(alpha) if alpha.is_integer() else alpha}
+    return tensors, cfg
 
 
 def peft_base(base: str) -> str | None:

@@ -260,6 +260,7 @@ class ShardedWriter:
         self.shards = [_Shard(file, group) for file, group in zip(names, groups)]
         self._where: dict[str, _Shard] = {}
         self._written: set[str] = set()
+        self._rows: dict[str, int] = {}  # rows written so far of tensors written in parts
         self._fds: dict[str, int] = {}
         meta = {"format": "pt", **(metadata or {})}
         for shard in self.shards:
@@ -285,22 +286,30 @@ class ShardedWriter:
     def total_size(self) -> int:
         return sum(s.size for s in self.shards)
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def write(self, name: str, array: np.ndarray, first_row: int | None = None) -> None:
+        """Put a tensor at its offset; with `first_row`, rows first_row .. of a tensor written in parts (a fused
+        tensor), which counts as written once all its rows are."""
         if name not in self._entries:
             raise KeyError(f"tensor {name!r} is not in the planned layout")
         if name in self._written:
             raise ValueError(f"tensor {name!r} was already written")
         dtype, shape = self._entries[name]
-        if tuple(array.shape) != shape or np.dtype(array.dtype) != DTYPES[dtype]:
-            raise ValueError(f"tensor {name!r}: expected {list(shape)} {dtype}, got {list(array.shape)} "
-                             f"{array.dtype}")
+        rows = shape[0] if first_row is None else array.shape[0]
+        start = 0 if first_row is None else first_row
+        expected = (rows, *shape[1:])
+        if tuple(array.shape) != expected or np.dtype(array.dtype) != DTYPES[dtype] or start + rows > shape[0]:
+            raise ValueError(f"tensor {name!r}: expected {list(expected)} {dtype} at row {start} of {shape[0]}, got "
+                             f"{list(array.shape)} {array.dtype}")
         shard = self._where[name]
         begin, nbytes = shard.offsets[name]
+        row_bytes = nbytes // shape[0] if shape and shape[0] else nbytes
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-        fd, pos, done = self._fds[shard.file], len(shard.header) + begin, 0
-        while done < nbytes:
+        fd, pos, done = self._fds[shard.file], len(shard.header) + begin + start * row_bytes, 0
+        while done < len(data):
             done += os.pwrite(fd, data[done:], pos + done)
-        self._written.add(name)
+        self._rows[name] = self._rows.get(name, 0) + rows
+        if first_row is None or self._rows[name] == shape[0]:
+            self._written.add(name)
 
     def close(self) -> None:
         missing = [n for n in self._entries if n not in self._written]

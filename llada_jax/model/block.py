@@ -95,14 +95,15 @@ class LLaDABlock(nnx.Module):
         if c.include_qkv_bias:
             q, k, v = (y + getattr(self, f"{name}_bias")[...].astype(dt) for name, y in zip("qkv", (q, k, v)))
         if c.qk_norm:
-            q, k = (rms_norm(y, norm[...], c.rms_norm_eps).astype(dt) for y, norm in ((q, self.q_norm), (k, self.k_norm)))
+            q, k = (rms_norm(y, norm[...], c.rms_norm_eps).astype(dt)
+                    for y, norm in ((q, self.q_norm), (k, self.k_norm)))
         return sharding.constrain(q, BLNH), sharding.constrain(k, BLKH), sharding.constrain(v, BLKH)
 
     def forward(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, cached: KVCache | None = None,
                 start=None, key_rope: tuple[Array, Array] | None = None, pairs: Array | None = None,
                 dropout_keys: Array | None = None) -> tuple[Array, KVCache, Array | None]:
         """The block on `x` [B, n, D]: (output [B, n, D], KVCache of x's positions, each [B, n, kv_heads, head_dim],
-        each expert's load [E] (pairs routed to it; None for a dense MLP)).
+        each expert's load [E] (pairs of x's real tokens, those of `key_mask`, routed to it; None for a dense MLP)).
 
         Without `cached`, x is the whole sequence and attends to itself (`key_mask` [B, n]). With `cached`, the
         keys and values [B, S, kv_heads, head_dim] of a whole sequence of S positions, x holds its positions
@@ -129,7 +130,10 @@ class LLaDABlock(nnx.Module):
         h = rms_norm(x, self.ff_norm[...], c.rms_norm_eps).astype(dt)
         load = None
         if self.moe:
-            mlp, load = self.mlp(h, lambda name, y: self.project(name, y, dropout_keys=dropout_keys))
+            valid = key_mask  # x's real tokens, which the load counts (with a cache: x's window of the sequence's)
+            if cached is not None and key_mask is not None:
+                valid = jax.lax.dynamic_slice_in_dim(key_mask, start, x.shape[1], axis=1)
+            mlp, load = self.mlp(h, lambda name, y: self.project(name, y, dropout_keys=dropout_keys), valid)
         else:
             gate = sharding.constrain(self.project("ff_proj", h, dropout_keys=dropout_keys), BLM)
             up = sharding.constrain(self.project("up_proj", h, dropout_keys=dropout_keys), BLM)

@@ -212,9 +212,10 @@ class MoE(nnx.Module):
         chosen, weights = route(logits.reshape(b * length, -1), self.config, bias)
         return chosen.reshape(b, length, -1), weights.reshape(b, length, -1)
 
-    def __call__(self, h: Array, project) -> tuple[Array, Array]:
-        """(the MLP's output [B, L, d], each expert's load [E] over this call's tokens) of h [B, L, d]; `project`
-        (name, x) -> x W runs a shared-expert projection of the block (with its LoRA adapter when it has one)."""
+    def __call__(self, h: Array, project, valid: Array | None = None) -> tuple[Array, Array]:
+        """(the MLP's output [B, L, d], each expert's load [E] over this call's tokens, or those where `valid` [B, L]
+        when given) of h [B, L, d]; `project` (name, x) -> x W runs a shared-expert projection of the block (with
+        its LoRA adapter when it has one)."""
         c = self.config
         dt = dtype(c.dtype)
         chosen, weights = self.route(h)
@@ -222,4 +223,5 @@ class MoE(nnx.Module):
         if c.num_shared_experts:
             hidden = jax.nn.silu(project("shared_gate", h)) * project("shared_up", h)
             out = out + project("shared_down", sharding.constrain(hidden, ("batch", "length", "mlp")))
-        return out, expert_load(chosen.reshape(-1, chosen.shape[-1]), c.num_experts)
+        valid = None if valid is None else valid.reshape(-1)
+        return out, expert_load(chosen.reshape(-1, chosen.shape[-1]), c.num_experts, valid)

@@ -147,10 +147,20 @@ class LLaDAForMaskedLM(nnx.Module):
                       positions: Array | None = None, block_anchor=0, dropout_keys: Array | None = None) -> Array:
         """Final residual stream (before ln_f) for `input_ids` [B, L], at each position (not shifted:
         `prediction_states` aligns it with the predicted positions). Keyword arguments as in `__call__`."""
+        return self.hidden_states_and_load(input_ids, attention_mask, visible, positions=positions,
+                                           block_anchor=block_anchor, dropout_keys=dropout_keys)[0]
+
+    def hidden_states_and_load(self, input_ids: Array, attention_mask: Array | None = None,
+                               visible: Array | None = None, *, positions: Array | None = None, block_anchor=0,
+                               dropout_keys: Array | None = None) -> tuple[Array, Array | None]:
+        """`hidden_states` plus each MoE layer's expert load, float32 [n_moe_layers, E]: the (token, expert) pairs
+        routed to each expert, of the real tokens (`attention_mask`; every position without one). None for a dense
+        model. Keyword arguments as in `__call__`."""
         length = input_ids.shape[1]
         rope = self.rope_and_key_mask(attention_mask, *input_ids.shape, positions=positions)
         pairs = visible if visible is not None else self.visible_keys(jnp.arange(length), length, block_anchor)
-        return self._layers(self.embed(input_ids), *rope, pairs=pairs, dropout_keys=dropout_keys)[0]
+        hidden, _, load = self._layers_and_load(self.embed(input_ids), *rope, pairs=pairs, dropout_keys=dropout_keys)
+        return hidden, load
 
     def hidden_states_and_kv(self, input_ids: Array, attention_mask: Array | None = None, *, block_anchor=0
                              ) -> tuple[Array, KVCache]:
@@ -235,13 +245,12 @@ class LLaDAForMaskedLM(nnx.Module):
         return x, kv, jnp.concatenate(loads) if loads else None
 
     def expert_load(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None, *,
-                    positions: Array | None = None, block_anchor=0) -> tuple[Array, Array | None]:
-        """(float32 logits as `__call__`, each MoE layer's expert load float32 [n_moe_layers, E]: the (token,
-        expert) pairs routed to each expert; None for a dense model)."""
-        length = input_ids.shape[1]
-        rope = self.rope_and_key_mask(attention_mask, *input_ids.shape, positions=positions)
-        pairs = visible if visible is not None else self.visible_keys(jnp.arange(length), length, block_anchor)
-        hidden, _, load = self._layers_and_load(self.embed(input_ids), *rope, pairs=pairs)
+                    positions: Array | None = None, block_anchor=0, dropout_keys: Array | None = None
+                    ) -> tuple[Array, Array | None]:
+        """(float32 logits as `__call__`, each MoE layer's expert load as `hidden_states_and_load`; None for a dense
+        model): one forward for both (the train step's)."""
+        hidden, load = self.hidden_states_and_load(input_ids, attention_mask, visible, positions=positions,
+                                                   block_anchor=block_anchor, dropout_keys=dropout_keys)
         return self.logits(self.prediction_states(hidden, attention_mask)), load
 
     def logits(self, x: Array) -> Array:

@@ -91,7 +91,7 @@ def run_compile_check(args) -> int:
             unused = unused_settings(config, model_config, override_keys(args.extra))
             if unused:  # (it would size a run that ignores it: a full fine-tune for a LoRA setting)
                 raise UsageError(unused)
-            report = aot.compile_train_step(config, model_config, make_run_mesh(config, devices))
+            report = aot.compile_train_step(config, model_config, make_run_mesh(config, model_config, devices))
     except LLaDAError:
         raise
     except (ValueError, FileNotFoundError) as e:

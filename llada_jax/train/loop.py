@@ -201,9 +201,13 @@ def resolve_model_config(config) -> LLaDAConfig:
     return model_config
 
 
-def make_run_mesh(config, devices=None) -> jax.sharding.Mesh:
-    """The run's mesh, after checking that the global batch splits over its data axes and the processes."""
-    mesh = sharding.make_mesh(config.mesh, devices)
+def make_run_mesh(config, model_config: LLaDAConfig, devices=None) -> jax.sharding.Mesh:
+    """The run's mesh, after checking that the model fits its tensor and expert axes (`sharding.check_model_fits`)
+    and that the global batch splits over its data axes and the processes."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = sharding.mesh_shape(config.mesh, len(devices))
+    sharding.check_model_fits(sizes, model_config)
+    mesh = sharding.make_mesh(sizes, devices)
     rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
     dp = sharding.data_parallel_size(rules, mesh)
     if config.batch_size % dp:
@@ -270,7 +274,7 @@ class TrainingRun:
         start = checkpoint.check_resumable(config.output_dir, config.seed, config.checkpoint.restore_step,
                                            lora_item=lora_item)
         config.model.update(model_config.to_dict())
-        mesh = make_run_mesh(config)
+        mesh = make_run_mesh(config, model_config)
         storage.makedirs(config.output_dir)
         trainer = Trainer(config, model_config, mesh)
         with contextlib.ExitStack() as on_error:  # closed (data workers, Orbax threads) unless open() succeeds
@@ -426,6 +430,7 @@ class StepLog:
                    "batch_checksum": m["batch_checksum"]}
             if self.peak:
                 row["mfu"] = self.flops_per_step / seconds / (self.peak * jax.device_count())
+            row.update({k: v for k, v in m.items() if k.startswith("moe_")})  # (router_metrics: MoE models)
             self.run.logger.log(step, row)
             self.last = {"step": step, **row}
             self.progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}", refresh=False)

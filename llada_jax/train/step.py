@@ -8,7 +8,9 @@ The step is `jax.jit` with in/out shardings and the state donated. Inside it, fo
 `gradient_accumulation_steps` micro-batches (a `lax.scan`): the forward process with keys folded from
 (seed, step, row), the model, the pretraining or SFT loss and its gradient. The noise of a row depends only
 on (seed, step, its index in the global batch), so a step gives the same result whatever the
-micro-batching, device count or process count. A non-finite loss or gradient norm skips the update.
+micro-batching, device count or process count. A non-finite loss or gradient norm skips the update. A
+Mixture-of-Experts model's step also reports the experts' balance (`router_metrics`), from each MoE layer's load
+over the step's real tokens (summed over the micro-batches), which the loss's forward returns with the logits.
 
 LoRA (`config.lora.enabled`): the model carries adapters (`llada_jax.lora`); the state's parameters, gradients and
 AdamW moments are the adapters' alone (float32), and the base is a separate, frozen argument of the step in its
@@ -263,32 +265,34 @@ class Trainer:
             return noisy[0], masked[0], p_mask[0]
 
         noisy, masked, p_mask = jax.vmap(noise)(row_keys, ids, prompt_lengths, valid)
+        # The experts' load (MoE models; None for dense ones) comes out of the same forward as the logits.
         if c.block_diffusion:
-            logits = self._block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size, dropout_keys)
+            logits, load = self._block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size,
+                                                        dropout_keys)
         elif c.task == "sft":
-            logits = model(noisy, visible=visible, dropout_keys=dropout_keys)
+            logits, load = model.expert_load(noisy, visible=visible, dropout_keys=dropout_keys)
         else:
-            logits = model(noisy, None if valid is None else valid.astype(jnp.int32), visible,
-                           dropout_keys=dropout_keys)
+            logits, load = model.expert_load(noisy, None if valid is None else valid.astype(jnp.int32), visible,
+                                             dropout_keys=dropout_keys)
         if c.task == "sft":
             loss = sft_loss(logits, ids, masked, p_mask, micro["answer_lengths"])
         else:
             loss = pretraining_loss(logits, ids, masked, p_mask, valid)
-        return loss, jnp.sum(masked)
+        return loss, (jnp.sum(masked), load)
 
     @staticmethod
     def _block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size, dropout_keys=None):
-        """The block-diffusion predictions (see `llada_jax.diffusion`): one forward over x_t ++ x_0, the logits of
-        the noisy half."""
+        """(The block-diffusion predictions (see `llada_jax.diffusion`), the experts' load): one forward over
+        x_t ++ x_0, the logits of the noisy half; the load counts both halves (the experts run both)."""
         b, length = ids.shape
         anchor = 0 if prompt_lengths is None else prompt_lengths
         pairs = block_diffusion_pairs(length, block_size, anchor)
         attention_mask = None if valid is None else jnp.concatenate([valid, valid], axis=1).astype(jnp.int32)
         positions = positions_from_mask(None if valid is None else valid.astype(jnp.int32), b, length)
-        hidden = model.hidden_states(jnp.concatenate([noisy, ids], axis=1), attention_mask, pairs,
-                                     positions=jnp.concatenate([positions, positions], axis=1),
-                                     dropout_keys=dropout_keys)
-        return model.logits(hidden[:, :length])  # the noisy half predicts
+        hidden, load = model.hidden_states_and_load(jnp.concatenate([noisy, ids], axis=1), attention_mask, pairs,
+                                                    positions=jnp.concatenate([positions, positions], axis=1),
+                                                    dropout_keys=dropout_keys)
+        return model.logits(hidden[:, :length]), load  # the noisy half predicts
 
     def _train_step(self, state: TrainState, frozen: dict, batch: dict):
         c = self.step_config
@@ -302,20 +306,23 @@ class Trainer:
 
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        mc = self.model_config  # the experts' load is summed over the micro-batches (None: a dense model)
+        zero_load = jnp.zeros((mc.n_moe_layers, mc.num_experts), jnp.float32) if mc.is_moe else None
 
         def micro_step(carry, xs):
-            grads_sum, loss_sum, masked_sum = carry
+            grads_sum, loss_sum, masked_sum, load_sum = carry
             micro, index = xs
             rows = index * c.micro_batch + jnp.arange(c.micro_batch)
             row_keys = jax.vmap(lambda r: jax.random.fold_in(noise_key, r))(rows)
             dropout_keys = None if dropout_key is None else jax.vmap(lambda r: jax.random.fold_in(dropout_key, r))(rows)
-            (loss, n_masked), grads = grad_fn(state.params, frozen, micro, row_keys, valid, visible, block_size,
-                                              dropout_keys)
+            (loss, (n_masked, load)), grads = grad_fn(state.params, frozen, micro, row_keys, valid, visible,
+                                                      block_size, dropout_keys)
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
-            return (grads_sum, loss_sum + loss, masked_sum + n_masked), None
+            load_sum = jax.tree.map(jnp.add, load_sum, load)
+            return (grads_sum, loss_sum + loss, masked_sum + n_masked, load_sum), None
 
-        (grads, loss, n_masked), _ = jax.lax.scan(
-            micro_step, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
+        (grads, loss, n_masked, load), _ = jax.lax.scan(
+            micro_step, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zero_load),
             (batch, jnp.arange(c.accumulation)))
         grads = jax.tree.map(lambda g: g / c.accumulation, grads)
         loss = loss / c.accumulation
@@ -347,6 +354,8 @@ class Trainer:
             "nonfinite_streak": new_state.nonfinite_streak,
             "nonfinite_total": new_state.nonfinite_total,
         }
+        if load is not None:
+            metrics.update(router_metrics(load))
         return new_state, metrics
 
 
@@ -380,6 +389,14 @@ def annealing_mask(seed: int, step, length: int, annealing_steps: int) -> jax.Ar
     return causal | jax.random.bernoulli(key, ratio, (length, length))
 
 
+def router_metrics(load: jax.Array) -> dict:
+    """The experts' balance in a step from each MoE layer's load [n_moe_layers, E] ((token, expert) pairs of the
+    step's real tokens): the mean over layers of the busiest expert's load over the mean load (1: balanced, E /
+    experts_per_token: every token to the same experts), and the fraction of experts that got no token."""
+    max_over_mean = jnp.max(load, axis=-1) / jnp.mean(load, axis=-1)
+    return {"moe_max_over_mean_load": jnp.mean(max_over_mean), "moe_unused_experts": jnp.mean(load == 0)}
+
+
 def batch_checksum(ids: jax.Array) -> jax.Array:
     """A position-weighted sum of the step's token ids (int32, wrapping): equal checksums mean, in practice,
     the same data in the same order, whatever the sharding."""
@@ -398,26 +415,31 @@ def params_all_finite(params) -> bool:
 
 
 def flops_per_token(model_config: LLaDAConfig, length: int, lora=None) -> float:
-    """Training FLOPs per token: 6 x (matmul parameters) + 12 x layers x length x d_model (attention).
+    """Training FLOPs per token: 6 x (matmul parameters a token uses) + 12 x layers x length x d_model (attention).
 
     The matmul parameters are those of every projection and the output head (the embedding lookup is not a
-    matmul); attention scores and the weighted sum cost 2 x 2 x L x d per token and layer forward, and
-    training is three times the forward (forward + two backward matmuls). With `lora` (a LoRAConfig) the frozen
-    base has no weight-gradient matmul: 4 x its matmul parameters, plus 6 x the adapters'.
+    matmul); of a Mixture-of-Experts layer, its router, its shared experts and the `experts_per_token` routed
+    experts a token is sent to, not the others (the active parameters of `count_active_params`). Attention scores
+    and the weighted sum cost 2 x 2 x L x d per token and layer forward, and training is three times the forward
+    (forward + two backward matmuls). With `lora` (a LoRAConfig) the frozen base has no weight-gradient matmul:
+    4 x its matmul parameters, plus 6 x the adapters'.
     """
     import math
 
-    from llada_jax.lora import present_targets, target_layout
+    from llada_jax.lora import layer_targets, target_layout
 
     c = model_config
-    hd, n, k = c.head_dim, c.n_heads, c.effective_n_kv_heads
-    per_layer = c.d_model * (n + 2 * k) * hd + n * hd * c.d_model + 3 * c.d_model * c.mlp_hidden_size
-    matmul_params = c.n_layers * per_layer + c.d_model * c.padded_vocab_size
-    attention = 12.0 * c.n_layers * length * c.d_model
+    d, hd, n, k = c.d_model, c.head_dim, c.n_heads, c.effective_n_kv_heads
+    attention_params = d * (n + 2 * k) * hd + n * hd * d
+    dense_mlp = 3 * d * c.mlp_hidden_size
+    moe_mlp = d * c.num_experts + 3 * d * (c.experts_per_token + c.num_shared_experts) * (c.expert_hidden_size or 0)
+    matmul_params = (c.n_layers * attention_params + (c.n_layers - c.n_moe_layers) * dense_mlp
+                     + c.n_moe_layers * moe_mlp + d * c.padded_vocab_size)
+    attention = 12.0 * c.n_layers * length * d
     if lora is None:
         return 6.0 * matmul_params + attention
-    adapters = c.n_layers * sum(lora.rank * (math.prod(target_layout(c, t)[0]) + math.prod(target_layout(c, t)[2]))
-                                for t in present_targets(c, lora))
+    adapters = sum(lora.rank * (math.prod(target_layout(c, t)[0]) + math.prod(target_layout(c, t)[2]))
+                   for i in range(c.n_layers) for t in layer_targets(c, lora, c.is_moe_layer(i)))
     return 4.0 * matmul_params + 6.0 * adapters + attention
 
 

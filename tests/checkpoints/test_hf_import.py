@@ -67,7 +67,8 @@ def test_tokenizer_files_travel_both_ways(tmp_path):
 
 @pytest.mark.parametrize("case,error,match", [
     ("no_config", FileNotFoundError, r"no config\.json"),
-    ("model_type", HFConfigError, r"model_type is 'gpt2'; supported: 'llada' and the autoregressive 'llama'"),
+    ("model_type", HFConfigError, r"model_type is 'gpt2'; supported: 'llada', the Mixture-of-Experts 'llada2_moe', "
+     r"'llada2_moe_veomni', 'lladamoe', 'llada_moe' and the autoregressive 'llama'"),
     ("block_type", HFConfigError, r"block_type='sequential' is not supported"),
     ("missing_key", WeightsError, r"missing weight\(s\) model\.transformer\.blocks\.1\.up_proj\.weight"),
     ("unexpected_key", WeightsError, r"unexpected weight\(s\) model\.transformer\.blocks\.0\.q_proj\.bias"),

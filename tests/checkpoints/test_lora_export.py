@@ -19,6 +19,9 @@ from llada_jax.checkpoints.orbax_model import save_model
 from llada_jax.checkpoints.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, weight_key
 from llada_jax.cli import main
 from llada_jax.config import LORA_TARGETS, LoRAConfig
+from llada_jax.lora import SHARED_EXPERT_TARGETS
+
+DENSE_TARGETS = tuple(t for t in LORA_TARGETS if t not in SHARED_EXPERT_TARGETS)  # every projection a dense model has
 from llada_jax.lora import target_layout
 from tests.checkpoints.hf_helpers import (
     IDS,
@@ -32,7 +35,7 @@ peft = pytest.importorskip("peft")
 
 SETUPS = {
     # every target, scanned layers, grouped-query attention, an untied output head
-    "scanned_all": dict(config=dict(n_kv_heads=2), targets=LORA_TARGETS),
+    "scanned_all": dict(config=dict(n_kv_heads=2), targets=DENSE_TARGETS),
     # a subset (ff_out included: the head, also named ff_out, must stay unadapted), unrolled layers
     "unrolled_subset": dict(config=dict(n_kv_heads=2, scan_layers=False), targets=("q_proj", "v_proj", "ff_out")),
 }
@@ -123,9 +126,9 @@ def test_adapter_import_round_trip(setup):
     *_, lora, base, _, adapters = read_lora_step(setup["run"])
     *_, lora2, base2, _, adapters2 = read_lora_step(back)
     assert (lora2, base2) == (lora, base)
-    n = setup["config"].n_layers
-    for t, pairs in per_layer(adapters, lora, n).items():
-        for (a, b), (a2, b2) in zip(pairs, per_layer(adapters2, lora2, n)[t]):
+    config = setup["config"]
+    for t, pairs in per_layer(adapters, lora, config).items():
+        for (a, b), (a2, b2) in zip(pairs, per_layer(adapters2, lora2, config)[t]):
             assert a.tobytes() == a2.tobytes() and b.tobytes() == b2.tobytes()
     np.testing.assert_array_equal(np.asarray(load_pretrained(back)(jnp.asarray(IDS))),
                                   np.asarray(load_pretrained(setup["run"])(jnp.asarray(IDS))))
@@ -260,7 +263,7 @@ def test_adapter_directory_is_a_small_fraction_of_the_base(tmp_path):
     config = LLaDAConfig.tiny(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=768,
                               vocab_size=1024, mask_token_id=1023, eos_token_id=1022, pad_token_id=1022,
                               bos_token_id=1021)
-    _, _, _, run, base_hf = make_lora_run(tmp_path, config, LORA_TARGETS, rank=8)
+    _, _, _, run, base_hf = make_lora_run(tmp_path, config, DENSE_TARGETS, rank=8)
     out = str(tmp_path / "peft")
     assert main(["convert", "to-hf", "--adapter_only", "--input", run, "--output", out]) == 0
 
@@ -268,7 +271,7 @@ def test_adapter_directory_is_a_small_fraction_of_the_base(tmp_path):
         return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(ext))
 
     adapter_params = config.n_layers * sum(
-        8 * (math.prod(target_layout(config, t)[0]) + math.prod(target_layout(config, t)[2])) for t in LORA_TARGETS)
+        8 * (math.prod(target_layout(config, t)[0]) + math.prod(target_layout(config, t)[2])) for t in DENSE_TARGETS)
     base_params = sum(v.size for v in jax.tree.leaves(nnx.state(LLaDAForMaskedLM(config, rngs=nnx.Rngs(0)))))
     assert adapter_params == 163_840 and base_params == 3_934_464
     ratio = size(out) / size(base_hf)  # both float32

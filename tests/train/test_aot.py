@@ -12,10 +12,29 @@ def test_compile_check_sizes_the_8b_model_on_8_devices(tmp_path):
                "--num_devices", "8", "--json", str(report), devices=1)
     r = json.loads(report.read_text())
     assert r["devices"] == 8 and r["parameters"] == 8_015_581_184
-    assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert r["mesh"] == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
     # fp32 params + two Adam moments, sharded 8 ways: 12 bytes x 8.0e9 / 8 = 12.0 GB per device
     assert abs(r["argument_bytes"] - 12 * 8_015_581_184 / 8) / r["argument_bytes"] < 0.02
     assert r["temp_bytes"] > 0 and "per-device memory" in proc.stdout
+
+
+def test_compile_check_sizes_llada2_mini_on_an_expert_mesh(tmp_path):
+    """LLaDA2.0-mini on 16 devices, fsdp=4 x expert=4: the routed experts (19 MoE layers x 256 x 3 x 2048 x 512) are
+    split 16 ways, the rest of the model over fsdp alone (12 bytes a parameter: fp32 masters and two AdamW moments);
+    the FLOPs count the active parameters."""
+    from llada_jax.config import LLaDAConfig
+    from llada_jax.train.step import flops_per_token
+
+    report = tmp_path / "report.json"
+    proc = cli("compile-check", "--config", os.path.join(ROOT, "configs", "moe_pretrain.py"), "--num_devices", "16",
+               "--config.mesh.fsdp=4", "--config.mesh.expert=4", "--config.max_length=64", "--config.batch_size=16",
+               "--config.gradient_accumulation_steps=1", "--json", str(report), devices=1)
+    r = json.loads(report.read_text())
+    assert r["parameters"] == 16_255_643_392 and r["mesh"] == {"data": 1, "fsdp": 4, "expert": 4, "tensor": 1}
+    experts = 19 * 256 * 3 * 2048 * 512
+    want = 12 * (experts / 16 + (r["parameters"] - experts) / 4)
+    assert abs(r["argument_bytes"] - want) / want < 0.02 and "per-device memory" in proc.stdout
+    assert r["model_flops_per_step"] == flops_per_token(LLaDAConfig.llada2_mini(), 64) * 16 * 64
 
 
 def test_compile_check_sizes_the_8b_sampler_on_8_devices(tmp_path):
@@ -51,8 +70,8 @@ def _tiny_sft_report(devices, **overrides):
 
     config = load_config(os.path.join(ROOT, "configs", "tiny_sft.py"))
     apply_overrides(config, [f"--config.{k}={v}" for k, v in overrides.items()])
-    mesh = make_run_mesh(config, jax.devices()[:devices])
-    return aot.compile_train_step(config, model_config_from(config), mesh)
+    model_config = model_config_from(config)
+    return aot.compile_train_step(config, model_config, make_run_mesh(config, model_config, jax.devices()[:devices]))
 
 
 def test_compile_check_of_lora_reports_the_adapters_as_trained_and_the_base_as_a_frozen_argument():

@@ -13,8 +13,8 @@ LENGTH = 32
 MODEL = LLaDAConfig.tiny()
 
 
-def make_trainer(batch_size=8, accumulation=1, mesh=(1, 1, 1), task="pretrain", **overrides):
-    c = train_config(MODEL, task=task)
+def make_trainer(batch_size=8, accumulation=1, mesh=(1, 1, 1), task="pretrain", model=MODEL, **overrides):
+    c = train_config(model, task=task)
     c.batch_size, c.gradient_accumulation_steps, c.max_length = batch_size, accumulation, LENGTH
     c.learning_rate, c.warmup_steps, c.max_steps = 3e-3, 2, 100
     c.random_length_prob = 0.0
@@ -22,7 +22,7 @@ def make_trainer(batch_size=8, accumulation=1, mesh=(1, 1, 1), task="pretrain", 
         c[k] = v
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     devices = jax.devices()[: int(np.prod(mesh))]
-    return Trainer(c, MODEL, sharding.make_mesh(c.mesh, devices))
+    return Trainer(c, model, sharding.make_mesh(c.mesh, devices))
 
 
 def batches(steps, rows=8, seed=0, task="pretrain"):
@@ -162,3 +162,42 @@ def test_flops_per_token_with_lora_drops_the_base_weight_gradients():
     matmul = 8_015_581_184 - 126464 * 4096 - (2 * 32 + 1) * 4096
     adapters = 41_943_040  # rank 16 on the seven projections of 32 blocks (configs/llada_8b_lora_sft.py)
     assert flops_per_token(c, 4096, LoRAConfig(rank=16)) == 4 * matmul + 6 * adapters + 12 * 32 * 4096 * 4096
+
+
+def test_router_metrics_of_a_moe_model_are_summed_over_micro_batches():
+    """A MoE model's step reports the experts' balance; 4 micro-batches of 2 rows give the numbers of one of 8 (the
+    counts are summed, not those of the last micro-batch). A dense model's step has no such metrics."""
+    data = batches(2)
+    metrics = []
+    for accumulation in (1, 4):
+        trainer = make_trainer(8 // accumulation, accumulation, model=LLaDAConfig.tiny_moe())
+        state, logged = trainer.init_state(0), []
+        for b in data:
+            shaped = {k: v.reshape((accumulation, -1) + v.shape[1:]) for k, v in b.items()}
+            state, m = trainer.step(state, jax.device_put(shaped, trainer.batch_sharding))
+            logged.append({k: float(v) for k, v in m.items() if k.startswith("moe_")})
+        metrics.append(logged)
+    assert metrics[0] == metrics[1]
+    for m in metrics[0]:
+        assert set(m) == {"moe_max_over_mean_load", "moe_unused_experts"}
+        # 8 experts, 2 per token: the busiest at most 4 times the mean
+        assert 1 <= m["moe_max_over_mean_load"] <= 4 and 0 <= m["moe_unused_experts"] < 1, m
+    dense = make_trainer()
+    _, dense_metrics = dense.step(dense.init_state(0), jax.device_put({"input_ids": data[0]["input_ids"][None]},
+                                                                       dense.batch_sharding))
+    assert not [k for k in dense_metrics if k.startswith("moe_")]
+
+
+def test_flops_per_token_of_a_moe_model_count_its_active_parameters():
+    """6 x the active matmul parameters (`count_active_params` less the embedding, the norms and the expert bias):
+    the routed experts a token is not sent to do not count."""
+    from flax import nnx, traverse_util
+
+    from llada_jax.model import abstract_model, count_active_params
+
+    for c in (LLaDAConfig.tiny_moe(), LLaDAConfig.llada2_mini()):
+        params = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_model(c)[1]))
+        not_matmul = sum(int(np.prod(x.shape)) for path, x in params.items()
+                         if path[-1] in ("wte", "ln_f", "expert_bias") or path[-1].endswith("norm"))
+        attention = 12 * c.n_layers * 256 * c.d_model
+        assert flops_per_token(c, 256) == 6 * (count_active_params(c) - not_matmul) + attention
