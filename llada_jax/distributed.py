@@ -45,10 +45,10 @@ def add_flags(parser) -> None:
 
 def add_mesh_flag(parser) -> None:
     """`--mesh` of the commands that run a model on a mesh of every device of every process."""
-    parser.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
-                        help="device mesh over every device of every process: sizes of the data, fsdp and tensor "
-                             "axes (one may be -1: the rest); parameters are sharded by the logical-axis rules, "
-                             "the batch over data x fsdp. Default: every device on data")
+    parser.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,expert=E,tensor=T",
+                        help="device mesh over every device of every process: sizes of the data, fsdp, expert and "
+                             "tensor axes (one may be -1: the rest); parameters are sharded by the logical-axis "
+                             "rules, the batch over data x fsdp x expert. Default: every device on data")
 
 
 def plan(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -17,6 +17,11 @@ of the layer scan and the accumulation loop, a float32 copy of every weight held
 LLaDA-8B) that TPU and GPU, multiplying bf16 directly, never make: such a config is compiled for sizing with that
 pass off, as the sampler's (`llada_jax.sampling.aot`). With float32 masters computing in bf16 the casts exist on
 every backend and where XLA keeps them was not established, so the pass stays on there.
+
+A second one inflates the temporaries of Mixture-of-Experts models: XLA:CPU has no grouped matmul, and JAX lowers
+`ragged_dot` there densely, every row against every local expert under a mask ([local experts, rows, d] operands,
+16 GiB buffers for LLaDA2.0-mini at one 512-token row a device), where TPU and GPU run the native op. The arguments
+(parameters and optimizer state) are exact; the temporaries of a MoE model are far above what TPU / GPU need.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def register_compile_check(sub) -> None:
     s = p.add_argument_group("the sampler (--sample)")
     s.add_argument("--sample", action="store_true", help="size the sampler instead of the train step")
     s.add_argument("--model", default="llada_8b", help=f"a preset ({' | '.join(PRESETS)}) or a saved model's path")
-    s.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T", help="as `sample --mesh`")
+    s.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,expert=E,tensor=T", help="as `sample --mesh`")
     s.add_argument("--batch_size", type=int, default=8)
     s.add_argument("--prompt_length", type=int, default=512)
     sampling_flags(s)

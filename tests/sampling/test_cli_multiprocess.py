@@ -89,7 +89,7 @@ def test_a_killed_process_makes_its_peer_exit_with_an_error_and_resume_completes
 @pytest.mark.parametrize("mesh,devices,message", [
     ("tensor=3", 4, "the fixed axes (3 devices) do not divide the 4 devices"),
     ("tensor=8", 8, "mesh tensor=8 does not divide the model's 4 attention heads"),
-    ("data=2,pipeline=2", 4, "--mesh: expected data=D,fsdp=F,tensor=T"),
+    ("data=2,pipeline=2", 4, "--mesh: expected data=D,fsdp=F,expert=E,tensor=T"),
 ])
 def test_a_mesh_that_does_not_fit_is_one_error_before_loading(saved, tmp_path, mesh, devices, message):
     proc = cli("sample", "--model", saved[0], "--input", write_jsonl(tmp_path / "p.jsonl", RECORDS), "--output",

@@ -50,7 +50,7 @@ def test_compile_check_sizes_the_8b_sampler_on_8_devices(tmp_path):
         assert "per-device memory" in proc.stdout
         reports[mesh] = json.loads(out.read_text())
     tp = reports["tensor=8"]
-    assert tp["parameters"] == 8_015_581_184 and tp["mesh"] == {"data": 1, "fsdp": 1, "tensor": 8}
+    assert tp["parameters"] == 8_015_581_184 and tp["mesh"] == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 8}
     assert abs(tp["argument_bytes"] - 2 * 8_015_581_184 / 8) / tp["argument_bytes"] < 0.02  # bf16 / 8
     assert tp["peak_bytes_estimate"] < 16 * 1024**3
     # no float32 copy of the weights held across the loops (the CPU compiler's bf16 matmul artefact, removed)
@@ -116,4 +116,4 @@ def test_compile_check_of_a_lora_config_needs_no_base_model(tmp_path):
                "--config.lora.enabled=true", "--config.model.param_dtype=bfloat16", "--json", str(report), devices=1)
     r = json.loads(report.read_text())
     assert r["lora"] and r["frozen_parameters"] + r["trained_parameters"] == r["parameters"]
-    assert "LoRA: trained" in proc.stdout and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+    assert "LoRA: trained" in proc.stdout and r["mesh"] == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 1}

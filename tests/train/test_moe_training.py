@@ -71,7 +71,7 @@ def test_an_expert_mesh_gives_the_one_device_losses(runs, pretrain_data):
 
 @pytest.mark.parametrize("config,mesh,devices,message", [
     (PRETRAIN, "--config.mesh.expert=3", 6, "mesh expert=3 does not divide the model's 8 experts (num_experts)"),
-    (PRETRAIN, "--config.mesh.expert=3", 8, "'expert': 3, 'tensor': 1}: the fixed axes (3 devices) do not divide the 8 devices"),
+    (PRETRAIN, "--config.mesh.expert=3", 8, "'expert': 3, 'tensor': 1}: the fixed axes (3 devices) do not divide"),
     (TINY, "--config.mesh.expert=2", 8, "mesh expert=2: the model has no experts (num_experts is 0)"),
 ], ids=["experts", "devices", "dense"])
 def test_a_mesh_that_does_not_fit_the_experts_is_one_line_before_any_work(tmp_path, pretrain_data, config, mesh,
