@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from tests.torch_reference import rms_norm, rotate_half  # the same formulas as LLaDA's
+
 _MERGED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)")
 
 
@@ -84,18 +86,6 @@ def route(logits: np.ndarray, cfg: dict, expert_bias: np.ndarray | None = None) 
 
 
 # ------------------------------------------------------------------------------------------------ layer pieces
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def rotary_dim(cfg: dict, head_dim: int) -> int:
     """int(head_dim * partial_rotary_factor); a config's own "rotary_dim", when it has both, must agree."""
     factor = cfg.get("partial_rotary_factor")

@@ -36,7 +36,7 @@ from llada_jax.checkpoints.orbax_model import (
 )
 from llada_jax.config import ADAPTABLE_FIELDS, LLaDAConfig, LoRAConfig
 from llada_jax.errors import CheckpointError, CheckpointNotFoundError, UsageError
-from llada_jax.model import LLaDAForMaskedLM, abstract_model, layer_stacks
+from llada_jax.model import LLaDAForMaskedLM, abstract_model, layer_stack, layer_stacks
 
 
 def lora_item(lora: LoRAConfig, base: str) -> dict:
@@ -164,9 +164,8 @@ def per_layer(adapters: dict, lora: LoRAConfig, config: LLaDAConfig
                if "adapters" in adapters.get(name, {})}
     for i in range(config.n_layers):
         if scanned:  # stacked [layers, ...] per layer stack
-            name, (first, _) = next((n, span) for n, span in layer_stacks(config).items()
-                                    if span[0] <= i < span[0] + span[1])
-            pairs = {t: (p["lora_a"][i - first], p["lora_b"][i - first]) for t, p in scanned[name].items()}
+            name, j = layer_stack(config, i)
+            pairs = {t: (p["lora_a"][j], p["lora_b"][j]) for t, p in scanned[name].items()}
         else:
             blocks = adapters["blocks"]
             block = blocks[i] if i in blocks else blocks[str(i)]

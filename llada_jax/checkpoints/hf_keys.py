@@ -176,20 +176,13 @@ def param_shapes(config: LLaDAConfig) -> dict[tuple, tuple[int, ...]]:
     return {path: tuple(value.shape) for path, value in flat.items()}
 
 
-def _layer_stack(config: LLaDAConfig, layer: int) -> tuple[str, int]:
-    from llada_jax.model import layer_stacks
-
-    for name, (first, count) in layer_stacks(config).items():
-        if first <= layer < first + count:
-            return name, layer - first
-    raise IndexError(layer)
-
-
 @functools.lru_cache(maxsize=16)
 def tensors(config: LLaDAConfig, table: tuple[Entry, ...] = LLADA_KEYS) -> tuple[Tensor, ...]:
     """Every official tensor of a model with `config`, in the official key order (top-level parameters before
     the blocks first, then the blocks layer by layer, then the rest). The parts of a fused tensor are one
     Tensor each, with the same key, in table order."""
+    from llada_jax.model import layer_stack
+
     shapes = param_shapes(config)
     head, per_layer, tail = [], [], []
     seen_block = False
@@ -201,7 +194,7 @@ def tensors(config: LLaDAConfig, table: tuple[Entry, ...] = LLADA_KEYS) -> tuple
         if shape is not None:
             (tail if seen_block else head).append(Tensor(entry.hf, entry, None, shape))
     for layer in range(config.n_layers):
-        stack, index = _layer_stack(config, layer)
+        stack, index = layer_stack(config, layer)
         parts: dict[str, list[Tensor]] = {}
         for entry in (e for e in table if e.in_block):
             shape = shapes.get((stack, *entry.path))

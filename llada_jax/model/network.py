@@ -78,9 +78,8 @@ class LLaDAForMaskedLM(nnx.Module):
         block-diffusion training); `positions` [B, L] replaces the positions counted from `attention_mask`;
         `block_anchor` (scalar or [B]) is where block_causal blocks are laid from; `dropout_keys` [B] (one key per
         row) turns on the LoRA adapters' dropout (training)."""
-        hidden = self.hidden_states(input_ids, attention_mask, visible, positions=positions, block_anchor=block_anchor,
-                                    dropout_keys=dropout_keys)
-        return self.logits(self.prediction_states(hidden, attention_mask))
+        return self.expert_load(input_ids, attention_mask, visible, positions=positions, block_anchor=block_anchor,
+                                dropout_keys=dropout_keys)[0]
 
     def prediction_states(self, hidden: Array, attention_mask: Array | None = None) -> Array:
         """The final residual streams aligned with the positions they predict: `hidden` [B, L, D] of a whole
@@ -269,6 +268,14 @@ def layer_stacks(config: LLaDAConfig) -> dict[str, tuple[int, int]]:
         k = config.first_dense_layers
         return {DENSE_BLOCKS: (0, k), "blocks": (k, config.n_layers - k)}
     return {"blocks": (0, config.n_layers)}
+
+
+def layer_stack(config: LLaDAConfig, layer: int) -> tuple[str, int]:
+    """(the stacked blocks holding layer `layer` in the scanned layout, its index there)."""
+    for name, (first, count) in layer_stacks(config).items():
+        if first <= layer < first + count:
+            return name, layer - first
+    raise IndexError(f"layer {layer} of a model with {config.n_layers} layers")
 
 
 def _stacked_blocks(config: LLaDAConfig, rngs: nnx.Rngs, lora: LoRAConfig | None, first: int, count: int, *,
