@@ -4,10 +4,10 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from llada_jax.config import PRESETS
+
     p = sub.add_parser("model-info", help="parameter count and shape of a model preset or config")
-    p.add_argument("--preset", default="llada_8b",
-                   help="tiny | tiny_moe | llada_8b | llama2_7b | qwen2_5_7b | llada2_mini | llada2_flash | "
-                        "llada_moe_7b (default: llada_8b)")
+    p.add_argument("--preset", default="llada_8b", help=f"{' | '.join(PRESETS)} (default: llada_8b)")
     p.set_defaults(func=run)
 
 

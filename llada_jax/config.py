@@ -314,12 +314,10 @@ class LLaDAConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LLaDAConfig":
-        presets = {"tiny": cls.tiny, "tiny_moe": cls.tiny_moe, "llada_8b": cls.llada_8b, "llama2_7b": cls.llama2_7b,
-                   "qwen2_5_7b": cls.qwen2_5_7b, "llada2_mini": cls.llada2_mini, "llada2_flash": cls.llada2_flash,
-                   "llada_moe_7b": cls.llada_moe_7b}
-        if name not in presets:
-            raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(presets)}")
-        return presets[name](**overrides)
+        """The preset `name`, one of PRESETS."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+        return getattr(cls, name)(**overrides)
 
     # Serialisation -------------------------------------------------------------------------------------
 
@@ -346,6 +344,10 @@ ADAPTABLE_FIELDS = ("attention_type", "shift_logits", "block_size")
 # have is skipped there (a MoE layer has no ff_proj, a dense one no shared expert); the routed experts take none.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out", "shared_gate", "shared_up",
                 "shared_down")
+
+
+# The model presets: LLaDAConfig class methods of these names (`LLaDAConfig.preset`, the commands' --preset / --model).
+PRESETS = ("tiny", "tiny_moe", "llada_8b", "llama2_7b", "qwen2_5_7b", "llada2_mini", "llada2_flash", "llada_moe_7b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -524,6 +526,24 @@ def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") ->
     c.lora.dropout = LoRAConfig.dropout
     c.lora.targets = ",".join(LORA_TARGETS)
 
+    # Terms of the objective beyond the diffusion loss (see llada_jax.diffusion and llada_jax.train.step).
+    # complementary_masking (SFT): each example is trained twice per step, the second time with the complement of
+    # its answer mask (every answer token predicted once per pair; LLaDA 2.0). confidence_beta: + beta x the mean
+    # entropy of the predictions at the masked positions the model already predicts right (CAP / dParallel's
+    # confidence loss; dFactory recommends 2.0), 0: off.
+    c.loss = ml_collections.ConfigDict()
+    c.loss.complementary_masking = False
+    c.loss.confidence_beta = 0.0
+
+    # Expert balancing of Mixture-of-Experts models. bias_update_rate: after each step every MoE layer's
+    # expert_bias moves by rate x sign(mean load - expert's load) (DeepSeek-V3's auxiliary-loss-free balancing,
+    # 0.001 there); -1: 0.001 for a model with router_expert_bias whose weights are trained (not LoRA), else off.
+    # load_balance_loss / router_z_loss: coefficients of the auxiliary losses (LLaDA-MoE: 0.01 and 0.001), 0: off.
+    c.moe = ml_collections.ConfigDict()
+    c.moe.bias_update_rate = -1.0
+    c.moe.load_balance_loss = 0.0
+    c.moe.router_z_loss = 0.0
+
     c.max_consecutive_nonfinite = 10  # stop after this many skipped (non-finite) updates in a row
     c.wandb = ml_collections.ConfigDict()
     c.wandb.enabled = False
@@ -595,6 +615,16 @@ def _unused_groups(c: ml_collections.ConfigDict, model: LLaDAConfig):
         yield ("random_length_prob", "data.pretrain_mode"), "task is 'sft' (pretraining only)"
     else:
         yield ("data.too_long",), f"task is {c.task!r} (SFT only: pretraining cuts documents into rows)"
+        yield ("loss.complementary_masking",), (f"task is {c.task!r} (SFT only: the complement of an answer's mask; "
+                                                "pretraining draws every token's mask independently)")
+    if not model.is_moe:
+        yield (("moe.bias_update_rate", "moe.load_balance_loss", "moe.router_z_loss"),
+               "the model has no experts (model.num_experts is 0)")
+    elif not model.router_expert_bias:
+        yield ("moe.bias_update_rate",), "model.router_expert_bias is false (the router has no bias to update)"
+    elif c.lora.enabled:
+        yield ("moe.bias_update_rate",), ("lora.enabled is true: the router's expert_bias belongs to the frozen base "
+                                          "(LoRA trains adapters only)")
     if c.lr_scheduler_type != "wsd":
         yield ("optimizer.decay_fraction",), f"lr_scheduler_type is {c.lr_scheduler_type!r} (wsd only)"
     if c.lr_scheduler_type == "constant":

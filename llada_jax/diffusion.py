@@ -20,6 +20,16 @@ CE / p_mask sum, normalised as above, of predictions p(x_0^b | x_t^b, x_0^{<b}):
 them all in one forward over x_t ++ x_0 (2L positions, both halves at positions 0 .. L - 1) under one mask
 (`block_diffusion_pairs`): noisy block b sees noisy block b and clean blocks < b; clean block b sees clean
 blocks <= b. The logits of the noisy half are the predictions.
+
+Two optional terms of LLaDA 2.0's fine-tuning recipe:
+
+    complementary masking:  each example is trained a second time with the complement of its answer mask (the
+                            answer tokens it did not mask, at rate 1 - t), so every answer token is predicted once
+                            per pair; each copy is an unbiased estimate with its own rate (weights 1 / t, 1 / (1 - t))
+    confidence (CAP):       + beta x mean_{masked i with argmax_v p(v | x_t) = x_0^i} H(p(. | x_t)_i)
+
+the second lowers the entropy where the model is already right, so that more tokens pass a decoding threshold at
+once (dFactory's `confidence_beta`: the mean over the step's right predictions; 0 when there are none).
 """
 
 from __future__ import annotations
@@ -146,3 +156,24 @@ def block_diffusion_pairs(length: int, block_size, anchor) -> Array:
     noisy_sees_clean = q_noisy & ~k_noisy & (k < q)
     clean_sees_clean = ~q_noisy & ~k_noisy & (k <= q)
     return same_noisy | noisy_sees_clean | clean_sees_clean
+
+
+def complementary_masking(input_ids: Array, masked: Array, p_mask: Array, maskable: Array, *, mask_id: int
+                          ) -> tuple[Array, Array, Array]:
+    """The second copy of a complementary pair: `(noisy_ids, masked, p_mask)` [B, L] that mask exactly the
+    `maskable` positions the first copy (`masked`, drawn with `p_mask`) left clean; each of them was left clean
+    with probability 1 - p_mask, the second copy's rate."""
+    masked = maskable & ~masked
+    noisy = jnp.where(masked, jnp.asarray(mask_id, input_ids.dtype), input_ids)
+    return noisy, masked, 1.0 - p_mask
+
+
+def confidence_loss(logits: Array, input_ids: Array, masked: Array) -> tuple[Array, Array]:
+    """(The mean entropy of the predictions at the masked positions predicted right (argmax = the clean token),
+    0 when there is none; how many there are): CAP's term, float32."""
+    logits = logits.astype(jnp.float32)
+    right = masked & (jnp.argmax(logits, axis=-1) == input_ids)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+    n_right = jnp.sum(right)
+    return jnp.sum(jnp.where(right, entropy, 0.0)) / jnp.maximum(n_right, 1), n_right

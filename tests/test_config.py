@@ -85,3 +85,31 @@ def test_json_errors_name_the_key_and_file(tmp_path):
     path.write_text(json.dumps({"pretraining": {"batch_size": "eight"}}))
     with pytest.raises(ValueError, match=r"batch_size: expected int"):
         load_config(str(path), task="pretrain")
+
+
+def test_the_llada2_continued_pretraining_schedule(tmp_path):
+    """The LLaDA 2.0 report's block sizes in order (warm-up 1 -> 4 -> 32 -> 64 -> the sequence, stable, decay to
+    32), at steps that scale with the run's length, and a config the training checks accept."""
+    from llada_jax.train.loop import validate
+
+    for arg, steps in (("llada2_mini", 100_000), ("llada2_flash,20000", 20_000)):
+        c = load_config(config_path("llada2_continued_pretrain.py") + ":" + arg)
+        schedule = [tuple(e) for e in c.block_diffusion.block_size_schedule]
+        assert [size for _, size in schedule] == [1, 4, 32, 64, 4096, 32]
+        assert [s for s, _ in schedule] == sorted(s for s, _ in schedule) and schedule[0][0] == 0
+        assert c.max_steps == steps and 0.8 * steps < schedule[-1][0] < steps
+        assert c.model.block_size == 32 and c.max_length == 4096
+        (tmp_path / "corpus.jsonl").write_text('{"input_ids": [1, 2]}\n')
+        c.data_path, c.output_dir = str(tmp_path / "corpus.jsonl"), str(tmp_path / "out")
+        assert validate(c).num_experts == 256
+
+
+def test_a_schedule_step_past_max_steps_is_an_error(tmp_path):
+    from llada_jax.errors import ConfigError
+    from llada_jax.train.loop import validate
+
+    c = load_config(config_path("llada2_continued_pretrain.py"))
+    (tmp_path / "corpus.jsonl").write_text('{"input_ids": [1, 2]}\n')
+    c.data_path, c.output_dir, c.max_steps = str(tmp_path / "corpus.jsonl"), str(tmp_path / "out"), 1000
+    with pytest.raises(ConfigError, match="block_size_schedule: step 2000 is never reached \\(max_steps is 1000\\)"):
+        validate(c)

@@ -223,7 +223,8 @@ def test_unrolled_layers_equal_the_scanned_ones_and_report_the_expert_load(llada
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, {**params, "blocks": blocks}))
     nnx.update(unrolled, state)
     np.testing.assert_allclose(unrolled(ids), model(ids), rtol=1e-5, atol=1e-5)
-    logits, load_ = model.expert_load(ids)
+    logits, stats = model.expert_load(ids)
+    load_ = stats.load
     np.testing.assert_array_equal(logits, model(ids))
     assert load_.shape == (config.n_moe_layers, config.num_experts)
     np.testing.assert_array_equal(load_.sum(-1), 2 * 8 * config.experts_per_token)  # every pair counted once
@@ -235,10 +236,12 @@ def test_the_expert_load_counts_real_tokens_only(llada2):
     cfg, _, config, model = llada2
     ids = jnp.asarray(np.random.RandomState(9).randint(0, cfg["vocab_size"], (2, 10)))
     mask = jnp.asarray([[1] * 10, [0] * 4 + [1] * 6])
-    _, load_ = model.hidden_states_and_load(ids, mask)
-    np.testing.assert_array_equal(load_.sum(-1), 16 * config.experts_per_token)
+    _, stats = model.hidden_states_and_load(ids, mask)
+    np.testing.assert_array_equal(stats.load.sum(-1), 16 * config.experts_per_token)
+    np.testing.assert_allclose(stats.score_sum.sum(-1), 16, rtol=1e-5)  # each token's scores sum to 1
     alone = [model.hidden_states_and_load(row)[1] for row in (ids[:1], ids[1:, 4:])]
-    np.testing.assert_array_equal(load_, alone[0] + alone[1])
+    for got, *rows in zip(stats, *alone):
+        np.testing.assert_allclose(got, rows[0] + rows[1], rtol=1e-5, atol=1e-5)
 
 
 def test_presets_have_the_published_sizes():

@@ -15,9 +15,11 @@ from llada_jax.model.block import LLaDABlock
 from llada_jax.model.kv_cache import KVCache
 from llada_jax.model.layers import BLD, BLKH, BLM, BLNH, BLV, apply_rope, dense, rms_norm, rope_tables
 from llada_jax.model.masks import positions_from_mask, prediction_sources, visible_pairs
+from llada_jax.model.moe import RouterStats, expert_bias_update, load_balance_loss, router_z_loss
 from llada_jax.model.network import (DENSE_BLOCKS, LLaDAForMaskedLM, abstract_model, count_active_params,
                                      count_params, layer_stack, layer_stacks)
 
 __all__ = ["LLaDABlock", "KVCache", "BLD", "BLKH", "BLM", "BLNH", "BLV", "apply_rope", "dense",
-           "rms_norm", "rope_tables", "positions_from_mask", "prediction_sources", "visible_pairs", "DENSE_BLOCKS",
+           "rms_norm", "rope_tables", "positions_from_mask", "RouterStats", "expert_bias_update", "load_balance_loss",
+           "router_z_loss", "prediction_sources", "visible_pairs", "DENSE_BLOCKS",
            "LLaDAForMaskedLM", "abstract_model", "count_active_params", "count_params", "layer_stack", "layer_stacks"]

@@ -23,7 +23,7 @@ from llada_jax.config import LORA_TARGETS, LLaDAConfig, LoRAConfig
 from llada_jax.model.attention import attention, resolve_impl
 from llada_jax.model.kv_cache import KVCache
 from llada_jax.model.layers import BLD, BLKH, BLM, BLNH, apply_rope, dense, dtype, param, rms_norm, trunc_normal
-from llada_jax.model.moe import MoE
+from llada_jax.model.moe import MoE, RouterStats
 
 Array = jax.Array
 
@@ -101,9 +101,9 @@ class LLaDABlock(nnx.Module):
 
     def forward(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, cached: KVCache | None = None,
                 start=None, key_rope: tuple[Array, Array] | None = None, pairs: Array | None = None,
-                dropout_keys: Array | None = None) -> tuple[Array, KVCache, Array | None]:
+                dropout_keys: Array | None = None) -> tuple[Array, KVCache, RouterStats | None]:
         """The block on `x` [B, n, D]: (output [B, n, D], KVCache of x's positions, each [B, n, kv_heads, head_dim],
-        each expert's load [E] (pairs of x's real tokens, those of `key_mask`, routed to it; None for a dense MLP)).
+        the router's `RouterStats` over x's real tokens, those of `key_mask` (None for a dense MLP)).
 
         Without `cached`, x is the whole sequence and attends to itself (`key_mask` [B, n]). With `cached`, the
         keys and values [B, S, kv_heads, head_dim] of a whole sequence of S positions, x holds its positions

@@ -26,6 +26,8 @@ whole over the other axes (fsdp, tensor) inside the map: they are sharded over `
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -76,6 +78,52 @@ def expert_load(chosen: Array, num_experts: int, valid: Array | None = None) -> 
     if valid is not None:
         one_hot = one_hot * valid.astype(jnp.float32)[:, None]
     return one_hot.sum(axis=0)
+
+
+class RouterStats(NamedTuple):
+    """What a MoE layer's router did over a call's real tokens (sums, so that micro-batches and layers add up):
+    the balance metrics, the expert-bias update and the auxiliary losses of training are computed from them.
+    Stacked over the MoE layers by the network: [n_moe_layers, E] and [n_moe_layers]."""
+
+    load: Array  # float32 [E]: (token, expert) pairs routed to each expert
+    score_sum: Array  # float32 [E]: the sum over tokens of each expert's score, normalised to sum 1 per token
+    z_sum: Array  # float32 []: the sum over tokens of logsumexp(router logits)^2 (ST-MoE's router z-loss)
+
+
+def load_balance_loss(stats: RouterStats, experts_per_token: int) -> Array:
+    """The auxiliary load-balancing loss of stacked `RouterStats` (Switch Transformer / OLMoE): per layer
+    E x sum_i f_i P_i, f_i = the fraction of tokens sent to expert i, P_i = its mean score over the tokens
+    (k when balanced), averaged over the layers. The load is counted, not differentiated; P carries the gradient."""
+    tokens = jnp.maximum(jnp.sum(stats.load, axis=-1) / experts_per_token, 1.0)  # [layers]
+    f = jax.lax.stop_gradient(stats.load) / tokens[:, None]
+    p = stats.score_sum / tokens[:, None]
+    return jnp.mean(stats.load.shape[-1] * jnp.sum(f * p, axis=-1))
+
+
+def router_z_loss(stats: RouterStats, experts_per_token: int) -> Array:
+    """ST-MoE's router z-loss of stacked `RouterStats`: the mean over tokens of logsumexp(logits)^2, averaged over
+    the layers."""
+    tokens = jnp.maximum(jnp.sum(stats.load, axis=-1) / experts_per_token, 1.0)
+    return jnp.mean(stats.z_sum / tokens)
+
+
+def expert_bias_update(load: Array, rate) -> Array:
+    """The change of each layer's expert bias after a step with `load` [layers, E]: + rate for the experts below
+    the layer's mean load, - rate above it (DeepSeek-V3's auxiliary-loss-free balancing), 0 at the mean."""
+    return rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+
+
+def router_stats(logits: Array, chosen: Array, config: LLaDAConfig, valid: Array | None = None) -> RouterStats:
+    """`RouterStats` of float32 router logits [T, E] and the chosen experts [T, k]; `valid` [T]: real tokens.
+    The scores are normalised per token (softmax scores already are; sigmoid ones are divided by their sum, as
+    DeepSeek-V3's balance loss does), so each token's sum is 1."""
+    logits = logits.astype(jnp.float32)
+    scores = router_scores(logits, config.router_score)
+    scores = scores / (jnp.sum(scores, axis=-1, keepdims=True) + 1e-20)
+    z = jnp.square(jax.nn.logsumexp(logits, axis=-1))
+    weight = jnp.ones(logits.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    return RouterStats(expert_load(chosen, config.num_experts, valid), jnp.sum(scores * weight[:, None], axis=0),
+                       jnp.sum(z * weight))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,24 +252,25 @@ class MoE(nnx.Module):
             self.shared_up = param(trunc_normal(rngs, (d, s), d**-0.5, pd), ("embed", "mlp"))
             self.shared_down = param(trunc_normal(rngs, (s, d), s**-0.5 * depth_scale, pd), ("mlp", "embed"))
 
-    def route(self, h: Array) -> tuple[Array, Array]:
-        """(chosen [B, L, k], weights [B, L, k]) for h [B, L, d]: float32 logits of float32 inputs and weights."""
+    def route(self, h: Array) -> tuple[Array, Array, Array]:
+        """(chosen [B, L, k], weights [B, L, k], logits [B * L, E]) for h [B, L, d]: float32 logits of float32
+        inputs and weights."""
         b, length, d = h.shape
-        logits = dense(h.astype(jnp.float32), self.router[...].astype(jnp.float32))
+        logits = dense(h.astype(jnp.float32), self.router[...].astype(jnp.float32)).reshape(b * length, -1)
         bias = self.expert_bias[...] if self.config.router_expert_bias else None
-        chosen, weights = route(logits.reshape(b * length, -1), self.config, bias)
-        return chosen.reshape(b, length, -1), weights.reshape(b, length, -1)
+        chosen, weights = route(logits, self.config, bias)
+        return chosen.reshape(b, length, -1), weights.reshape(b, length, -1), logits
 
-    def __call__(self, h: Array, project, valid: Array | None = None) -> tuple[Array, Array]:
-        """(the MLP's output [B, L, d], each expert's load [E] over this call's tokens, or those where `valid` [B, L]
-        when given) of h [B, L, d]; `project` (name, x) -> x W runs a shared-expert projection of the block (with
-        its LoRA adapter when it has one)."""
+    def __call__(self, h: Array, project, valid: Array | None = None) -> tuple[Array, RouterStats]:
+        """(the MLP's output [B, L, d], the router's `RouterStats` over this call's tokens, or those where `valid`
+        [B, L] when given) of h [B, L, d]; `project` (name, x) -> x W runs a shared-expert projection of the block
+        (with its LoRA adapter when it has one)."""
         c = self.config
         dt = dtype(c.dtype)
-        chosen, weights = self.route(h)
+        chosen, weights, logits = self.route(h)
         out = routed_experts(h, chosen, weights, *(getattr(self, n)[...].astype(dt) for n in ("gate", "up", "down")))
         if c.num_shared_experts:
             hidden = jax.nn.silu(project("shared_gate", h)) * project("shared_up", h)
             out = out + project("shared_down", sharding.constrain(hidden, ("batch", "length", "mlp")))
         valid = None if valid is None else valid.reshape(-1)
-        return out, expert_load(chosen.reshape(-1, chosen.shape[-1]), c.num_experts, valid)
+        return out, router_stats(logits, chosen.reshape(-1, chosen.shape[-1]), c, valid)

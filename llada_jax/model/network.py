@@ -32,6 +32,7 @@ from llada_jax.model.block import LLaDABlock
 from llada_jax.model.kv_cache import KVCache
 from llada_jax.model.layers import BLD, BLV, dense, dtype, param, remat, rms_norm, rope_tables, trunc_normal
 from llada_jax.model.masks import positions_from_mask, prediction_sources, visible_pairs
+from llada_jax.model.moe import RouterStats
 
 Array = jax.Array
 
@@ -151,10 +152,10 @@ class LLaDAForMaskedLM(nnx.Module):
 
     def hidden_states_and_load(self, input_ids: Array, attention_mask: Array | None = None,
                                visible: Array | None = None, *, positions: Array | None = None, block_anchor=0,
-                               dropout_keys: Array | None = None) -> tuple[Array, Array | None]:
-        """`hidden_states` plus each MoE layer's expert load, float32 [n_moe_layers, E]: the (token, expert) pairs
-        routed to each expert, of the real tokens (`attention_mask`; every position without one). None for a dense
-        model. Keyword arguments as in `__call__`."""
+                               dropout_keys: Array | None = None) -> tuple[Array, RouterStats | None]:
+        """`hidden_states` plus what each MoE layer's router did (`RouterStats` stacked over the MoE layers: the
+        (token, expert) pairs routed to each expert [n_moe_layers, E], ...), over the real tokens (`attention_mask`;
+        every position without one). None for a dense model. Keyword arguments as in `__call__`."""
         length = input_ids.shape[1]
         rope = self.rope_and_key_mask(attention_mask, *input_ids.shape, positions=positions)
         pairs = visible if visible is not None else self.visible_keys(jnp.arange(length), length, block_anchor)
@@ -206,8 +207,8 @@ class LLaDAForMaskedLM(nnx.Module):
     def _layers_and_load(self, x: Array, cos: Array, sin: Array, key_mask: Array | None, *,
                          pairs: Array | None = None, cache: KVCache | None = None, start=None, key_rope=None,
                          collect: bool = False, dropout_keys: Array | None = None
-                         ) -> tuple[Array, KVCache | None, Array | None]:
-        """`_layers` plus the experts' load of every MoE layer (float32 [n_moe_layers, E]; None without experts)."""
+                         ) -> tuple[Array, KVCache | None, RouterStats | None]:
+        """`_layers` plus the router statistics of every MoE layer (stacked `RouterStats`; None without experts)."""
         c = self.config
         plain = cache is None and not collect
 
@@ -238,16 +239,16 @@ class LLaDAForMaskedLM(nnx.Module):
                 x, (kv, load) = remat(lambda p, h, lc, layer, g=graphdef: apply_block(g, p, h, lc, layer),
                                       c.remat_policy, in_scan=False)(params, x, layer_cache(i), jnp.uint32(i))
                 kvs.append(None if kv is None else jax.tree.map(lambda a: a[None], kv))
-                loads.append(None if load is None else load[None])
+                loads.append(None if load is None else jax.tree.map(lambda a: a[None], load))
         kv = None if plain else jax.tree.map(lambda *a: jnp.concatenate(a), *kvs)
         loads = [load for load in loads if load is not None]
-        return x, kv, jnp.concatenate(loads) if loads else None
+        return x, kv, jax.tree.map(lambda *a: jnp.concatenate(a), *loads) if loads else None
 
     def expert_load(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None, *,
                     positions: Array | None = None, block_anchor=0, dropout_keys: Array | None = None
-                    ) -> tuple[Array, Array | None]:
-        """(float32 logits as `__call__`, each MoE layer's expert load as `hidden_states_and_load`; None for a dense
-        model): one forward for both (the train step's)."""
+                    ) -> tuple[Array, RouterStats | None]:
+        """(float32 logits as `__call__`, the MoE layers' router statistics as `hidden_states_and_load`; None for a
+        dense model): one forward for both (the train step's)."""
         hidden, load = self.hidden_states_and_load(input_ids, attention_mask, visible, positions=positions,
                                                    block_anchor=block_anchor, dropout_keys=dropout_keys)
         return self.logits(self.prediction_states(hidden, attention_mask)), load

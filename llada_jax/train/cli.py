@@ -7,7 +7,6 @@ import os
 from llada_jax import distributed
 from llada_jax.errors import LLaDAError, UsageError
 
-PRESETS = ("tiny", "llada_8b", "llama2_7b", "qwen2_5_7b")  # LLaDAConfig presets compile-check --sample sizes
 
 # The pretrain / sft flags, written into the config after the config file and --config.* overrides.
 SEED_FLAGS = (
@@ -35,6 +34,7 @@ def register(sub) -> None:
 
 
 def register_compile_check(sub) -> None:
+    from llada_jax.config import PRESETS
     from llada_jax.sampling.cli import sampling_flags
 
     p = sub.add_parser(
@@ -106,7 +106,7 @@ def run_compile_check(args) -> int:
 
 def _compile_sampler(args, devices) -> dict:
     from llada_jax import sharding
-    from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES, LLaDAConfig
+    from llada_jax.config import DEFAULT_LOGICAL_AXIS_RULES, PRESETS, LLaDAConfig
     from llada_jax.sampling import aot
     from llada_jax.sampling.cli import sampler_options
 

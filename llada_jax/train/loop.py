@@ -100,6 +100,7 @@ def validate(config, overridden=()) -> LLaDAConfig:
         fail(f"adaptation.mask_annealing_steps must be an integer >= 0 (0: no annealing), got {annealing!r}")
     model_config = resolve_model_config(config)
     check_lora(config)
+    check_objective(config)
     o = config.optimizer
     if not config.learning_rate >= 0 or not np.isfinite(config.learning_rate):
         fail(f"learning_rate must be a finite number >= 0, got {config.learning_rate}")
@@ -137,6 +138,10 @@ def check_block_diffusion(config, model_config: LLaDAConfig) -> None:
             [e[0] for e in schedule] != sorted(e[0] for e in schedule):
         raise ConfigError(f"block_diffusion.block_size_schedule must be ((step, block_size), ...) with steps >= 0 in "
                           f"increasing order and positive sizes, got {bd.block_size_schedule!r}")
+    late = [s for s, _ in schedule if s >= config.max_steps]
+    if late:
+        raise ConfigError(f"block_diffusion.block_size_schedule: step {late[0]} is never reached (max_steps is "
+                          f"{config.max_steps})")
     if config.adaptation.mask_annealing_steps and model_config.attention_type != "bidirectional":
         raise ConfigError(f"adaptation.mask_annealing_steps applies to bidirectional models, not "
                           f"{model_config.attention_type} ones (it anneals causal attention into bidirectional)")
@@ -146,6 +151,18 @@ def check_block_diffusion(config, model_config: LLaDAConfig) -> None:
             (f"block_diffusion.block_size_schedule step {s}", b) for s, b in schedule]:
         if config.max_length % size:
             raise ConfigError(f"{where}: block size {size} does not divide max_length {config.max_length}")
+
+
+def check_objective(config) -> None:
+    """The loss terms and the experts' balancing settings (ConfigError naming the setting)."""
+    for name in ("loss.confidence_beta", "moe.load_balance_loss", "moe.router_z_loss"):
+        value = config[name.split(".")[0]][name.split(".")[1]]
+        if not np.isfinite(value) or value < 0:
+            raise ConfigError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
+    rate = config.moe.bias_update_rate
+    if not np.isfinite(rate) or (rate < 0 and rate != -1):
+        raise ConfigError(f"moe.bias_update_rate must be a finite number >= 0 (0: off) or -1 (the default: 0.001 "
+                          f"when the model's router has an expert bias and its weights are trained), got {rate!r}")
 
 
 def check_lora(config) -> None:

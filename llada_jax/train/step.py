@@ -50,12 +50,14 @@ from llada_jax.config import LLaDAConfig, lora_config_from
 from llada_jax.diffusion import (
     block_diffusion_pairs,
     block_forward_process,
+    complementary_masking,
+    confidence_loss,
     forward_process,
     pretraining_loss,
     random_length_valid,
     sft_loss,
 )
-from llada_jax.model import LLaDAForMaskedLM, positions_from_mask
+from llada_jax.model import LLaDAForMaskedLM, expert_bias_update, load_balance_loss, positions_from_mask, router_z_loss
 from llada_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -88,6 +90,12 @@ class StepConfig:
     mask_rate_min: float = 0.0
     mask_rate_max: float = 1.0
     block_size_schedule: tuple[tuple[int, int], ...] = ()
+    # The objective's other terms (config.loss, config.moe) and the experts' bias update (0: off).
+    complementary_masking: bool = False
+    confidence_beta: float = 0.0
+    load_balance_loss: float = 0.0
+    router_z_loss: float = 0.0
+    bias_update_rate: float = 0.0
 
     @classmethod
     def from_config(cls, config, model_config: LLaDAConfig) -> "StepConfig":
@@ -100,7 +108,19 @@ class StepConfig:
                    block_diffusion=model_config.attention_type == "block_causal",
                    block_size=model_config.block_size, mask_rate_min=float(bd.mask_rate_min),
                    mask_rate_max=float(bd.mask_rate_max),
-                   block_size_schedule=tuple((int(s), int(b)) for s, b in bd.block_size_schedule))
+                   block_size_schedule=tuple((int(s), int(b)) for s, b in bd.block_size_schedule),
+                   complementary_masking=bool(config.loss.complementary_masking) and config.task == "sft",
+                   confidence_beta=float(config.loss.confidence_beta),
+                   load_balance_loss=float(config.moe.load_balance_loss) if model_config.is_moe else 0.0,
+                   router_z_loss=float(config.moe.router_z_loss) if model_config.is_moe else 0.0,
+                   bias_update_rate=bias_update_rate(config, model_config))
+
+    @property
+    def objective_terms(self) -> tuple[str, ...]:
+        """The names of the objective's other terms this step reports (metrics)."""
+        return tuple(name for name, on in (("confidence_entropy", self.confidence_beta > 0),
+                                           ("moe_load_balance_loss", self.load_balance_loss > 0),
+                                           ("moe_router_z_loss", self.router_z_loss > 0)) if on)
 
     def block_size_at(self, step) -> jax.Array:
         """The block size of optimizer step `step` (may be traced): the schedule's, else the model's."""
@@ -218,7 +238,7 @@ class Trainer:
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), EVAL_STREAM), index)
             row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(c.micro_batch))
             block_size = None if not c.block_diffusion else jnp.int32(c.block_size)  # the model's own
-            return self._loss(params, frozen, micro, row_keys, None, block_size=block_size)[0]
+            return self._loss(params, frozen, micro, row_keys, None, block_size=block_size, with_terms=False)[0]
 
         return jax.jit(eval_loss, in_shardings=(self.param_shardings, self.frozen_shardings, self.batch_sharding, None))
 
@@ -246,7 +266,10 @@ class Trainer:
             return None
         return annealing_mask(c.seed, step, c.length, c.mask_annealing_steps)
 
-    def _loss(self, params, frozen, micro: dict, row_keys, valid, visible=None, block_size=None, dropout_keys=None):
+    def _loss(self, params, frozen, micro: dict, row_keys, valid, visible=None, block_size=None, dropout_keys=None,
+              with_terms: bool = True):
+        """(The step's objective on one micro-batch, (masked tokens, the experts' load [n_moe_layers, E] or None,
+        the objective's other terms by name)). Without `with_terms`: the diffusion loss alone (evaluation)."""
         c = self.step_config
         model = nnx.merge(self.graphdef, params, frozen)
         ids = micro["input_ids"]
@@ -264,26 +287,50 @@ class Trainer:
                 valid=None if row_valid is None else row_valid[None])
             return noisy[0], masked[0], p_mask[0]
 
+        def objective(noisy, masked, p_mask):
+            """(the diffusion loss, the logits, the router's statistics: MoE models, None for dense ones) of one
+            noised copy of the micro-batch: the statistics come out of the same forward as the logits."""
+            if c.block_diffusion:
+                logits, stats = self._block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size,
+                                                             dropout_keys)
+            elif c.task == "sft":
+                logits, stats = model.expert_load(noisy, visible=visible, dropout_keys=dropout_keys)
+            else:
+                logits, stats = model.expert_load(noisy, None if valid is None else valid.astype(jnp.int32), visible,
+                                                  dropout_keys=dropout_keys)
+            if c.task == "sft":
+                loss = sft_loss(logits, ids, masked, p_mask, micro["answer_lengths"])
+            else:
+                loss = pretraining_loss(logits, ids, masked, p_mask, valid)
+            return loss, logits, stats
+
         noisy, masked, p_mask = jax.vmap(noise)(row_keys, ids, prompt_lengths, valid)
-        # The experts' load (MoE models; None for dense ones) comes out of the same forward as the logits.
-        if c.block_diffusion:
-            logits, load = self._block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size,
-                                                        dropout_keys)
-        elif c.task == "sft":
-            logits, load = model.expert_load(noisy, visible=visible, dropout_keys=dropout_keys)
-        else:
-            logits, load = model.expert_load(noisy, None if valid is None else valid.astype(jnp.int32), visible,
-                                             dropout_keys=dropout_keys)
-        if c.task == "sft":
-            loss = sft_loss(logits, ids, masked, p_mask, micro["answer_lengths"])
-        else:
-            loss = pretraining_loss(logits, ids, masked, p_mask, valid)
-        return loss, (jnp.sum(masked), load)
+        copies = [(masked, *objective(noisy, masked, p_mask))]
+        if c.complementary_masking:  # SFT: the same rows with the complement of their answer masks
+            maskable = jnp.arange(ids.shape[1])[None, :] >= prompt_lengths[:, None]
+            noisy_c, masked_c, p_mask_c = complementary_masking(ids, masked, p_mask, maskable, mask_id=c.mask_id)
+            copies.append((masked_c, *objective(noisy_c, masked_c, p_mask_c)))
+        loss = sum(copy[1] for copy in copies) / len(copies)
+        stats = jax.tree.map(lambda *a: sum(a), *(copy[3] for copy in copies)) if copies[0][3] is not None else None
+        n_masked = sum(jnp.sum(copy[0]) for copy in copies)
+        terms = {}  # the objective's other terms, reported as metrics
+        if with_terms and c.confidence_beta > 0:
+            entropies = [confidence_loss(logits, ids, m) for m, _, logits, _ in copies]
+            n_right = sum(n for _, n in entropies)
+            terms["confidence_entropy"] = sum(e * n for e, n in entropies) / jnp.maximum(n_right, 1)
+            loss = loss + c.confidence_beta * terms["confidence_entropy"]
+        if with_terms and stats is not None and c.load_balance_loss > 0:
+            terms["moe_load_balance_loss"] = load_balance_loss(stats, self.model_config.experts_per_token)
+            loss = loss + c.load_balance_loss * terms["moe_load_balance_loss"]
+        if with_terms and stats is not None and c.router_z_loss > 0:
+            terms["moe_router_z_loss"] = router_z_loss(stats, self.model_config.experts_per_token)
+            loss = loss + c.router_z_loss * terms["moe_router_z_loss"]
+        return loss, (n_masked, None if stats is None else stats.load, terms)
 
     @staticmethod
     def _block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size, dropout_keys=None):
-        """(The block-diffusion predictions (see `llada_jax.diffusion`), the experts' load): one forward over
-        x_t ++ x_0, the logits of the noisy half; the load counts both halves (the experts run both)."""
+        """(The block-diffusion predictions (see `llada_jax.diffusion`), the router's statistics): one forward over
+        x_t ++ x_0, the logits of the noisy half; the statistics count both halves (the experts run both)."""
         b, length = ids.shape
         anchor = 0 if prompt_lengths is None else prompt_lengths
         pairs = block_diffusion_pairs(length, block_size, anchor)
@@ -310,19 +357,21 @@ class Trainer:
         zero_load = jnp.zeros((mc.n_moe_layers, mc.num_experts), jnp.float32) if mc.is_moe else None
 
         def micro_step(carry, xs):
-            grads_sum, loss_sum, masked_sum, load_sum = carry
+            grads_sum, loss_sum, masked_sum, load_sum, terms_sum = carry
             micro, index = xs
             rows = index * c.micro_batch + jnp.arange(c.micro_batch)
             row_keys = jax.vmap(lambda r: jax.random.fold_in(noise_key, r))(rows)
             dropout_keys = None if dropout_key is None else jax.vmap(lambda r: jax.random.fold_in(dropout_key, r))(rows)
-            (loss, (n_masked, load)), grads = grad_fn(state.params, frozen, micro, row_keys, valid, visible,
-                                                      block_size, dropout_keys)
+            (loss, (n_masked, load, terms)), grads = grad_fn(state.params, frozen, micro, row_keys, valid, visible,
+                                                             block_size, dropout_keys)
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
             load_sum = jax.tree.map(jnp.add, load_sum, load)
-            return (grads_sum, loss_sum + loss, masked_sum + n_masked, load_sum), None
+            terms_sum = jax.tree.map(jnp.add, terms_sum, terms)
+            return (grads_sum, loss_sum + loss, masked_sum + n_masked, load_sum, terms_sum), None
 
-        (grads, loss, n_masked, load), _ = jax.lax.scan(
-            micro_step, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zero_load),
+        (grads, loss, n_masked, load, terms), _ = jax.lax.scan(
+            micro_step, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zero_load,
+                         {name: jnp.zeros((), jnp.float32) for name in c.objective_terms}),
             (batch, jnp.arange(c.accumulation)))
         grads = jax.tree.map(lambda g: g / c.accumulation, grads)
         loss = loss / c.accumulation
@@ -331,7 +380,10 @@ class Trainer:
 
         def update(_):
             updates, new_opt_state = self.tx.update(grads, state.opt_state, state.params)
-            return jax.tree.map(lambda p, u: (p + u.astype(p.dtype)), state.params, updates), new_opt_state
+            params = jax.tree.map(lambda p, u: (p + u.astype(p.dtype)), state.params, updates)
+            if c.bias_update_rate > 0:  # the experts' balancing: not a gradient step (the bias has none)
+                params = update_expert_bias(params, expert_bias_update(load, c.bias_update_rate))
+            return params, new_opt_state
 
         # A conditional rather than a select between new and old values: the skipped branch costs nothing,
         # and an applied update reads the old state once (a third less optimizer time on CPU).
@@ -356,6 +408,7 @@ class Trainer:
         }
         if load is not None:
             metrics.update(router_metrics(load))
+        metrics.update({name: value / c.accumulation for name, value in terms.items()})
         return new_state, metrics
 
 
@@ -387,6 +440,35 @@ def annealing_mask(seed: int, step, length: int, annealing_steps: int) -> jax.Ar
     ratio = jnp.minimum(1.0, (step + 1).astype(jnp.float32) / jnp.float32(annealing_steps))
     causal = jnp.tril(jnp.ones((length, length), bool))
     return causal | jax.random.bernoulli(key, ratio, (length, length))
+
+
+DEFAULT_BIAS_UPDATE_RATE = 1e-3  # DeepSeek-V3's bias update speed (gamma), for most of its pretraining
+
+
+def bias_update_rate(config, model_config: LLaDAConfig) -> float:
+    """The rate of the experts' bias update: `moe.bias_update_rate`, its default (-1) resolved to
+    DEFAULT_BIAS_UPDATE_RATE for a model whose router has an expert bias and whose weights are trained (not LoRA,
+    where the bias belongs to the frozen base), else 0."""
+    rate = float(config.moe.bias_update_rate)
+    if rate == -1:
+        trained = model_config.router_expert_bias and not config.lora.enabled
+        return DEFAULT_BIAS_UPDATE_RATE if model_config.is_moe and trained else 0.0
+    return rate
+
+
+def update_expert_bias(params: dict, delta: jax.Array) -> dict:
+    """`params` with `delta` [n_moe_layers, E] added to the MoE layers' `expert_bias`: one stacked [layers, E] array
+    (scanned layers) or one [E] per layer (unrolled layers, in layer order)."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(params)
+    paths = sorted((path for path in flat if path[-1] == "expert_bias"), key=lambda p: [str(k).zfill(6) for k in p])
+    if len(paths) == 1 and flat[paths[0]].ndim == 2:
+        flat[paths[0]] = flat[paths[0]] + delta.astype(flat[paths[0]].dtype)
+    else:
+        for row, path in enumerate(paths):
+            flat[path] = flat[path] + delta[row].astype(flat[path].dtype)
+    return traverse_util.unflatten_dict(flat)
 
 
 def router_metrics(load: jax.Array) -> dict:
