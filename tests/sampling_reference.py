@@ -6,6 +6,8 @@ step through `logits_fn(ids, attention_mask) -> numpy [B, L, V]`. `reference_ori
 block by block for real (no hidden buffer) to check the fixed-shape semi_ar_origin implementation.
 `reference_block_diffusion` decodes a block-causal model block by block from the whole sequence at every step
 (no cache), with the schedule or a confidence threshold, stopping after the first block with EOS.
+`reference_llada2` is LLaDA 2.x's published generate() (inclusionAI modeling_llada2_moe.py): blocks laid from
+position 0, threshold decoding, and LLaDA 2.1's token editing with its post-fill steps.
 """
 
 from __future__ import annotations
@@ -158,3 +160,64 @@ def reference_block_diffusion(logits_fn, prompt, *, steps, gen_length, block_siz
     if len(hits):
         gen[int(hits[0]):] = eos_id
     return x.numpy(), run
+
+
+def reference_llada2(logits_fn, prompt, *, gen_length, block_size, mask_id, eos_id, threshold=0.95,
+                     editing_threshold=None, max_post_steps=16, cfg_scale=0.0):
+    """LLaDA 2.x's published generate() for ONE unpadded prompt [1, P] (temperature 0), step by step, as the
+    inclusionAI modeling code writes it: a buffer of ceil((P + G) / block_size) whole blocks laid from position 0,
+    the prompt then masks; blocks from the one that holds the prompt's tail (P // block_size) on. Each step calls
+    `logits_fn(ids, None)` on the whole buffer (a block-causal model with its blocks laid from 0: nothing after
+    the current block is visible) and reads the block: x0 = argmax, p = softmax probability of x0. Masks of the
+    block with p >= threshold are committed, always at least the most confident one (the published code takes
+    p > threshold; the two differ only when a probability equals the threshold exactly). With
+    `editing_threshold` (LLaDA 2.1), the same step replaces every committed non-prompt token of the block whose
+    x0 differs with p > editing_threshold, and once the block has no mask left a step is taken only while fewer
+    than `max_post_steps` such steps have run and the previous one edited something (at most block_size +
+    max_post_steps steps a block). After a block, decoding stops if the generated part holds EOS (LLaDA 2.0's
+    check). Returns (ids [1, P + G] with EOS after the first generated EOS and at never-decoded positions, the
+    number of steps run)."""
+    prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.int64)
+    assert prompt.shape[0] == 1
+    plen = prompt.shape[1]
+    num_blocks = -(-(plen + gen_length) // block_size)
+    x = torch.full((1, num_blocks * block_size), mask_id, dtype=torch.int64)
+    x[:, :plen] = prompt
+    prompt_index = torch.zeros_like(x, dtype=torch.bool)
+    prompt_index[:, :plen] = prompt != mask_id
+    post_limit = 0 if editing_threshold is None else max_post_steps
+    run = 0
+    for nb in range(plen // block_size, num_blocks):
+        lo, hi = nb * block_size, (nb + 1) * block_size
+        in_prompt = torch.arange(lo, hi) < plen  # the prompt's tail, in the first decoded block
+        post = 0
+        for _ in range(block_size + post_limit):
+            old = x[0, lo:hi].clone()
+            masked = (old == mask_id) & ~in_prompt
+            if not masked.any():
+                post += 1
+            if post > post_limit:
+                break
+            logits = _logits(logits_fn, x, None, prompt_index, cfg_scale, mask_id)[0, lo:hi]
+            x0 = torch.argmax(logits, dim=-1)
+            p = torch.gather(torch.softmax(logits.float(), dim=-1), -1, x0[:, None])[:, 0]
+            fill = torch.zeros_like(masked)
+            if masked.any():
+                conf = torch.where(masked, p, torch.full_like(p, NEG_INF))
+                fill = (conf >= threshold) & masked
+                fill[int(torch.argmax(conf))] = True
+            edit = torch.zeros_like(masked)
+            if editing_threshold is not None:
+                edit = ~masked & ~in_prompt & (x0 != old) & (p > editing_threshold)
+            x[0, lo:hi] = torch.where(fill | edit, x0, old)
+            run += 1
+            if not masked.any() and not edit.any():
+                break
+        if (x[0, plen:hi] == eos_id).any():
+            break
+    out = x[:, :plen + gen_length].clone()
+    gen = out[0, plen:]
+    hits = ((gen == eos_id) | (gen == mask_id)).nonzero()
+    if len(hits):
+        gen[int(hits[0]):] = eos_id
+    return out.numpy(), run

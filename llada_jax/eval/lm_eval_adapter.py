@@ -29,8 +29,10 @@ Model args (`--model_args k=v,...`):
     seed              random seed of the estimator and of sampling (default 1234)
     gen_batch_size    prompts per sampler call in generate_until (default 8)
     sampling_method (or method), gen_length, block_length, steps, temperature, remasking (or
-    remasking_strategy), threshold, cache, cache_refresh, logits_eos_inf, confidence_eos_eot_inf
-                      the sampler options of `create_sampler` (defaults as there)
+    remasking_strategy), threshold, editing_threshold, max_post_steps, cache, cache_refresh, logits_eos_inf,
+    confidence_eos_eot_inf
+                      the sampler options of `create_sampler` (defaults as there; a block_causal model's
+                      default method is block_diffusion, sampling_method=llada2 decodes as LLaDA 2.x's generate())
 lm-eval's `--batch_size` is the Monte Carlo batch (samples sharing one stratified draw), as in the official
 eval_llada.py; `mc_num` must be a multiple of it ("auto": 16).
 
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 _SAMPLER_ARGS = {"sampling_method": "method", "method": "method", "gen_length": "gen_length",
                  "block_length": "block_length", "steps": "steps", "temperature": "temperature",
                  "remasking": "remasking", "remasking_strategy": "remasking", "threshold": "threshold",
+                 "editing_threshold": "editing_threshold", "max_post_steps": "max_post_steps",
                  "cache": "cache", "cache_refresh": "cache_refresh", "logits_eos_inf": "logits_eos_inf",
                  "confidence_eos_eot_inf": "confidence_eos_eot_inf"}
 

@@ -1,5 +1,5 @@
-"""Jitted LLaDA samplers (fixed-length, semi-autoregressive padding and origin, block diffusion), batch sampling
-and chat.
+"""Jitted LLaDA samplers (fixed-length, semi-autoregressive padding and origin, block diffusion, LLaDA 2.x's
+decoding with token editing), batch sampling and chat.
 
 `generate(model, prompt_ids, ...)` and `create_sampler(method, **options)` are the API; `cli` registers the
 `sample` and `inference` commands.

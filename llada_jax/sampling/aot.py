@@ -12,10 +12,13 @@ One CPU artefact is removed: the CPU has no bfloat16 matmul, so XLA converts bf1
 matmul, and its while-loop invariant code motion hoists those conversions out of the sampler's loops, which
 would hold a float32 copy of every weight (twice the bf16 parameters) for the whole run; TPU and GPU multiply in
 bf16 and hold no such copy. The sampler is therefore compiled for sizing with that pass off (the conversion
-stays inside the loop: one layer's weights at a time, which the figures still include).
+stays inside the loop: one layer's weights at a time, which the figures still include). A Mixture-of-Experts
+model's grouped matmuls are sized as the native op's, as the train step's (`llada_jax.train.aot`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +27,17 @@ from flax import nnx
 from llada_jax import sharding
 from llada_jax.config import LLaDAConfig
 from llada_jax.model import abstract_model
+from llada_jax.model.moe import sized_as_grouped_matmul
 from llada_jax.sampling.options import SamplerOptions
 from llada_jax.sampling.samplers import program
 
 NO_HOISTED_CONVERSIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def on_cpu_moe(mesh: jax.sharding.Mesh, config: LLaDAConfig) -> bool:
+    """Whether a program of `config` on `mesh` is sized with its grouped matmuls as the native op's
+    (`llada_jax.model.moe.sized_as_grouped_matmul`): a Mixture-of-Experts model on CPU devices."""
+    return config.is_moe and mesh.devices.flat[0].platform == "cpu"
 
 
 def compile_sampler(config: LLaDAConfig, options: SamplerOptions, mesh: jax.sharding.Mesh, rules, *,
@@ -46,8 +56,10 @@ def compile_sampler(config: LLaDAConfig, options: SamplerOptions, mesh: jax.shar
         key_type = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
         keys = jax.ShapeDtypeStruct(key_type.shape, key_type.dtype,
                                     sharding=jax.NamedSharding(mesh, sharding.batch_spec(rules, mesh, 1)))
+    grouped_sized = on_cpu_moe(mesh, config)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        lowered = program.lower(graphdef, state, ids, ids, keys, opts=opts, record=False)
+        with sized_as_grouped_matmul() if grouped_sized else contextlib.nullcontext():
+            lowered = program.lower(graphdef, state, ids, ids, keys, opts=opts, record=False)
         on_cpu = mesh.devices.flat[0].platform == "cpu"
         compiled = lowered.compile(NO_HOISTED_CONVERSIONS if on_cpu else None)
     memory = compiled.memory_analysis()
@@ -62,6 +74,7 @@ def compile_sampler(config: LLaDAConfig, options: SamplerOptions, mesh: jax.shar
         "gen_length": opts.gen_length,
         "method": opts.method,
         "cache": opts.cache,
+        "grouped_matmul_sized": grouped_sized,  # MoE on CPU: ragged_dot's buffers sized as the native op's
         "argument_bytes": int(memory.argument_size_in_bytes),
         "output_bytes": int(memory.output_size_in_bytes),
         "temp_bytes": int(memory.temp_size_in_bytes),
@@ -72,11 +85,17 @@ def compile_sampler(config: LLaDAConfig, options: SamplerOptions, mesh: jax.shar
 
 def format_report(r: dict) -> str:
     gib = 1024**3
-    return "\n".join([
+    lines = [
         f"sampler on {r['devices']} devices, mesh {r['mesh']}: {r['parameters']:,} parameters ({r['param_dtype']}), "
         f"batch {r['batch']}, prompt {r['prompt_length']} + {r['gen_length']} generated, {r['method']}, "
         f"cache {r['cache']}",
         f"per-device memory: parameters and inputs {r['argument_bytes'] / gib:.2f} GiB, temporaries "
         f"{r['temp_bytes'] / gib:.2f} GiB, outputs {r['output_bytes'] / gib:.3f} GiB, peak estimate "
         f"{r['peak_bytes_estimate'] / gib:.2f} GiB",
-    ])
+    ]
+    return "\n".join(lines + ([GROUPED_NOTE] if r["grouped_matmul_sized"] else []))
+
+
+# The line of a report whose Mixture-of-Experts program was sized with `sized_as_grouped_matmul`.
+GROUPED_NOTE = ("(grouped matmuls sized as TPU / GPU run them: XLA:CPU expands ragged_dot densely; see "
+                "llada_jax/train/aot.py)")

@@ -15,7 +15,7 @@ from llada_jax import distributed
 from llada_jax.checkpoints import layout, storage
 from llada_jax.config import DTYPES, padding_token_id
 from llada_jax.errors import UsageError
-from llada_jax.sampling.options import BLOCK_METHODS, CACHES, METHODS, REMASKING
+from llada_jax.sampling.options import BLOCK_METHODS, CACHES, MAX_POST_STEPS, METHODS, REMASKING
 
 
 def register(sub) -> None:
@@ -54,7 +54,8 @@ def register(sub) -> None:
 
 def sampling_flags(p) -> None:
     p.add_argument("--sampling_method", choices=METHODS + BLOCK_METHODS, default="semi_ar_padding",
-                   help="block_diffusion for a block_causal model, one of the others for a bidirectional one")
+                   help="block_diffusion or llada2 (LLaDA 2.x's generate(): blocks from position 0, threshold 0.95) "
+                        "for a block_causal model, one of the others for a bidirectional one")
     p.add_argument("--remasking_strategy", choices=REMASKING, default="low_confidence")
     p.add_argument("--gen_length", type=int, default=128, help="generated tokens per prompt (default 128)")
     p.add_argument("--block_length", type=int, default=32,
@@ -67,7 +68,15 @@ def sampling_flags(p) -> None:
                    help="EOS / end-of-turn predictions get the lowest confidence (paper Appendix B.4)")
     p.add_argument("--threshold", type=float, default=None,
                    help="parallel decoding: each step commits every masked position of the block whose confidence "
-                        "is >= this (at least one); --steps is then unused (default: the step schedule)")
+                        "is >= this (at least one); --steps is then unused (default: the step schedule; llada2: "
+                        "0.95)")
+    p.add_argument("--editing_threshold", type=float, default=None,
+                   help="LLaDA 2.1 token editing (block_diffusion / llada2, with a threshold): a committed token of "
+                        "the block is replaced by the model's prediction when that differs with probability above "
+                        "this (LLaDA 2.1's generate() uses 0.9; default: no editing)")
+    p.add_argument("--max_post_steps", type=int, default=MAX_POST_STEPS,
+                   help=f"with --editing_threshold: editing steps a block may take once it has no mask left "
+                        f"(default {MAX_POST_STEPS})")
     p.add_argument("--cache", choices=CACHES, default=None,
                    help="KV cache for block decoding: prefix (cache before the block) or dual (before and after); "
                         "default: prefix for block_diffusion (its exact cache), none for the other methods")
@@ -96,6 +105,7 @@ def sampler_options(args, tokenizer=None):
             remasking=args.remasking_strategy, logits_eos_inf=args.logits_eos_inf,
             confidence_eos_eot_inf=args.confidence_eos_eot_inf,
             eot_id=tokenizer.eot_id if tokenizer is not None else None, threshold=args.threshold,
+            editing_threshold=args.editing_threshold, max_post_steps=args.max_post_steps,
             cache=args.cache, cache_refresh=args.cache_refresh)
     except ValueError as e:
         raise _usage(e) from e
@@ -105,7 +115,7 @@ def _usage(error: ValueError) -> UsageError:
     """An options error as a usage error, naming the flag where the message starts with the option."""
     text = str(error)
     flagged = text.split()[0] in ("gen_length", "block_length", "steps", "temperature", "cfg_scale", "threshold",
-                                  "cache_refresh")
+                                  "cache_refresh", "editing_threshold", "max_post_steps")
     return UsageError(f"--{text}" if flagged else text)
 
 

@@ -17,12 +17,21 @@ are decoded left to right with `steps // num_blocks` steps each.
   cache before the first block, every step runs the block alone against it, and once a block is final (and
   another follows) its keys and values are written in once. Only generated positions are decoded: the prompt
   is the clean context of the cache, so a mask token in it stays.
+- `llada2` (LLaDA 2.x's published generate()): block_diffusion with the blocks laid from position 0, as the
+  model was trained, so the first decoded block holds the prompt's last P % block_size tokens (which attend to
+  the block's masks, are never changed, and whose keys and values the cache takes from the finished block). In
+  the fixed-shape buffer each row is shifted right by its own P % block_size (`_first_block_share`), so that the
+  blocks of every row of a left-padded batch fall on the same columns; the generated region is gen_length +
+  block_size - 1 rounded up to blocks, a row decodes the blocks that hold its gen_length answer positions, and
+  the result is shifted back (prompt, then answer, in the caller's columns).
 
 Within a block (`decode_block`), the schedule runs its steps in a `lax.fori_loop`. With a `threshold` the
-block's steps run in a `lax.while_loop` until no row has a mask left in the block (at most block_length
-steps; `steps` is not used); a row whose block is done takes no part in the remaining steps of that block.
-The noise of step i of block n is keyed by n * steps_per_block + i (block_length with a threshold), so each
-row's result does not depend on the other rows of the batch.
+block's steps run in a `lax.while_loop`: a row takes part while it has a mask in the block (at most
+block_length steps; `steps` is not used). With token editing (`editing_threshold`, LLaDA 2.1) a step also
+re-writes committed tokens of the block (`step`), and a row goes on after its last mask is filled for up to
+`max_post_steps` steps, until a step edits nothing (block_length + max_post_steps steps at most); rows whose
+block is done take no part in its remaining steps. The noise of step i of block n is keyed by
+n * steps_per_block + i, so each row's result does not depend on the other rows of the batch.
 """
 
 from __future__ import annotations
@@ -35,8 +44,8 @@ import jax.numpy as jnp
 from llada_jax.model import KVCache, positions_from_mask
 from llada_jax.sampling import schedule
 from llada_jax.sampling.network import network
-from llada_jax.sampling.options import SamplerOptions
-from llada_jax.sampling.step import Context, Place, State, masks_in_block, step
+from llada_jax.sampling.options import BLOCK_METHODS, SamplerOptions
+from llada_jax.sampling.step import Context, Place, State, in_block, masks_in_block, step
 
 
 class SampleStats(NamedTuple):
@@ -44,11 +53,11 @@ class SampleStats(NamedTuple):
 
     `nfe[b]` is the number of network evaluations spent on row b, i.e. denoising steps run for that row,
     times 2 with CFG (the conditional and the unconditional sequence are both evaluated); for
-    `semi_ar_origin` and `block_diffusion` it counts only the blocks the row actually decoded, with a threshold
-    only the steps the row took part in. A cached (windowed) step counts like a full one: one evaluation of the
-    network, on fewer positions. `forward_calls` is the number of batched model calls the program made: the
-    steps of the loop, and for block_diffusion's cache also its fill and each finished block's append (which
-    are not denoising steps, so nfe leaves them out)."""
+    `semi_ar_origin` and the block methods it counts only the blocks the row actually decoded, with a threshold
+    only the steps the row took part in (with token editing, its editing steps too). A cached (windowed) step
+    counts like a full one: one evaluation of the network, on fewer positions. `forward_calls` is the number of
+    batched model calls the program made: the steps of the loop, and for the block methods' cache also its fill
+    and each finished block's append (which are not denoising steps, so nfe leaves them out)."""
 
     nfe: jax.Array  # int32 [B]: network evaluations per row (x2 with CFG)
     forward_calls: jax.Array  # int32 []: batched model calls (denoising steps run)
@@ -56,28 +65,50 @@ class SampleStats(NamedTuple):
 
 def sample(model, prompt_ids: jax.Array, attention_mask: jax.Array | None, keys: jax.Array | None,
            opts: SamplerOptions, record: bool):
-    """(ids [B, L], SampleStats, history [slots, B, L] of x after every step, or None unless `record`).
-    Traced inside one jitted program; `opts` are resolved."""
+    """(ids [B, P + gen_length], SampleStats, history [slots, B, P + gen_length] of x after every step, or None
+    unless `record`). Traced inside one jitted program; `opts` are resolved."""
     batch, plen = prompt_ids.shape
     layout = opts.layout
-    x = jnp.concatenate([prompt_ids, jnp.full((batch, layout.gen_length), opts.mask_id, jnp.int32)], axis=1)
+    length = plen + layout.gen_length
     prompt_valid = jnp.ones_like(prompt_ids, bool) if attention_mask is None else attention_mask.astype(bool)
-    valid = jnp.concatenate([prompt_valid, jnp.ones((batch, layout.gen_length), bool)], axis=1)
-    generated = jnp.arange(x.shape[1])[None, :] >= plen
-    fillable = valid & generated if opts.method == "block_diffusion" else valid
-    ctx = Context(opts, fillable, positions_from_mask(valid, batch, x.shape[1]), keys)
+    shift = _first_block_share(prompt_valid, opts)
+    # Row b's prompt sits at columns shift[b] .. shift[b] + plen - 1: its last shift[b] tokens in the first block.
+    source = jnp.arange(length)[None, :] - shift[:, None]  # the prompt column a column holds, when < plen
+    generated = source >= plen
+    held = jnp.clip(source, 0, plen - 1)
+    x = jnp.where(generated | (source < 0), opts.mask_id, jnp.take_along_axis(prompt_ids, held, axis=1))
+    valid = generated | (source >= 0) & jnp.take_along_axis(prompt_valid, held, axis=1)
+    answer = generated & (source < plen + opts.gen_length)
+    fillable = valid & generated if opts.method in BLOCK_METHODS else valid
+    ctx = Context(opts, fillable, positions_from_mask(valid, batch, length), keys, answer)
     # The unconditional CFG input masks the prompt: every position that did not start as a mask.
     prompt = (x != opts.mask_id) & ~generated
     net = network(model, opts, prompt)
     state = State.initial(x, layout.num_blocks * layout.steps_per_block, record)
-    attention_mask = None if attention_mask is None else valid.astype(jnp.int32)
+    # (without a mask, llada2 shifts every row alike: by plen % block_length, which needs one when not 0)
+    needs_mask = attention_mask is not None or opts.method == "llada2" and plen % layout.block_length
+    attention_mask = valid.astype(jnp.int32) if needs_mask else None
     if opts.method == "semi_ar_origin":
         state = semi_ar_origin(state, net, ctx)
-    elif opts.method == "block_diffusion":
+    elif opts.method in BLOCK_METHODS:
         state = block_diffusion(state, net, attention_mask, ctx)
     else:  # fixed_length is semi_ar_padding with one block
         state = semi_ar_padding(state, net, attention_mask, ctx)
-    return state.x, SampleStats(state.nfe, state.forward_calls), state.history
+    x, history = state.x, state.history
+    if opts.method == "llada2":  # each row's prompt and answer, back in the caller's columns
+        columns = jnp.arange(plen + opts.gen_length)[None, :] + shift[:, None]
+        x = jnp.take_along_axis(x, columns, axis=1)
+        history = None if history is None else jnp.take_along_axis(history, columns[None], axis=2)
+    return x, SampleStats(state.nfe, state.forward_calls), history
+
+
+def _first_block_share(prompt_valid: jax.Array, opts: SamplerOptions) -> jax.Array:
+    """int32 [B]: how many of each row's prompt tokens share the first decoded block with its answer. llada2 lays
+    the blocks from position 0 (as LLaDA 2.x's generate() and training do): the prompt's last P % block_length
+    tokens; every other method starts a block at the prompt's end: none."""
+    if opts.method != "llada2":
+        return jnp.zeros(prompt_valid.shape[:1], jnp.int32)
+    return jnp.sum(prompt_valid, axis=1, dtype=jnp.int32) % opts.layout.block_length
 
 
 def semi_ar_padding(state: State, net, attention_mask: jax.Array | None, ctx: Context) -> State:
@@ -126,8 +157,9 @@ def until_eos(state: State, net, ctx: Context, attention_mask_at, kv: KVCache | 
         start = plen + n * layout.block_length
         attention_mask = attention_mask_at(start)
         state = decode_block(n, state, active, attention_mask, net, ctx, kv)
-        in_block = (col >= start) & (col < start + layout.block_length)
-        active = active & ~jnp.any((state.x == opts.eos_id) & in_block, axis=1)
+        eos = (state.x == opts.eos_id) & ctx.answer & in_block(state.x, start, ctx)
+        # a row goes on while it has answer positions after the block (llada2: its own last block) and no EOS
+        active = active & ~jnp.any(eos, axis=1) & jnp.any(ctx.answer & (col >= start + layout.block_length), axis=1)
         if kv is not None:  # the final block's keys and values, once, if a block follows for some row
             def append(state, kv):
                 return (state._replace(forward_calls=state.forward_calls + 1),
@@ -140,9 +172,8 @@ def until_eos(state: State, net, ctx: Context, attention_mask_at, kv: KVCache | 
     every_row = jnp.ones(state.x.shape[:1], bool)
     decoded, state, _, _ = jax.lax.while_loop(more, next_block, (jnp.int32(0), state, kv, every_row))
     state = state.hold(decoded * layout.steps_per_block, layout.num_blocks * layout.steps_per_block)
-    generated = col >= plen
-    eos_seen = jnp.cumsum(((state.x == opts.eos_id) & generated).astype(jnp.int32), axis=1) > 0
-    return state._replace(x=jnp.where(generated & (eos_seen | (state.x == opts.mask_id)), opts.eos_id, state.x))
+    eos_seen = jnp.cumsum(((state.x == opts.eos_id) & ctx.answer).astype(jnp.int32), axis=1) > 0
+    return state._replace(x=jnp.where(ctx.answer & (eos_seen | (state.x == opts.mask_id)), opts.eos_id, state.x))
 
 
 def decode_block(n, state: State, active: jax.Array, attention_mask: jax.Array | None, net, ctx: Context,
@@ -151,30 +182,47 @@ def decode_block(n, state: State, active: jax.Array, attention_mask: jax.Array |
     (block_diffusion's), else the network fills its own at the block's first step, or has none."""
     layout = ctx.opts.layout
     start, per_block = ctx.prompt_length + n * layout.block_length, layout.steps_per_block
-    if ctx.opts.threshold is None:
+    if ctx.opts.threshold is None:  # the schedule's k tokens at each of the block's steps
         masked = jnp.where(active, jnp.sum(masks_in_block(state.x, start, ctx), axis=1, dtype=jnp.int32), 0)
 
-        def place(i):
-            return Place(start, n * per_block + i, schedule.transfer_count(masked, per_block, i), active)
-    else:
-        def place(i):
-            return Place(start, n * per_block + i, None, active)
+        def advance(i, carry, full):
+            at = Place(start, n * per_block + i, schedule.transfer_count(masked, per_block, i), active)
+            return _advance(*carry, at, full, attention_mask, net, ctx)
 
-    def advance(i, carry, full):
-        return _advance(*carry, place(i), full, attention_mask, net, ctx)
-
-    carry, first = (state, kv), 0
-    if net.fills_cache:  # the first step of a block fills the cache
-        carry, first = advance(0, carry, True), 1
-    if ctx.opts.threshold is None:
+        carry, first = (state, kv), 0
+        if net.fills_cache:  # the first step of a block fills the cache
+            carry, first = advance(0, carry, True), 1
         return jax.lax.fori_loop(first, per_block, lambda i, c: advance(i, c, net.full_at(i)), carry)[0]
 
-    def unfinished(loop):
-        i, (state, _) = loop
-        return (i < per_block) & jnp.any(active & jnp.any(masks_in_block(state.x, start, ctx), axis=1))
+    # Threshold decoding: a row takes part in a step while it has a mask in the block, and with token editing
+    # (LLaDA 2.1) also for up to post_steps more steps once it has none, until a step edits nothing.
+    post_steps = ctx.opts.post_steps
 
-    i, (state, _) = jax.lax.while_loop(unfinished, lambda loop: (loop[0] + 1, advance(*loop, net.full_at(loop[0]))),
-                                       (jnp.int32(first), carry))
+    def taking_part(x, post, done):
+        """(rows in the next step, rows that have a mask in the block)."""
+        masks = jnp.any(masks_in_block(x, start, ctx), axis=1)
+        return active & ~done & (post + ~masks <= post_steps), masks
+
+    def threshold_step(i, carry, post, done, full):
+        state, kv = carry
+        rows, masks = taking_part(state.x, post, done)
+        new, kv = _advance(state, kv, Place(start, n * per_block + i, None, rows), full, attention_mask, net, ctx)
+        edited = jnp.any((new.x != state.x) & (state.x != ctx.opts.mask_id), axis=1)
+        return (new, kv), jnp.where(rows, post + ~masks, post), done | ~rows | (~masks & ~edited)
+
+    loop = (jnp.int32(0), (state, kv), jnp.zeros_like(active, jnp.int32), jnp.zeros_like(active))
+    if net.fills_cache:  # the first step of a block fills the cache
+        loop = (jnp.int32(1), *threshold_step(0, *loop[1:], True))
+
+    def unfinished(loop):
+        i, (state, _), post, done = loop
+        return (i < per_block) & jnp.any(taking_part(state.x, post, done)[0])
+
+    def body(loop):
+        i, carry, post, done = loop
+        return (i + 1, *threshold_step(i, carry, post, done, net.full_at(i)))
+
+    i, (state, _), _, _ = jax.lax.while_loop(unfinished, body, loop)
     return state.hold(n * per_block + i, (n + 1) * per_block)  # the block's unused step slots
 
 

@@ -12,7 +12,7 @@ the window shrinks from block to block, so the drivers unroll the blocks (`unrol
 `BlockCache` is block_diffusion's exact cache on a block_causal model: the keys and values of the prompt and of
 each finished block are computed once and never change (nothing after a block is visible to it), so every step
 runs the current block alone against the cache, with the same numbers as `Forward`. A block_causal model's blocks
-are laid from the end of the prompt (`block_anchor`).
+are laid from the start of the generated region (`block_anchor`).
 
 All apply classifier-free guidance the same way (`Guidance`): the unconditional input is x with the prompt
 replaced by masks, both halves run as one batch of 2B, and logits = un + (cfg_scale + 1) (cond - un).
@@ -191,9 +191,10 @@ class BlockCache:
 def network(model, opts: SamplerOptions, prompt: jax.Array) -> Forward | CachedForward | BlockCache:
     """The network call `opts` ask for; `prompt` bool [B, L] marks what the unconditional CFG input masks."""
     guidance = Guidance(opts.cfg_scale, prompt, opts.mask_id)
-    # A block_causal model lays its blocks from the end of the prompt (the same for every row of a left-padded
-    # batch), so generation starts a block.
-    anchor = prompt.shape[1] - opts.gen_length if model.config.attention_type == "block_causal" else None
+    # A block_causal model lays its blocks from the start of the generated region (the same column for every row
+    # of a left-padded batch): the end of the prompt, so generation starts a block, or for llada2 the start of the
+    # block that holds the prompt's tail (`methods.sample` shifts each row so that its blocks fall from position 0).
+    anchor = prompt.shape[1] - opts.layout.gen_length if model.config.attention_type == "block_causal" else None
     if opts.cache == "none":
         return Forward(model, guidance, anchor)
     if anchor is not None:

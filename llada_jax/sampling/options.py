@@ -9,10 +9,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
-# The methods of a bidirectional (LLaDA) or causal model, and the one of a block_causal (block diffusion) model:
+# The methods of a bidirectional (LLaDA) or causal model, and those of a block_causal (block diffusion) model:
 # the attention a model was trained with decides which it can be sampled with (`SamplerOptions.resolved`).
+# block_diffusion lays the blocks from the prompt's end (this project's SFT); llada2 from position 0, as LLaDA 2.x's
+# published generate() (and its training) does, so the first block holds the prompt's tail.
 METHODS = ("fixed_length", "semi_ar_padding", "semi_ar_origin")
-BLOCK_METHODS = ("block_diffusion",)
+BLOCK_METHODS = ("block_diffusion", "llada2")
+# LLaDA 2.x's generate(): threshold 0.95 (llada2's default); 2.1's token editing: editing_threshold 0.9 and
+# max_post_steps 16 (its defaults; the editing threshold is off unless given).
+LLADA2_THRESHOLD = 0.95
+MAX_POST_STEPS = 16
 REMASKING = ("low_confidence", "random")
 CACHES = ("none", "prefix", "dual")
 # <|eot_id|> of the official LLaDA-8B tokenizer; used by `confidence_eos_eot_inf` when the model has that
@@ -78,7 +84,7 @@ class SamplerOptions:
 
     method: str = "semi_ar_padding"
     gen_length: int = 128
-    block_length: int = 32  # fixed_length ignores it; block_diffusion uses the model's block_size instead
+    block_length: int = 32  # fixed_length ignores it; the block methods use the model's block_size instead
     steps: int = 128
     temperature: float = 0.0
     cfg_scale: float = 0.0
@@ -89,7 +95,12 @@ class SamplerOptions:
     logits_eos_inf: bool = False  # never predict EOS (its logit is -inf)
     confidence_eos_eot_inf: bool = False  # EOS / EOT predictions get the lowest confidence (Appendix B.4)
     threshold: float | None = None  # parallel decoding: commit every masked position with confidence >= this
-    cache: str | None = None  # KV cache: none | prefix | dual; None: prefix for block_diffusion, else none
+    # (llada2: None is its published 0.95)
+    # LLaDA 2.1 token editing (block methods, with a threshold): a committed token of the current block is replaced
+    # by the step's prediction when that differs and its probability is above this; None: off (LLaDA 2.0)
+    editing_threshold: float | None = None
+    max_post_steps: int = MAX_POST_STEPS  # with editing: steps a block may take once it has no mask left
+    cache: str | None = None  # KV cache: none | prefix | dual; None: prefix for the block methods, else none
     cache_refresh: int = 0  # with a cache, a full forward (cache refresh) every this many steps; 0: block starts
     # Left-pad prompts to a bucket length (`prompt_bucket`), so that calls with other prompt lengths reuse the
     # compiled programs of a few shapes; False: compile for each prompt length as given.
@@ -115,10 +126,13 @@ class SamplerOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative token id, got {value!r}")
+        if self.threshold is None and self.method == "llada2":  # frozen: its published default, once, here
+            object.__setattr__(self, "threshold", LLADA2_THRESHOLD)
         value = self.threshold
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value < 0):
             raise ValueError(f"threshold must be a finite number >= 0 (or None: the step schedule), got {value!r}")
+        self._check_editing()
         if self.cache is None:  # frozen: the method's default cache is filled in once, here
             object.__setattr__(self, "cache", "prefix" if self.method in BLOCK_METHODS else "none")
         if self.cache not in CACHES:
@@ -132,22 +146,53 @@ class SamplerOptions:
             # Its cache is exact (a finished block's keys and values never change): nothing after the block to
             # keep (dual) and nothing to refresh.
             if self.cache == "dual":
-                raise ValueError("cache: block_diffusion's positions after the block are invisible, so it has no "
-                                 "dual cache; use prefix (the exact cache, its default) or none")
+                raise ValueError(f"cache: {self.method}'s positions after the block are invisible, so it has no "
+                                 f"dual cache; use prefix (the exact cache, its default) or none")
             if self.cache_refresh:
-                raise ValueError(f"cache_refresh must be 0 with block_diffusion (its cache is exact: nothing to "
+                raise ValueError(f"cache_refresh must be 0 with {self.method} (its cache is exact: nothing to "
                                  f"refresh), got {value!r}")
+
+    def _check_editing(self) -> None:
+        value = self.max_post_steps
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"max_post_steps must be an integer >= 0, got {value!r}")
+        value = self.editing_threshold
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"editing_threshold must be a probability in [0, 1] (or None: no editing), got {value!r}")
+        if self.method not in BLOCK_METHODS:
+            raise ValueError(f"editing_threshold: token editing (LLaDA 2.1) runs in the block-diffusion methods "
+                             f"{list(BLOCK_METHODS)} on a block_causal model, not in {self.method}")
+        if self.threshold is None:
+            raise ValueError("editing_threshold: token editing runs with threshold decoding (LLaDA 2.1's joint "
+                             "threshold); pass a threshold")
+        if self.remasking != "low_confidence":
+            raise ValueError(f"editing_threshold: an edit is scored by the probability of the predicted token, so it "
+                             f"needs remasking 'low_confidence', not {self.remasking!r}")
+
+    @property
+    def post_steps(self) -> int:
+        """The steps a block may take once it has no mask left: max_post_steps with editing, else none."""
+        return self.max_post_steps if self.editing_threshold is not None else 0
 
     @property
     def layout(self) -> BlockLayout:
-        """The blocks (for block_diffusion, of the options `resolved` on a model: its block_size)."""
+        """The blocks (for the block methods, of the options `resolved` on a model: its block_size). llada2's
+        blocks are laid from position 0, so the first one holds up to block_length - 1 tokens of the prompt: its
+        generated region (`BlockLayout.gen_length`) is gen_length + block_length - 1 rounded up to whole blocks, of
+        which each row decodes the blocks that hold its gen_length answer positions."""
         block = self.gen_length if self.method == "fixed_length" else self.block_length
         if self.method == "fixed_length" and not (isinstance(block, int) and block > 0):
             block = self.block_length  # let BlockLayout name the bad gen_length
-        steps = self.steps
-        if self.threshold is not None and isinstance(block, int) and block > 0 and isinstance(self.gen_length, int):
-            steps = max(1, self.gen_length // block) * block  # steps are not used: at most one step per token
-        return BlockLayout.checked(self.gen_length, block, steps)
+        gen, steps = self.gen_length, self.steps
+        sizes = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (block, gen))
+        if self.method == "llada2" and sizes:
+            gen = -(-(gen + block - 1) // block) * block
+        if self.threshold is not None and sizes:
+            # steps are not used: at most one step per token, and with editing the block's post steps
+            steps = max(1, gen // block) * (block + self.post_steps)
+        return BlockLayout.checked(gen, block, steps)
 
     def resolved(self, config) -> "SamplerOptions":
         """These options with the token ids filled in from a model config, and checked against its vocab."""
@@ -169,7 +214,9 @@ class SamplerOptions:
         resolved = dataclasses.replace(self, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
                                        block_length=self._block_length(config),
                                        temperature=float(self.temperature), cfg_scale=float(self.cfg_scale),
-                                       threshold=None if self.threshold is None else float(self.threshold))
+                                       threshold=None if self.threshold is None else float(self.threshold),
+                                       editing_threshold=None if self.editing_threshold is None
+                                       else float(self.editing_threshold))
         resolved.layout  # block_diffusion: the model's blocks against steps
         return resolved
 
@@ -177,17 +224,18 @@ class SamplerOptions:
         """The block length on this model; a method the model's attention cannot be sampled with is an error."""
         attention = config.attention_type
         if self.method in BLOCK_METHODS and attention != "block_causal":
-            raise ValueError(f"method: block_diffusion samples a block-diffusion model (attention_type "
+            raise ValueError(f"method: {self.method} samples a block-diffusion model (attention_type "
                              f"'block_causal' with a block_size); this model's attention_type is {attention!r}: "
                              f"use one of {list(METHODS)}")
         if attention == "block_causal" and self.method not in BLOCK_METHODS:
             raise ValueError(f"method: {self.method} cannot sample a block_causal model (block_size "
                              f"{config.block_size}: a position sees only its own and earlier blocks, so the "
-                             f"answer must be decoded block by block): use method 'block_diffusion'")
+                             f"answer must be decoded block by block): use method 'block_diffusion' (blocks from "
+                             f"the prompt's end) or 'llada2' (blocks from position 0, as LLaDA 2.x)")
         if self.method not in BLOCK_METHODS:
             return self.block_length
         # The model was trained with these blocks: they are the decoding blocks (block_length is not used).
-        if self.gen_length % config.block_size:
+        if self.method == "block_diffusion" and self.gen_length % config.block_size:
             raise ValueError(f"gen_length {self.gen_length} is not a multiple of the model's block_size "
                              f"{config.block_size} (block_diffusion decodes whole blocks)")
         return config.block_size

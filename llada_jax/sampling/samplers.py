@@ -21,7 +21,8 @@ from flax import nnx
 from llada_jax import sharding
 from llada_jax.sampling import methods, noise
 from llada_jax.sampling.methods import SampleStats
-from llada_jax.sampling.options import BLOCK_METHODS, METHODS, REMASKING, SamplerOptions, prompt_bucket
+from llada_jax.sampling.options import (BLOCK_METHODS, MAX_POST_STEPS, METHODS, REMASKING, SamplerOptions,
+                                        prompt_bucket)
 
 __all__ = ["BLOCK_METHODS", "METHODS", "REMASKING", "SampleStats", "Sampler", "SamplerOptions", "create_sampler",
            "generate", "program"]
@@ -102,10 +103,11 @@ class Sampler:
 
 
 def create_sampler(method: str = "semi_ar_padding", *, mesh=None, rules=None, **options) -> Sampler:
-    """A `Sampler` for `method` (fixed_length | semi_ar_padding | semi_ar_origin, or block_diffusion for a
+    """A `Sampler` for `method` (fixed_length | semi_ar_padding | semi_ar_origin, or block_diffusion | llada2 for a
     block_causal model); `options` are the fields
     of `SamplerOptions` (gen_length, block_length, steps, temperature, cfg_scale, remasking, mask_id, eos_id,
-    eot_id, logits_eos_inf, confidence_eos_eot_inf, threshold, cache, cache_refresh, prompt_buckets)."""
+    eot_id, logits_eos_inf, confidence_eos_eot_inf, threshold, editing_threshold, max_post_steps, cache,
+    cache_refresh, prompt_buckets)."""
     known = {f.name for f in dataclasses.fields(SamplerOptions)} - {"method"}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -117,7 +119,8 @@ def generate(model, prompt_ids, attention_mask=None, *, method: str = "semi_ar_p
              block_length: int = 32, steps: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
              remasking: str = "low_confidence", mask_id: int | None = None, eos_id: int | None = None,
              eot_id: int | None = None, logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False,
-             threshold: float | None = None, cache: str | None = None, cache_refresh: int = 0,
+             threshold: float | None = None, editing_threshold: float | None = None,
+             max_post_steps: int = MAX_POST_STEPS, cache: str | None = None, cache_refresh: int = 0,
              prompt_buckets: bool = True, rng=None, mesh=None, rules=None, return_stats: bool = False,
              return_history: bool = False):
     """Sample answers for a batch of (left-padded) prompts: int32 ids [B, P + gen_length].
@@ -125,15 +128,18 @@ def generate(model, prompt_ids, attention_mask=None, *, method: str = "semi_ar_p
     `attention_mask` [B, P] marks real prompt tokens with 1 (left padding 0). The prompts are left-padded further
     to their bucket length (`options.prompt_bucket`; not with `prompt_buckets=False`), so that other prompt
     lengths reuse a few compiled programs: the answer is the same and the result keeps the caller's columns.
-    `mask_id` / `eos_id` default to the model config's. `cache` None: "prefix" for block_diffusion (its exact
-    cache), "none" otherwise. With `return_stats=True` returns `(ids, SampleStats)`, with `return_history=True` also the sequence after every
+    `mask_id` / `eos_id` default to the model config's. `cache` None: "prefix" for the block methods (their exact
+    cache), "none" otherwise. `threshold` None: the step schedule (llada2: 0.95, its published default);
+    `editing_threshold` (block methods, with a threshold): LLaDA 2.1's token editing, for up to `max_post_steps`
+    steps once a block has no mask left. With `return_stats=True` returns `(ids, SampleStats)`, with `return_history=True` also the sequence after every
     step. See `methods` and `step` for the algorithm and `Sampler` for `rng` and `mesh`.
     """
     sampler = create_sampler(
         method, mesh=mesh, rules=rules, gen_length=gen_length, block_length=block_length, steps=steps,
         temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, mask_id=mask_id, eos_id=eos_id,
         eot_id=eot_id, logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
-        threshold=threshold, cache=cache, cache_refresh=cache_refresh, prompt_buckets=prompt_buckets)
+        threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps, cache=cache,
+        cache_refresh=cache_refresh, prompt_buckets=prompt_buckets)
     return sampler(model, prompt_ids, attention_mask, rng=rng, return_stats=return_stats,
                    return_history=return_history)
 

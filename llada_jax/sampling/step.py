@@ -10,12 +10,17 @@ As in the official `generate.py`, given the logits of the current sequence x (wi
 
 k comes from the schedule (`schedule.transfer_count`, fixed per row when the block starts). Masked positions
 are every mask token of a real (attention_mask = 1) position, so mask tokens inside a prompt are filled too,
-exactly as the official sampler does (block_diffusion fills generated positions only: its prompt is the clean
-context the blocks attend to). Committed tokens never change.
+exactly as the official sampler does (the block methods fill generated positions only: their prompt is the clean
+context the blocks attend to). Committed tokens never change (unless token editing is on, below).
 
 Threshold (Fast-dLLM): instead of the schedule's k, the step commits every masked position of the block whose
 confidence is at least `threshold`, and always the most confident one (`remasking.select_threshold`), in the
-rows that still have a mask in the block.
+rows that take part in the step (`Place.active`: the driver's choice, see `methods.decode_block`).
+
+Token editing (LLaDA 2.1, `editing_threshold`, the block methods): the same step also replaces each committed
+token of the current block (a generated position that was not a mask when the step began; never the prompt) by
+the step's x0 where x0 differs from it and its probability (the low-confidence score) is above
+`editing_threshold`. Committed tokens change only so.
 
 Appendix B.4 options. `logits_eos_inf` sets the EOS logit to -inf (after CFG, before x0 is drawn).
 `confidence_eos_eot_inf` removes EOS and EOT (`<|eot_id|>`) from the softmax that scores x0, so an EOS or EOT
@@ -66,13 +71,16 @@ class Context(NamedTuple):
     """What every step of one sampling call reads besides the state."""
 
     opts: SamplerOptions  # resolved (token ids filled in)
-    valid: jax.Array  # bool [B, L]: positions a step may fill: real ones (block_diffusion: generated ones)
+    valid: jax.Array  # bool [B, L]: positions a step may fill: real ones (block methods: generated ones)
     positions: jax.Array  # int32 [B, L]: position in the unpadded sequence, which keys the random draws
     keys: jax.Array | None  # [B] row keys (None when nothing is random)
+    answer: jax.Array  # bool [B, L]: the gen_length positions after each row's prompt, returned as its answer
 
     @property
     def prompt_length(self) -> int:
-        return self.valid.shape[1] - self.opts.gen_length
+        """Where the generated region (`opts.layout.gen_length` positions) starts: the prompt's end, or for llada2
+        the start of the block that holds the prompt's tail."""
+        return self.valid.shape[1] - self.opts.layout.gen_length
 
 
 class Place(NamedTuple):
@@ -81,13 +89,18 @@ class Place(NamedTuple):
     start: int | jax.Array  # first position of the current block
     t: int | jax.Array  # the step's number in the whole program: keys its noise, names its history slot
     k: jax.Array | None  # int32 [B]: tokens each row commits (the schedule); None with a threshold
-    active: jax.Array  # bool [B]: rows still decoding (semi_ar_origin stops a row after an EOS block)
+    active: jax.Array  # bool [B]: rows taking part in the step (the others keep their tokens and spend nothing)
+
+
+def in_block(x: jax.Array, start, ctx: Context) -> jax.Array:
+    """bool [1, L]: the positions of the block that starts at `start`."""
+    col = jnp.arange(x.shape[1])[None, :]
+    return (col >= start) & (col < start + ctx.opts.layout.block_length)
 
 
 def masks_in_block(x: jax.Array, start, ctx: Context) -> jax.Array:
-    """bool [B, L]: the mask tokens of the block that starts at `start`."""
-    col = jnp.arange(x.shape[1])[None, :]
-    return (x == ctx.opts.mask_id) & (col >= start) & (col < start + ctx.opts.layout.block_length)
+    """bool [B, L]: the mask tokens a step may fill in the block that starts at `start`."""
+    return (x == ctx.opts.mask_id) & ctx.valid & in_block(x, start, ctx)
 
 
 def step(state: State, out, at: Place, ctx: Context) -> State:
@@ -96,18 +109,18 @@ def step(state: State, out, at: Place, ctx: Context) -> State:
     opts, x = ctx.opts, state.x
     col = jnp.arange(x.shape[1])[None, :]
     masked = (x == opts.mask_id) & ctx.valid
-    x0, confidence = _predict(out, x, masked, at, ctx)
-    confidence = jnp.where(masked & (col < at.start + opts.layout.block_length), confidence, -jnp.inf)
-    x0 = jnp.where(masked, x0, x)  # committed tokens never change
+    x0, score = _predict(out, x, masked, at, ctx)
+    confidence = jnp.where(masked & (col < at.start + opts.layout.block_length), score, -jnp.inf)
     if opts.threshold is None:
-        taking_part = at.active
         chosen = remasking.select_top_k(confidence, at.k, opts.layout.max_transfer)
     else:
-        taking_part = at.active & jnp.any(masks_in_block(x, at.start, ctx), axis=1)
-        chosen = remasking.select_threshold(confidence, opts.threshold) & taking_part[:, None]
-    x = jnp.where(chosen, x0, x)
+        chosen = remasking.select_threshold(confidence, opts.threshold) & at.active[:, None]
+    if opts.editing_threshold is not None:  # LLaDA 2.1: committed tokens of the block the model now reads otherwise
+        committed = ctx.valid & ~masked & in_block(x, at.start, ctx) & at.active[:, None]
+        chosen |= committed & (x0 != x) & (score > opts.editing_threshold)
+    x = jnp.where(chosen, x0, x)  # else, committed tokens never change
     history = None if state.history is None else state.history.at[at.t].set(x)
-    nfe = state.nfe + taking_part.astype(jnp.int32) * opts.evaluations_per_step
+    nfe = state.nfe + at.active.astype(jnp.int32) * opts.evaluations_per_step
     return State(x, nfe, state.forward_calls + 1, history)
 
 
