@@ -465,6 +465,12 @@ def train_config(model: LLaDAConfig | None = None, *, task: str = "pretrain") ->
     c.data.tokenizer = ""  # HF tokenizer directory, needed for {"text"} / chat records
     c.data.pretrain_mode = "concat"  # concat (documents joined with EOS, cut into max_length rows) | pad
     c.data.too_long = "error"  # SFT examples longer than max_length: error | skip | truncate_prompt
+    # Packing: several documents (pretraining) or SFT examples per row, each its own segment (segment_ids): it
+    # attends only to itself, its positions restart at 0, its blocks are laid from its own start; padding only at a
+    # row's end. SFT answers are then EOS-padded to a multiple of pad_multiple (at least one EOS; 0: model.block_size
+    # for block_causal models, else 1) instead of to max_length.
+    c.data.pack = False
+    c.data.pad_multiple = 0
     c.data.skip_invalid = False  # skip (and count) malformed records instead of stopping
     c.data.shuffle = True
     c.data.num_workers = 0  # Grain worker processes per data shard (0: in the training process)
@@ -615,8 +621,13 @@ def _unused_groups(c: ml_collections.ConfigDict, model: LLaDAConfig):
         yield ("random_length_prob", "data.pretrain_mode"), "task is 'sft' (pretraining only)"
     else:
         yield ("data.too_long",), f"task is {c.task!r} (SFT only: pretraining cuts documents into rows)"
+        yield ("data.pad_multiple",), (f"task is {c.task!r} (SFT only: the EOS padding of packed answers; a "
+                                       "pretraining document ends with one EOS)")
         yield ("loss.complementary_masking",), (f"task is {c.task!r} (SFT only: the complement of an answer's mask; "
                                                 "pretraining draws every token's mask independently)")
+    if c.task == "sft" and not c.data.pack:
+        yield ("data.pad_multiple",), ("data.pack is false: unpacked SFT examples are padded to max_length "
+                                       "(set --config.data.pack=true)")
     if not model.is_moe:
         yield (("moe.bias_update_rate", "moe.load_balance_loss", "moe.router_z_loss"),
                "the model has no experts (model.num_experts is 0)")

@@ -21,6 +21,18 @@ them all in one forward over x_t ++ x_0 (2L positions, both halves at positions 
 (`block_diffusion_pairs`): noisy block b sees noisy block b and clean blocks < b; clean block b sees clean
 blocks <= b. The logits of the noisy half are the predictions.
 
+Packed rows (data.pack): a row holds several documents (pretraining) or examples (SFT), numbered by `segment_ids`
+[B, L] (1, 2, ... in contiguous runs; 0 is the padding at the end of a row, never masked nor scored). Each document
+draws its own t (its own block rates in block diffusion) from the row's key (`packed_forward_process`,
+`packed_block_forward_process`: a row holding one document is noised exactly as without packing), and the losses
+become
+
+    pretraining:  sum_{masked} CE / p_mask  /  (real tokens of the batch)
+    SFT:          mean over the batch's examples e of [ sum_{masked in e} CE / p_mask  /  answer_length_e ]
+
+(`pretraining_loss(..., n_positions=)`, `packed_sft_loss`): the documents' own losses combined, weighted by their
+tokens in pretraining and equally per example in SFT, the unpacked losses' weights for rows of one document.
+
 Two optional terms of LLaDA 2.0's fine-tuning recipe:
 
     complementary masking:  each example is trained a second time with the complement of its answer mask (the
@@ -75,11 +87,13 @@ def token_cross_entropy(logits: Array, labels: Array) -> Array:
 
 
 def pretraining_loss(
-    logits: Array, input_ids: Array, masked: Array, p_mask: Array, valid: Array | None = None
+    logits: Array, input_ids: Array, masked: Array, p_mask: Array, valid: Array | None = None, n_positions=None
 ) -> Array:
-    """sum over masked tokens of CE / p_mask, divided by the number of (kept) positions, B * L uncut."""
+    """sum over masked tokens of CE / p_mask, divided by the number of (kept) positions, B * L uncut;
+    `n_positions` replaces that count (packed rows: the real tokens of a whole step's micro-batches)."""
     weighted = jnp.where(masked, token_cross_entropy(logits, input_ids) / p_mask, 0.0)
-    n_positions = input_ids.size if valid is None else jnp.maximum(jnp.sum(valid), 1)
+    if n_positions is None:
+        n_positions = input_ids.size if valid is None else jnp.maximum(jnp.sum(valid), 1)
     return jnp.sum(weighted) / n_positions
 
 
@@ -177,3 +191,59 @@ def confidence_loss(logits: Array, input_ids: Array, masked: Array) -> tuple[Arr
     entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
     n_right = jnp.sum(right)
     return jnp.sum(jnp.where(right, entropy, 0.0)) / jnp.maximum(n_right, 1), n_right
+
+
+def packed_forward_process(key: Array, input_ids: Array, segment_ids: Array, *, mask_id: int, eps: float = 1e-3,
+                           maskable: Array | None = None) -> tuple[Array, Array, Array]:
+    """`forward_process` for packed rows: t ~ U(0, 1) per document (segment), each token masked with its document's
+    p_mask. Returns `(noisy_ids, masked, p_mask)` [B, L]; only `maskable` positions are masked (default: every
+    document token; SFT passes the answers, a length cut its kept tokens). Segment s takes the s-th of the row's
+    draws, so a row of one document is noised exactly as `forward_process` noises it."""
+    b, length = input_ids.shape
+    key_t, key_m = jax.random.split(key)
+    t = jax.random.uniform(key_t, (b, length), jnp.float32)  # one per segment 1 .. n <= L
+    t = jnp.take_along_axis(t, jnp.clip(segment_ids - 1, 0, length - 1), axis=1)
+    p_mask = (1.0 - eps) * t + eps
+    masked = jax.random.uniform(key_m, (b, length), jnp.float32) < p_mask
+    masked &= (segment_ids > 0) if maskable is None else maskable
+    noisy = jnp.where(masked, jnp.asarray(mask_id, input_ids.dtype), input_ids)
+    return noisy, masked, p_mask
+
+
+def packed_block_forward_process(key: Array, input_ids: Array, segment_ids: Array, blocks: Array, *, mask_id: int,
+                                 mask_rate_min: float, mask_rate_max: float, maskable: Array | None = None
+                                 ) -> tuple[Array, Array, Array]:
+    """`block_forward_process` for packed rows: a rate t ~ U[mask_rate_min, mask_rate_max] per block of each document
+    (`blocks` [B, L]: each position's block within its document, negative before its anchor). The row's draws go to
+    its (document, block >= 0) pairs in order, so a row of one document is noised as `block_forward_process` does.
+    Returns `(noisy_ids, masked, p_mask)` [B, L]; `maskable` as in `packed_forward_process`."""
+    b, length = input_ids.shape
+    key_t, key_m = jax.random.split(key)
+    rates = mask_rate_min + (mask_rate_max - mask_rate_min) * jax.random.uniform(key_t, (b, length), jnp.float32)
+    first = jnp.arange(length)[None, :] == 0
+    new = first | (segment_ids != jnp.roll(segment_ids, 1, axis=1)) | (blocks != jnp.roll(blocks, 1, axis=1))
+    slot = jnp.clip(jnp.cumsum(new & (blocks >= 0), axis=1) - 1, 0, length - 1)
+    p_mask = jnp.take_along_axis(rates, slot, axis=1)
+    masked = jax.random.uniform(key_m, (b, length), jnp.float32) < p_mask
+    masked &= (segment_ids > 0) if maskable is None else maskable
+    noisy = jnp.where(masked, jnp.asarray(mask_id, input_ids.dtype), input_ids)
+    return noisy, masked, p_mask
+
+
+def packed_sft_loss(logits: Array, input_ids: Array, masked: Array, p_mask: Array, segment_ids: Array,
+                    answer: Array, n_examples=None) -> Array:
+    """The SFT loss of packed rows: the mean over the examples (segments) of the batch of (sum over the example's
+    masked answer tokens of CE / p_mask) / its answer length (`answer` [B, L] marks the answer tokens, EOS padding
+    included). `n_examples` replaces the batch's count of examples (the examples of a whole step's micro-batches)."""
+    weighted = jnp.where(masked, token_cross_entropy(logits, input_ids) / p_mask, 0.0)
+    n = segment_ids.shape[1] + 1
+
+    def per_segment(values, segments):  # [L] -> [L + 1]: the sum over each segment id
+        return jax.ops.segment_sum(values, segments, num_segments=n)
+
+    sums = jax.vmap(per_segment)(weighted, segment_ids)[:, 1:]
+    lengths = jax.vmap(per_segment)(answer.astype(jnp.float32), segment_ids)[:, 1:]
+    present = lengths > 0
+    if n_examples is None:
+        n_examples = jnp.maximum(jnp.sum(present), 1)
+    return jnp.sum(jnp.where(present, sums / jnp.maximum(lengths, 1.0), 0.0)) / n_examples

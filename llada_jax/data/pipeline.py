@@ -40,7 +40,7 @@ import numpy as np
 from llada_jax.config import LLaDAConfig
 from llada_jax.data.batching import StreamBatcher, StreamBatcherIterator, StreamRecords
 from llada_jax.data.formats import PretrainFormat, SftFormat
-from llada_jax.data.settings import check_config, mark_absl_flags_parsed
+from llada_jax.data.settings import check_config, mark_absl_flags_parsed, pad_multiple
 from llada_jax.data.sources import open_source
 from llada_jax.tokenizer import check_compatible, load_tokenizer
 
@@ -105,10 +105,12 @@ def stream_batcher(config: ml_collections.ConfigDict, model_config: LLaDAConfig,
     ds = StreamBatcher(records, streams=streams, num_streams=num_streams,
                        rows_per_stream=config.batch_size // num_streams, mode=mode, max_length=config.max_length,
                        pad_id=model_config.eos_token_id, records_per_epoch=len(source),
-                       empty_files=getattr(source, "empty_files", ()),
+                       empty_files=getattr(source, "empty_files", ()), pack=bool(data.pack),
+                       pad_multiple=pad_multiple(config, model_config),
                        signature={"mode": mode, "num_streams": num_streams, "data_path": config.data_path,
                                   "records": len(source), "seed": int(config.seed), "shuffle": bool(data.shuffle),
-                                  "max_length": int(config.max_length)})
+                                  "max_length": int(config.max_length), "pack": bool(data.pack),
+                                  "pad_multiple": pad_multiple(config, model_config)})
     return ds
 
 
@@ -128,7 +130,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, model_config: LLaDACo
                         process_count: int = 1) -> "TrainIterator":
     """This process's iterator over local micro-batches: {"input_ids": int32 [B / P, max_length]} and, for
     SFT, "prompt_lengths" and "answer_lengths" int32 [B / P] (B = config.batch_size, P = process_count): rows
-    [p B/P, (p+1) B/P) of every global micro-batch, whatever P is.
+    [p B/P, (p+1) B/P) of every global micro-batch, whatever P is. With data.pack: "segment_ids" int32
+    [B / P, max_length] and, for SFT, "prompt_mask" int32 [B / P, max_length] in place of the lengths.
 
     Save and restore it with `get_state()` / `set_state()` (a dict of per-stream positions; `merge_states` of
     every process's state restores under another process layout), or inside an Orbax composite with

@@ -1,7 +1,8 @@
 """The data settings of a run config, checked in one place, and the process set-up Grain needs.
 
 `check_config(config, model_config, process_count=)` checks everything about the data section that can be
-checked without reading data (task, pretrain_mode, too_long, max_length against the model, the shard layout)
+checked without reading data (task, pretrain_mode, too_long, pad_multiple, max_length against the model, the shard
+layout)
 and returns the number of row streams. The training loop calls it at start-up, the pipeline again when it
 builds a dataset, so both report a bad setting with the same one-line message naming the field.
 
@@ -35,7 +36,21 @@ def check_config(config, model_config=None, *, process_count: int = 1) -> int:
     if config.max_length > model.max_sequence_length:
         raise ValueError(f"max_length {config.max_length} exceeds the model's max_sequence_length "
                          f"{model.max_sequence_length}")
+    multiple = data.pad_multiple
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or not 0 <= multiple <= config.max_length:
+        raise ValueError(f"data.pad_multiple: expected an integer in [0, max_length {config.max_length}] (0: the "
+                         f"model's block_size for block_causal models, else 1), got {multiple!r}")
     return num_shards(config, process_count)
+
+
+def pad_multiple(config, model_config=None) -> int:
+    """What packed SFT examples' answers are EOS-padded to a multiple of: `data.pad_multiple`, or when it is 0 the
+    model's `block_size` for a block_causal model (its answer blocks are then whole, as generation makes them) and
+    1 otherwise (the answer and one EOS)."""
+    model = config.model if model_config is None else model_config
+    if config.data.pad_multiple:
+        return int(config.data.pad_multiple)
+    return int(model.block_size) if model.attention_type == "block_causal" else 1
 
 
 def num_shards(config, process_count: int) -> int:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llada_jax.config import LLaDAConfig
+from llada_jax.model.masks import MaskIds, visible_from_ids
 
 Array = jax.Array
 
@@ -26,14 +27,18 @@ def resolve_impl(config: LLaDAConfig) -> str:
 
 
 
-def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str, pairs: Array | None = None) -> Array:
+def attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str,
+              pairs: Array | MaskIds | None = None) -> Array:
     """Scaled dot-product attention, softmax in float32. key_mask: [B, S] (True = attend); pairs: [L, S] or
-    [B, L, S] (True = this query may see this key: causal or annealed masks), None for bidirectional.
+    [B, L, S] (True = this query may see this key: causal or annealed masks), or the `MaskIds` of the L = S
+    positions (packed documents, BD3-LM's x_t ++ x_0), from which the mask is built here; None for bidirectional.
 
     q [B, L, N, H], k / v [B, S, K, H] with N a multiple of K (grouped-query attention); returns [B, L, N, H].
     """
     b, length, n, h = q.shape
     s = k.shape[1]
+    if isinstance(pairs, MaskIds):  # both kernels take a dense mask: built from the ids here, per layer call
+        pairs = visible_from_ids(pairs)
     # One boolean [B or 1, L or 1, S] mask: keys by key_mask, query-key pairs by `pairs`.
     mask = None if key_mask is None else key_mask.astype(bool)[:, None, :]
     if pairs is not None:

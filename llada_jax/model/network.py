@@ -16,6 +16,10 @@ KV cache (for the cached samplers). `hidden_states_and_kv` runs the whole sequen
 also returns every layer's keys (before RoPE) and values (`KVCache`); `hidden_states_from_kv` runs only a
 window of positions, whose queries attend to the cached keys and values of the whole sequence with the
 window's own recomputed. Both go through the same block code (`LLaDABlock.forward`).
+
+Packed rows (`segment_ids`, training on several documents per row): every document sees only itself, its positions
+restart at 0, and the attention type's pattern is laid from its own start (`document_inputs`), so each document
+gets the logits it gets alone. The mask travels to the attention as per-position ids (`masks.MaskIds`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from llada_jax.config import LLaDAConfig, LoRAConfig
 from llada_jax.model.block import LLaDABlock
 from llada_jax.model.kv_cache import KVCache
 from llada_jax.model.layers import BLD, BLV, dense, dtype, param, remat, rms_norm, rope_tables, trunc_normal
-from llada_jax.model.masks import positions_from_mask, prediction_sources, visible_pairs
+from llada_jax.model.masks import (MaskIds, document_ids, positions_from_mask, positions_from_segments,
+                                   prediction_sources, visible_from_ids, visible_pairs)
 from llada_jax.model.moe import RouterStats
 
 Array = jax.Array
@@ -72,24 +77,45 @@ class LLaDAForMaskedLM(nnx.Module):
                 block.add_adapters(lora, rngs)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None, *,
-                 positions: Array | None = None, block_anchor=0, dropout_keys: Array | None = None) -> Array:
+                 positions: Array | None = None, block_anchor=0, segment_ids: Array | None = None,
+                 dropout_keys: Array | None = None) -> Array:
         """float32 logits [B, L, V], logits[:, i] the prediction for position i (with `shift_logits`, read from
-        the output at i - 1). `visible` [L, L] or [B, L, L] (True = query i may see key j) replaces the attention
-        type's pattern (the annealed masks of causal-to-bidirectional adaptation, the noisy ++ clean sequence of
-        block-diffusion training); `positions` [B, L] replaces the positions counted from `attention_mask`;
-        `block_anchor` (scalar or [B]) is where block_causal blocks are laid from; `dropout_keys` [B] (one key per
-        row) turns on the LoRA adapters' dropout (training)."""
+        the output at i - 1). `visible` [L, L] or [B, L, L] (True = query i may see key j; or the `MaskIds` they
+        are built from) replaces the attention type's pattern (the annealed masks of causal-to-bidirectional
+        adaptation, the noisy ++ clean sequence of block-diffusion training); `positions` [B, L] replaces the
+        positions counted from `attention_mask`; `block_anchor` (scalar or [B]; with `segment_ids` also [B, L]) is
+        where block_causal blocks are laid from; `segment_ids` [B, L] packs several documents in a row (see `document_inputs`); `dropout_keys`
+        [B] (one key per row) turns on the LoRA adapters' dropout (training)."""
         return self.expert_load(input_ids, attention_mask, visible, positions=positions, block_anchor=block_anchor,
-                                dropout_keys=dropout_keys)[0]
+                                segment_ids=segment_ids, dropout_keys=dropout_keys)[0]
 
-    def prediction_states(self, hidden: Array, attention_mask: Array | None = None) -> Array:
+    def prediction_states(self, hidden: Array, attention_mask: Array | None = None, positions: Array | None = None
+                          ) -> Array:
         """The final residual streams aligned with the positions they predict: `hidden` [B, L, D] of a whole
         sequence itself, or with `shift_logits` the stream at i - 1 for position i (a row's first real token keeps
-        its own, as position 0 does in Dream, so a left-padded row predicts as the unpadded one)."""
+        its own, as position 0 does in Dream, so a left-padded row predicts as the unpadded one; with `positions`,
+        every position 0: the first token of each packed document)."""
         if not self.config.shift_logits:
             return hidden
-        sources = prediction_sources(attention_mask, jnp.arange(hidden.shape[1]), hidden.shape[0])
+        sources = prediction_sources(attention_mask, jnp.arange(hidden.shape[1]), hidden.shape[0], positions)
         return jnp.take_along_axis(hidden, sources[..., None], axis=1)
+
+    def document_inputs(self, segment_ids: Array, attention_mask: Array | None = None, visible=None,
+                        positions: Array | None = None, block_anchor=0):
+        """(attention mask, positions, visible) of packed rows: `segment_ids` [B, L] numbers the documents of a row
+        1, 2, ... (contiguous runs; 0 is padding, seen by no document). Each document sees only itself, with the
+        attention type's pattern laid from its own start (block_causal: blocks from `block_anchor`, a position
+        within the document, scalar, [B] or [B, L]), and its positions restart at 0, so it gets the logits it gets
+        alone. A dense `visible` (annealed masks) is kept inside the documents; `MaskIds` are used as they are."""
+        real = segment_ids > 0
+        mask = real if attention_mask is None else real & attention_mask.astype(bool)
+        positions = positions_from_segments(segment_ids) if positions is None else positions
+        c = self.config
+        if visible is None:
+            visible = document_ids(c.attention_type, segment_ids, c.block_size, block_anchor)
+        elif not isinstance(visible, MaskIds):
+            visible = visible & visible_from_ids(MaskIds(jnp.asarray(segment_ids, jnp.int32)))
+        return mask.astype(jnp.int32), positions, visible
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None, **overrides) -> "LLaDAForMaskedLM":
@@ -144,19 +170,25 @@ class LLaDAForMaskedLM(nnx.Module):
         return cos, sin, None if attention_mask is None else attention_mask.astype(bool)
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None, *,
-                      positions: Array | None = None, block_anchor=0, dropout_keys: Array | None = None) -> Array:
+                      positions: Array | None = None, block_anchor=0, segment_ids: Array | None = None,
+                      dropout_keys: Array | None = None) -> Array:
         """Final residual stream (before ln_f) for `input_ids` [B, L], at each position (not shifted:
         `prediction_states` aligns it with the predicted positions). Keyword arguments as in `__call__`."""
         return self.hidden_states_and_load(input_ids, attention_mask, visible, positions=positions,
-                                           block_anchor=block_anchor, dropout_keys=dropout_keys)[0]
+                                           block_anchor=block_anchor, segment_ids=segment_ids,
+                                           dropout_keys=dropout_keys)[0]
 
     def hidden_states_and_load(self, input_ids: Array, attention_mask: Array | None = None,
                                visible: Array | None = None, *, positions: Array | None = None, block_anchor=0,
-                               dropout_keys: Array | None = None) -> tuple[Array, RouterStats | None]:
+                               segment_ids: Array | None = None, dropout_keys: Array | None = None
+                               ) -> tuple[Array, RouterStats | None]:
         """`hidden_states` plus what each MoE layer's router did (`RouterStats` stacked over the MoE layers: the
         (token, expert) pairs routed to each expert [n_moe_layers, E], ...), over the real tokens (`attention_mask`;
         every position without one). None for a dense model. Keyword arguments as in `__call__`."""
         length = input_ids.shape[1]
+        if segment_ids is not None:
+            attention_mask, positions, visible = self.document_inputs(segment_ids, attention_mask, visible, positions,
+                                                                      block_anchor)
         rope = self.rope_and_key_mask(attention_mask, *input_ids.shape, positions=positions)
         pairs = visible if visible is not None else self.visible_keys(jnp.arange(length), length, block_anchor)
         hidden, _, load = self._layers_and_load(self.embed(input_ids), *rope, pairs=pairs, dropout_keys=dropout_keys)
@@ -245,13 +277,15 @@ class LLaDAForMaskedLM(nnx.Module):
         return x, kv, jax.tree.map(lambda *a: jnp.concatenate(a), *loads) if loads else None
 
     def expert_load(self, input_ids: Array, attention_mask: Array | None = None, visible: Array | None = None, *,
-                    positions: Array | None = None, block_anchor=0, dropout_keys: Array | None = None
-                    ) -> tuple[Array, RouterStats | None]:
+                    positions: Array | None = None, block_anchor=0, segment_ids: Array | None = None,
+                    dropout_keys: Array | None = None) -> tuple[Array, RouterStats | None]:
         """(float32 logits as `__call__`, the MoE layers' router statistics as `hidden_states_and_load`; None for a
         dense model): one forward for both (the train step's)."""
         hidden, load = self.hidden_states_and_load(input_ids, attention_mask, visible, positions=positions,
-                                                   block_anchor=block_anchor, dropout_keys=dropout_keys)
-        return self.logits(self.prediction_states(hidden, attention_mask)), load
+                                                   block_anchor=block_anchor, segment_ids=segment_ids,
+                                                   dropout_keys=dropout_keys)
+        documents = None if segment_ids is None else positions_from_segments(segment_ids)
+        return self.logits(self.prediction_states(hidden, attention_mask, documents)), load
 
     def logits(self, x: Array) -> Array:
         """float32 logits from the final residual stream: ln_f then the output head."""

@@ -12,6 +12,14 @@ micro-batching, device count or process count. A non-finite loss or gradient nor
 Mixture-of-Experts model's step also reports the experts' balance (`router_metrics`), from each MoE layer's load
 over the step's real tokens (summed over the micro-batches), which the loss's forward returns with the logits.
 
+Packed rows (`data.pack`: the batch carries "segment_ids" [B, L], and for SFT "prompt_mask" [B, L] in place of
+prompt and answer lengths): each document or example is a segment of its row that attends only to itself, with
+positions restarting at 0 and its blocks laid from its own start (SFT: its prompt end), in every attention type and
+in block diffusion's x_t ++ x_0 (`PackedRows`, `llada_jax.model.masks`). Each gets its own t from its row's key
+(`diffusion.packed_forward_process`). The losses divide by the step's count of real tokens (pretraining) or examples
+(SFT) (`with_step_count`): the step's loss is the mean over its examples of their SFT losses, or its documents'
+summed CE / p_mask over its real tokens, for any accumulation. Padding (segment 0) is neither attended to nor scored.
+
 LoRA (`config.lora.enabled`): the model carries adapters (`llada_jax.lora`); the state's parameters, gradients and
 AdamW moments are the adapters' alone (float32), and the base is a separate, frozen argument of the step in its
 stored dtype (bfloat16 halves it). The adapters' dropout masks are keyed by (seed, step, row) on a stream of
@@ -35,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -48,16 +56,28 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llada_jax import sharding
 from llada_jax.config import LLaDAConfig, lora_config_from
 from llada_jax.diffusion import (
-    block_diffusion_pairs,
     block_forward_process,
+    block_ids,
     complementary_masking,
     confidence_loss,
     forward_process,
+    packed_block_forward_process,
+    packed_forward_process,
+    packed_sft_loss,
     pretraining_loss,
     random_length_valid,
     sft_loss,
 )
-from llada_jax.model import LLaDAForMaskedLM, expert_bias_update, load_balance_loss, positions_from_mask, router_z_loss
+from llada_jax.model import (
+    LLaDAForMaskedLM,
+    block_diffusion_ids,
+    document_ids,
+    expert_bias_update,
+    load_balance_loss,
+    positions_from_mask,
+    positions_from_segments,
+    router_z_loss,
+)
 from llada_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -274,6 +294,7 @@ class Trainer:
         model = nnx.merge(self.graphdef, params, frozen)
         ids = micro["input_ids"]
         prompt_lengths = micro.get("prompt_lengths") if c.task == "sft" else None
+        packed = packed_rows(micro, valid, c.task) if "segment_ids" in micro else None  # data.pack
         if c.block_diffusion:  # a mask rate per block (see llada_jax.diffusion)
             process = functools.partial(block_forward_process, block_size=block_size, mask_rate_min=c.mask_rate_min,
                                         mask_rate_max=c.mask_rate_max)
@@ -287,27 +308,50 @@ class Trainer:
                 valid=None if row_valid is None else row_valid[None])
             return noisy[0], masked[0], p_mask[0]
 
+        def packed_noise(key, row, segments, maskable, blocks):  # a t (block rates) per document of the row
+            if c.block_diffusion:
+                out = packed_block_forward_process(key, row[None], segments[None], blocks[None], mask_id=c.mask_id,
+                                                   mask_rate_min=c.mask_rate_min, mask_rate_max=c.mask_rate_max,
+                                                   maskable=maskable[None])
+            else:
+                out = packed_forward_process(key, row[None], segments[None], mask_id=c.mask_id, eps=c.eps,
+                                             maskable=maskable[None])
+            return tuple(x[0] for x in out)
+
         def objective(noisy, masked, p_mask):
             """(the diffusion loss, the logits, the router's statistics: MoE models, None for dense ones) of one
             noised copy of the micro-batch: the statistics come out of the same forward as the logits."""
             if c.block_diffusion:
                 logits, stats = self._block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size,
-                                                             dropout_keys)
+                                                             dropout_keys, packed)
+            elif packed is not None:
+                logits, stats = model.expert_load(noisy, packed.tokens.astype(jnp.int32), visible,
+                                                  segment_ids=packed.segment_ids, dropout_keys=dropout_keys)
             elif c.task == "sft":
                 logits, stats = model.expert_load(noisy, visible=visible, dropout_keys=dropout_keys)
             else:
                 logits, stats = model.expert_load(noisy, None if valid is None else valid.astype(jnp.int32), visible,
                                                   dropout_keys=dropout_keys)
-            if c.task == "sft":
+            if packed is not None and c.task == "sft":
+                loss = packed_sft_loss(logits, ids, masked, p_mask, packed.segment_ids, packed.maskable,
+                                       micro.get(STEP_COUNT))
+            elif c.task == "sft":
                 loss = sft_loss(logits, ids, masked, p_mask, micro["answer_lengths"])
             else:
-                loss = pretraining_loss(logits, ids, masked, p_mask, valid)
+                loss = pretraining_loss(logits, ids, masked, p_mask, valid if packed is None else packed.tokens,
+                                        micro.get(STEP_COUNT))
             return loss, logits, stats
 
-        noisy, masked, p_mask = jax.vmap(noise)(row_keys, ids, prompt_lengths, valid)
+        if packed is None:
+            noisy, masked, p_mask = jax.vmap(noise)(row_keys, ids, prompt_lengths, valid)
+        else:
+            blocks = document_ids("block_causal", packed.segment_ids, block_size, packed.anchors).block \
+                if c.block_diffusion else None
+            noisy, masked, p_mask = jax.vmap(packed_noise)(row_keys, ids, packed.segment_ids, packed.maskable, blocks)
         copies = [(masked, *objective(noisy, masked, p_mask))]
         if c.complementary_masking:  # SFT: the same rows with the complement of their answer masks
-            maskable = jnp.arange(ids.shape[1])[None, :] >= prompt_lengths[:, None]
+            maskable = jnp.arange(ids.shape[1])[None, :] >= prompt_lengths[:, None] if packed is None \
+                else packed.maskable
             noisy_c, masked_c, p_mask_c = complementary_masking(ids, masked, p_mask, maskable, mask_id=c.mask_id)
             copies.append((masked_c, *objective(noisy_c, masked_c, p_mask_c)))
         loss = sum(copy[1] for copy in copies) / len(copies)
@@ -328,15 +372,25 @@ class Trainer:
         return loss, (n_masked, None if stats is None else stats.load, terms)
 
     @staticmethod
-    def _block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size, dropout_keys=None):
+    def _block_diffusion_logits(model, noisy, ids, prompt_lengths, valid, block_size, dropout_keys=None,
+                                packed: "PackedRows | None" = None):
         """(The block-diffusion predictions (see `llada_jax.diffusion`), the router's statistics): one forward over
-        x_t ++ x_0, the logits of the noisy half; the statistics count both halves (the experts run both)."""
+        x_t ++ x_0, the logits of the noisy half; the statistics count both halves (the experts run both). The mask
+        goes to the attention as ids (`block_diffusion_ids`): a row's blocks laid from its anchor, or with `packed`
+        each document's blocks from its own anchor, inside the document, positions restarting per document."""
         b, length = ids.shape
-        anchor = 0 if prompt_lengths is None else prompt_lengths
-        pairs = block_diffusion_pairs(length, block_size, anchor)
-        attention_mask = None if valid is None else jnp.concatenate([valid, valid], axis=1).astype(jnp.int32)
-        positions = positions_from_mask(None if valid is None else valid.astype(jnp.int32), b, length)
-        hidden, load = model.hidden_states_and_load(jnp.concatenate([noisy, ids], axis=1), attention_mask, pairs,
+        if packed is None:
+            segments, tokens = jnp.ones((b, length), jnp.int32), valid
+            anchor = 0 if prompt_lengths is None else prompt_lengths
+            blocks = jnp.broadcast_to(block_ids(jnp.arange(length), block_size, anchor), (b, length))
+            positions = positions_from_mask(None if valid is None else valid.astype(jnp.int32), b, length)
+        else:
+            segments, tokens = packed.segment_ids, packed.tokens
+            blocks = document_ids("block_causal", segments, block_size, packed.anchors).block
+            positions = positions_from_segments(segments)
+        attention_mask = None if tokens is None else jnp.concatenate([tokens, tokens], axis=1).astype(jnp.int32)
+        hidden, load = model.hidden_states_and_load(jnp.concatenate([noisy, ids], axis=1), attention_mask,
+                                                    block_diffusion_ids(segments, blocks),
                                                     positions=jnp.concatenate([positions, positions], axis=1),
                                                     dropout_keys=dropout_keys)
         return model.logits(hidden[:, :length]), load  # the noisy half predicts
@@ -350,6 +404,7 @@ class Trainer:
         valid = self.length_mask(state.step)
         visible = self.visible_mask(state.step)
         block_size = c.block_size_at(state.step) if c.block_diffusion else None
+        batch = with_step_count(batch, valid, c.task)  # packed rows: the losses' normaliser is the step's
 
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -410,6 +465,51 @@ class Trainer:
             metrics.update(router_metrics(load))
         metrics.update({name: value / c.accumulation for name, value in terms.items()})
         return new_state, metrics
+
+
+class PackedRows(NamedTuple):
+    """What the objective reads of a micro-batch of packed rows (data.pack), per position [B, L]."""
+
+    segment_ids: jax.Array  # int32: the row's documents (pretraining) or examples (SFT) 1, 2, ...; 0: padding
+    tokens: jax.Array  # bool: the documents' tokens (kept by a length cut): attended to, counted by the loss
+    maskable: jax.Array  # bool: what the forward process may mask: the tokens, or SFT's answers (EOS padding in)
+    anchors: jax.Array  # int32: where the document's blocks are laid from within it (SFT: its prompt length)
+
+
+def packed_rows(micro: dict, valid, task: str) -> PackedRows:
+    """The `PackedRows` of a micro-batch with "segment_ids" (and, for SFT, "prompt_mask": 1 at prompt tokens)."""
+    segments = micro["segment_ids"]
+    tokens = segments > 0 if valid is None else (segments > 0) & valid
+    if task != "sft":
+        return PackedRows(segments, tokens, tokens, jnp.zeros_like(segments))
+    prompt = micro["prompt_mask"].astype(bool) & tokens
+    n = segments.shape[1] + 1
+    prompt_lengths = jax.vmap(lambda p, s: jax.ops.segment_sum(p, s, num_segments=n))(prompt.astype(jnp.int32),
+                                                                                      segments)
+    return PackedRows(segments, tokens, tokens & ~prompt, jnp.take_along_axis(prompt_lengths, segments, axis=1))
+
+
+STEP_COUNT = "step_count"  # the key `with_step_count` adds to a packed batch
+
+
+def with_step_count(batch: dict, valid, task: str) -> dict:
+    """A batch [accumulation, B, L] of packed rows with STEP_COUNT [accumulation] added: the step's real tokens
+    (pretraining; those kept by the length cut `valid`) or examples (SFT), over the micro-batches' number. Each
+    micro-batch's loss divides by it, so the step's loss is the sum over the step's documents over their count, as
+    one batch of all the rows would give, whatever the accumulation (packed micro-batches hold varying counts).
+    Unpacked batches are returned as they are."""
+    if "segment_ids" not in batch:
+        return batch
+    segments = batch["segment_ids"]
+    if task == "sft":
+        first = jnp.ones(segments.shape[:-1] + (1,), bool)
+        starts = jnp.concatenate([first, segments[..., 1:] != segments[..., :-1]], axis=-1)
+        count = jnp.sum((segments > 0) & starts)
+    else:
+        count = jnp.sum((segments > 0) if valid is None else (segments > 0) & valid)
+    accumulation = segments.shape[0]
+    per_micro = jnp.maximum(count, 1).astype(jnp.float32) / accumulation
+    return {**batch, STEP_COUNT: jnp.full((accumulation,), per_micro)}
 
 
 # fold_in(key(seed), EVAL_STREAM) keys evaluation noise: apart from every training step's key (steps count up
