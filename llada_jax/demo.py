@@ -23,6 +23,12 @@ MLP projection of the frozen base, into `lora_sft/`), samples it, exports it bot
 and as a PEFT adapter directory, and the report puts it beside the full fine-tune: exact match, trained
 parameters, and the size of its checkpoint (the adapters) against the base's.
 
+With `--moe` the demo also trains a Mixture-of-Experts block-diffusion model (the LLaDA 2.x MLP: after a dense first
+layer, 8 experts of d_model hidden units, 2 chosen per token by a sigmoid router with group-limited choice, plus a
+shared expert, so that a token uses as many MLP parameters as in the dense model; blocks of 4 as above) with the
+same commands and data, samples it with `block_diffusion`, and the report puts it beside the dense model(s): exact
+match, NFE, tokens/s, total and active parameters, and the router's balance from the training metrics.
+
 Every step keeps its files in the output directory, so running the command again resumes where it stopped
 (training from its checkpoints, sampling from its partly written outputs); only the analysis and the reload
 check, seconds each, run again.
@@ -48,6 +54,25 @@ BLOCK_SIZE = 4  # the block-causal variant's blocks (divides both lengths and ge
 # default demo (200 held-out prompts, semi_ar_padding): 97.5% exact match at 1e-3, 73.5% at 2e-3, and 0% at 5e-3
 # (gradient norms up to 20 early on, then a model that ignores the prompt).
 LORA = dict(rank=16, alpha=32.0, learning_rate=1e-3)
+# The MoE variant's MLPs (LLaDA 2.x's router: sigmoid scores, 4 groups of 2 experts of which the best 2 are kept,
+# the chosen weights normalised then times 2.5; a learned expert bias for balancing). Its experts are d_model wide:
+# 2 routed + 1 shared expert are 3 x d_model hidden units a token uses, the dense MLP's width (mlp_hidden_size
+# 3 x d_model), so the active parameters are the dense model's plus the routers'. The first layer stays dense (when
+# there are two layers or more), as in LLaDA 2.x.
+MOE = dict(num_experts=8, experts_per_token=2, num_shared_experts=1, router_score="sigmoid", router_expert_bias=True,
+           router_groups=4, router_topk_groups=2, router_norm_topk=True, router_scale=2.5)
+# The MoE variant trains for a fraction of the dense models' steps: XLA:CPU computes `ragged_dot` densely over the
+# experts (its cost grows with their number), and an SFT step took 0.4-0.8 s on 2 cores against 0.12 s for the dense
+# bidirectional model's. With the defaults (10 pretraining and 250 SFT steps; 200 held-out prompts, block_diffusion)
+# it reached 99.0% exact match, with the expert-bias update and without it (moe.bias_update_rate 0); 150 SFT steps
+# gave 92.5% and 300 gave 100% (after 20 pretraining steps).
+MOE_STEPS = dict(pretrain=20, sft=6)
+
+
+def training_steps(a, moe: bool = False) -> dict:
+    """{"pretrain": steps, "sft": steps} of the dense variants, or of the MoE one (a fraction of them)."""
+    steps = {"pretrain": a.pretrain_steps, "sft": a.sft_steps}
+    return {k: max(1, v // MOE_STEPS[k]) for k, v in steps.items()} if moe else steps
 
 
 def register(sub) -> None:
@@ -61,6 +86,9 @@ def register(sub) -> None:
                    help="block_causal: also train the block-diffusion variant and compare it in the report")
     p.add_argument("--lora", action="store_true",
                    help="also fine-tune with LoRA adapters on the frozen pretrained model and compare it in the report")
+    p.add_argument("--moe", action="store_true",
+                   help="also train a Mixture-of-Experts block-diffusion model (8 experts, 2 active + 1 shared) and "
+                        "compare it in the report (exact match, NFE, tokens/s, total and active parameters)")
     p.set_defaults(func=run)
 
 
@@ -158,19 +186,28 @@ def _command(argv: list[str]) -> None:
         raise SystemExit(f"llada-jax demo: `llada-jax {' '.join(argv[:1])}` failed with exit code {code}")
 
 
-def _train_config(out: str, name: str, a, task: str, attention_type: str = "bidirectional", lora: bool = False) -> str:
-    from llada_jax.checkpoints.atomic import write_json
-    from llada_jax.config import LLaDAConfig, sft_defaults, train_config
+def model_config(a, attention_type: str = "bidirectional", moe: bool = False):
+    """The demo model's architecture: the dense LLaDA, its block-causal variant, or the MoE block-causal one."""
+    from llada_jax.config import LLaDAConfig
 
     blocks = dict(attention_type="block_causal", block_size=BLOCK_SIZE) if attention_type == "block_causal" else {}
-    model = LLaDAConfig.tiny(d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_heads,
-                             mlp_hidden_size=3 * a.d_model, **blocks)
-    c = train_config(model, task=task)
+    experts = dict(MOE, expert_hidden_size=a.d_model, first_dense_layers=min(1, a.n_layers - 1)) if moe else {}
+    return LLaDAConfig.tiny(d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_heads,
+                            mlp_hidden_size=3 * a.d_model, **blocks, **experts)
+
+
+def _train_config(out: str, name: str, a, task: str, attention_type: str = "bidirectional", lora: bool = False,
+                  moe: bool = False) -> str:
+    from llada_jax.checkpoints.atomic import write_json
+    from llada_jax.config import sft_defaults, train_config
+
+    c = train_config(model_config(a, attention_type, moe), task=task)
+    steps = training_steps(a, moe)
     if task == "sft":
         sft_defaults(c)
-        c.learning_rate, c.max_length, c.max_steps = 1e-3, SFT_LENGTH, a.sft_steps
+        c.learning_rate, c.max_length, c.max_steps = 1e-3, SFT_LENGTH, steps["sft"]
     else:
-        c.learning_rate, c.max_length, c.max_steps = 2e-3, PRETRAIN_LENGTH, a.pretrain_steps
+        c.learning_rate, c.max_length, c.max_steps = 2e-3, PRETRAIN_LENGTH, steps["pretrain"]
     c.batch_size, c.gradient_accumulation_steps = a.batch_size, 1
     c.warmup_steps = max(1, c.max_steps // 20)
     c.save_steps, c.logging_steps, c.seed = max(1, c.max_steps // 3), 5, a.seed
@@ -184,15 +221,19 @@ def _train_config(out: str, name: str, a, task: str, attention_type: str = "bidi
     return path
 
 
-def train(out: str, paths: dict, tokenizer: str, a, times: dict, attention_type: str = "bidirectional") -> None:
-    """Pretrain then fine-tune (into `pretrain/` and `sft/`, or `block_pretrain/` and `block_sft/`)."""
-    prefix = "block_" if attention_type == "block_causal" else ""
+def train(out: str, paths: dict, tokenizer: str, a, times: dict, attention_type: str = "bidirectional",
+          moe: bool = False) -> None:
+    """Pretrain then fine-tune (into `pretrain/` and `sft/`, `block_pretrain/` and `block_sft/`, or
+    `moe_pretrain/` and `moe_sft/`)."""
+    prefix = "moe_" if moe else "block_" if attention_type == "block_causal" else ""
     pre, sft = prefix + "pretrain", prefix + "sft"
-    with _timed(times, f"{pre}_s", done=_trained(out, pre, a.pretrain_steps)):
-        _command(["pretrain", "--config", _train_config(out, pre, a, "pretrain", attention_type), "--data_path",
-                  paths["corpus"], "--output_dir", os.path.join(out, pre), "--config.data.tokenizer=" + tokenizer])
-    with _timed(times, f"{sft}_s", done=_trained(out, sft, a.sft_steps)):
-        _command(["sft", "--config", _train_config(out, sft, a, "sft", attention_type), "--data_path",
+    steps = training_steps(a, moe)
+    with _timed(times, f"{pre}_s", done=_trained(out, pre, steps["pretrain"])):
+        _command(["pretrain", "--config", _train_config(out, pre, a, "pretrain", attention_type, moe=moe),
+                  "--data_path", paths["corpus"], "--output_dir", os.path.join(out, pre),
+                  "--config.data.tokenizer=" + tokenizer])
+    with _timed(times, f"{sft}_s", done=_trained(out, sft, steps["sft"])):
+        _command(["sft", "--config", _train_config(out, sft, a, "sft", attention_type, moe=moe), "--data_path",
                   paths["sft_train"], "--model_name_or_path", os.path.join(out, pre), "--output_dir",
                   os.path.join(out, sft)])
 
@@ -258,19 +299,62 @@ def block_diffusion_comparison(out: str, paths: dict, bidirectional, a) -> dict:
     model, tok, records = bidirectional
     block_model, _ = load_model_and_tokenizer(os.path.join(out, "block_sft"))
     dataset = [(tok.apply_chat_template(r["messages"]), r["answer"]) for r in records]
-    base = dict(gen_length=SAMPLING["gen_length"], steps=SAMPLING["steps"])
-    plain = dict(name="bidirectional, semi_ar_padding", method="semi_ar_padding",
-                 block_length=SAMPLING["block_length"], **base)
+    plain, block = _dense_settings()
     rows = compare_sampling_methods(model, dataset, [plain], tokenizer=tok, batch_size=100)
     rows += compare_sampling_methods(block_model, dataset, [
-        dict(name=f"block_causal (blocks of {BLOCK_SIZE}), block_diffusion", method="block_diffusion",
-             block_length=BLOCK_SIZE, **base),
-        dict(name="block_causal, block_diffusion, threshold 0.9", method="block_diffusion",
-             block_length=BLOCK_SIZE, threshold=0.9, **base)], tokenizer=tok, batch_size=100)
+        block, {**block, "name": "block_causal, block_diffusion, threshold 0.9", "threshold": 0.9}],
+        tokenizer=tok, batch_size=100)
     speedup = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     return {"rows": rows, "speedup": speedup, "target": {"min_accuracy": TARGET_ACCURACY,
                                                          "accuracy": rows[1]["accuracy"],
                                                          "met": rows[1]["accuracy"] >= TARGET_ACCURACY}}
+
+
+def _dense_settings() -> tuple[dict, dict]:
+    """(the bidirectional model's semi-autoregressive setting, the block-causal model's block_diffusion one) of the
+    comparisons: the same gen_length, one token per step."""
+    base = dict(gen_length=SAMPLING["gen_length"], steps=SAMPLING["steps"])
+    return (dict(name="bidirectional, semi_ar_padding", method="semi_ar_padding", block_length=SAMPLING["block_length"],
+                 **base),
+            dict(name=f"block_causal (blocks of {BLOCK_SIZE}), block_diffusion", method="block_diffusion",
+                 block_length=BLOCK_SIZE, **base))
+
+
+ROUTER_METRICS = ("moe_max_over_mean_load", "moe_unused_experts")
+
+
+def moe_comparison(out: str, trained, blocks: dict | None, a) -> dict:
+    """The MoE block-diffusion model beside the dense model(s) on the held-out prompts: exact match, NFE, tokens/s
+    (sampling only), total and active parameters; and the router's balance at the end of each training stage."""
+    from llada_jax.checkpoints import load_model_and_tokenizer
+    from llada_jax.eval.analysis import compare_sampling_methods
+    from llada_jax.model import count_active_params, count_params
+    from llada_jax.train.metrics import read_metrics
+
+    model, tok, records = trained
+    moe_model, _ = load_model_and_tokenizer(os.path.join(out, "moe_sft"))
+    dataset = [(tok.apply_chat_template(r["messages"]), r["answer"]) for r in records]
+    plain, block = _dense_settings()
+    dense = blocks["rows"][:2] if blocks is not None else compare_sampling_methods(
+        model, dataset, [plain], tokenizer=tok, batch_size=100)
+    name = f"MoE block_causal (blocks of {BLOCK_SIZE}), block_diffusion"
+    rows = compare_sampling_methods(moe_model, dataset, [
+        {**block, "name": name}, {**block, "name": f"{name}, threshold 0.9", "threshold": 0.9}],
+        tokenizer=tok, batch_size=100)
+    dense_params = count_params(model.config)
+    moe_params = (count_params(moe_model.config), count_active_params(moe_model.config))
+    rows = [{**r, "total_parameters": dense_params, "active_parameters": dense_params} for r in dense] + [
+        {**r, "total_parameters": moe_params[0], "active_parameters": moe_params[1]} for r in rows]
+    router = {}
+    for stage in ("moe_pretrain", "moe_sft"):
+        logged = [m for m in read_metrics(os.path.join(out, stage)) if ROUTER_METRICS[0] in m]
+        router[stage.removeprefix("moe_")] = {k: logged[-1][k] for k in ROUTER_METRICS} if logged else None
+    c = moe_model.config
+    accuracy = rows[len(dense)]["accuracy"]
+    return {"rows": rows, "router": router, "steps": training_steps(a, moe=True),
+            "model": {k: getattr(c, k) for k in (*MOE, "expert_hidden_size", "first_dense_layers", "n_layers",
+                                                 "d_model", "block_size")},
+            "target": {"min_accuracy": TARGET_ACCURACY, "accuracy": accuracy, "met": accuracy >= TARGET_ACCURACY}}
 
 
 def lora_comparison(out: str, paths: dict, times: dict, trained) -> dict:
@@ -416,7 +500,7 @@ def target_check(rows: list[dict]) -> dict:
 
 
 def write_report(out: str, a, rows: list[dict], times: dict, export: dict, analysis: dict,
-                 blocks: dict | None = None, lora: dict | None = None) -> None:
+                 blocks: dict | None = None, lora: dict | None = None, moe: dict | None = None) -> None:
     from llada_jax.checkpoints.atomic import atomic_file, write_json
     from llada_jax.eval.analysis import format_table
     from llada_jax.train.metrics import read_metrics
@@ -440,6 +524,12 @@ def write_report(out: str, a, rows: list[dict], times: dict, export: dict, analy
                 "target": {"min_accuracy": TARGET_ACCURACY, "accuracy": lora["accuracy"],
                            "met": lora["accuracy"] >= TARGET_ACCURACY}}
         results["lora"] = lora
+    if moe is not None:
+        moe = {**moe, "rows": [{k: r[k] for k in ("name", "accuracy", "nfe", "tokens_per_s", "total_parameters",
+                                                 "active_parameters")} for r in moe["rows"]],
+               "final_loss": {name: read_metrics(os.path.join(out, name))[-1]["loss"]
+                              for name in ("moe_pretrain", "moe_sft")}}
+        results["moe"] = moe
     write_json(os.path.join(out, "results.json"), results)
     lines = [
         "# llada-jax demo",
@@ -494,6 +584,32 @@ def write_report(out: str, a, rows: list[dict], times: dict, export: dict, analy
         if "merged_torch_max_abs_diff" in lora:
             lines.append(f"The merged export in PyTorch against the JAX model with adapters: max |logit difference| "
                          f"{lora['merged_torch_max_abs_diff']:.2e}.")
+    if moe is not None:
+        m, steps = moe["model"], moe["steps"]
+        dense = "the first layer dense, " if m["first_dense_layers"] else ""
+        lines += ["", f"## Mixture of Experts (--moe: {m['num_experts']} experts, {m['experts_per_token']} per token "
+                  f"+ {m['num_shared_experts']} shared, blocks of {m['block_size']})", "",
+                  f"A block-causal model of the same shape whose MLPs are Mixture-of-Experts layers ({dense}the LLaDA 2.x "
+                  f"router: sigmoid scores, {m['router_groups']} groups of which the best {m['router_topk_groups']} "
+                  f"are kept; experts of {m['expert_hidden_size']} hidden units, so a token uses the dense MLP's "
+                  f"width), pretrained for {steps['pretrain']} and fine-tuned for {steps['sft']} steps on the same "
+                  "data with the same commands, sampled with block_diffusion, beside the dense model(s) at the same "
+                  "gen_length, one token per step. Active parameters: those a token uses (model-info's count). "
+                  "tokens/s excludes compilation.", "",
+                  "| model, sampler | parameters | active parameters | exact match | NFE | tokens/s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['name']} | {r['total_parameters']:,} | {r['active_parameters']:,} | {r['accuracy']:.1%} | "
+                  f"{r['nfe']:.1f} | {r['tokens_per_s']:.1f} |" for r in moe["rows"]]
+        balance = "; ".join(
+            f"after {stage} the busiest expert got {v['moe_max_over_mean_load']:.2f}x the mean load and "
+            f"{v['moe_unused_experts']:.0%} of the experts no token" for stage, v in moe["router"].items() if v)
+        lines += ["", f"Router balance (the training metrics' last logged step, mean over the MoE layers; a busiest "
+                  f"expert at 1x the mean is perfect balance, {m['num_experts'] / m['experts_per_token']:g}x every "
+                  f"token sent to the same experts): {balance}. "
+                  f"Final loss: pretraining {moe['final_loss']['moe_pretrain']:.3f}, SFT "
+                  f"{moe['final_loss']['moe_sft']:.4f}.",
+                  f"Target: the MoE model's block_diffusion at least {TARGET_ACCURACY:.0%} exact match: "
+                  + ("**met**" if moe["target"]["met"] else "**not met**") + f" ({moe['target']['accuracy']:.1%})."]
     lines += ["", "## Timings", ""]
     lines += [f"- {k.removesuffix('_s')}: {v:.1f} s" for k, v in times.items()]
     lines += ["", "## Sample generations (expected -> generated)", ""]
@@ -530,6 +646,9 @@ def run(a) -> int:
     if a.lora:
         train_lora(out, paths, a, times)
         write_json(timings_path, times)
+    if a.moe:
+        train(out, paths, tokenizer, a, times, "block_causal", moe=True)
+        write_json(timings_path, times)
     rows = sample_all(out, paths, times)
     write_json(timings_path, times)
     with _timed(times, "analysis_s"):
@@ -543,11 +662,15 @@ def run(a) -> int:
     if a.lora:
         with _timed(times, "lora_comparison_s"):
             lora = lora_comparison(out, paths, times, trained)
+    moe = None
+    if a.moe:
+        with _timed(times, "moe_comparison_s"):
+            moe = moe_comparison(out, trained, blocks, a)
     with _timed(times, "export_and_reload_s"):
         export = export_and_reload(out, *trained)
     write_json(timings_path, times)
     loss_curve(out)
     write_report(out, a, rows, {k: v for k, v in times.items() if not k.startswith("sample_")}, export, analysis,
-                 blocks, lora)
+                 blocks, lora, moe)
     print(open(os.path.join(out, "report.md"), encoding="utf-8").read())
     return 0

@@ -80,16 +80,18 @@ def test_demo_on_eight_devices_equals_one_device(small_demo, tmp_path):
         assert texts[0] == texts[1], name
 
 
-def test_demo_block_causal_and_lora_variants_are_added_beside_the_bidirectional_model(small_demo, tmp_path):
+def test_demo_block_causal_lora_and_moe_variants_are_added_beside_the_bidirectional_model(small_demo, tmp_path):
     """--attention_type block_causal: the block-diffusion variant is trained with the same commands, sampled with
     block_diffusion, and the report compares it with the bidirectional model (exact match, NFE, tokens/s).
     --lora: LoRA adapters trained on the frozen pretrained model, sampled, exported merged (PyTorch gives the
-    adapters' logits) and as a PEFT directory, reported beside the full fine-tune. Both are added to a finished
-    demo (a copy of the small one): its own stages are not redone."""
+    adapters' logits) and as a PEFT directory, reported beside the full fine-tune. --moe: a Mixture-of-Experts
+    block-diffusion model trained with the same commands, sampled with block_diffusion, reported beside the dense
+    ones with its total and active parameters and its router's balance. All three are added to a finished demo (a
+    copy of the small one): its own stages are not redone."""
     out = str(tmp_path / "demo")
     shutil.copytree(small_demo[0], out)
     before = json.load(open(os.path.join(out, "timings.json")))
-    cli("demo", "--output_dir", out, *SMALL, "--attention_type", "block_causal", "--lora", devices=1)
+    cli("demo", "--output_dir", out, *SMALL, "--attention_type", "block_causal", "--lora", "--moe", devices=1)
     after = json.load(open(os.path.join(out, "timings.json")))
     assert all(after[k] == before[k] for k in ("pretrain_s", "sft_s"))
     results = json.load(open(os.path.join(out, "results.json")))
@@ -121,3 +123,32 @@ def test_demo_block_causal_and_lora_variants_are_added_beside_the_bidirectional_
     assert config["lora"]["enabled"] and config["model_name_or_path"] == os.path.join(out, "pretrain")
     assert "## LoRA fine-tuning (--lora: rank 16, alpha 32, every projection)" in report
     assert "| LoRA | 10,240 |" in report
+
+    moe = results["moe"]
+    names = [r["name"] for r in moe["rows"]]
+    # the dense models' rows: those of the block-diffusion comparison, not sampled again
+    assert [(r["name"], r["tokens_per_s"]) for r in moe["rows"][:2]] == [(r["name"], r["tokens_per_s"])
+                                                                         for r in block["rows"][:2]]
+    assert names[2:] == ["MoE block_causal (blocks of 4), block_diffusion",
+                         "MoE block_causal (blocks of 4), block_diffusion, threshold 0.9"]
+    dense = lora["base_parameters"]
+    # one layer (no dense first layer): 8 experts of d_model 32 and one shared, a router [32, 8] and its bias [8]
+    experts = 3 * 32 * 32
+    total = dense - 3 * 32 * 96 + 9 * experts + 32 * 8 + 8
+    assert [(r["total_parameters"], r["active_parameters"]) for r in moe["rows"]] == [(dense, dense)] * 2 + [
+        (total, total - 6 * experts)] * 2
+    assert all(0 < r["nfe"] <= 16 and 0 <= r["accuracy"] <= 1 and r["tokens_per_s"] > 0 for r in moe["rows"][2:])
+    assert moe["target"] == {"min_accuracy": 0.9, "accuracy": moe["rows"][2]["accuracy"],
+                             "met": moe["rows"][2]["accuracy"] >= 0.9}
+    for stage in ("pretrain", "sft"):  # the router's balance from the training metrics: 1 (even) to 8 / 2
+        assert 1 <= moe["router"][stage]["moe_max_over_mean_load"] <= 4
+        assert 0 <= moe["router"][stage]["moe_unused_experts"] < 1
+    assert moe["steps"] == {"pretrain": 1, "sft": 1}  # a fraction of the dense model's 3 and 6 (at least one)
+    config = json.load(open(os.path.join(out, "moe_sft", "config.json")))
+    assert config["model_name_or_path"] == os.path.join(out, "moe_pretrain")
+    model = config["model"]
+    assert (model["attention_type"], model["block_size"], model["num_experts"], model["experts_per_token"],
+            model["num_shared_experts"], model["router_score"], model["router_groups"]) == (
+        "block_causal", 4, 8, 2, 1, "sigmoid", 4)
+    assert "## Mixture of Experts (--moe: 8 experts, 2 per token + 1 shared, blocks of 4)" in report
+    assert f"| MoE block_causal (blocks of 4), block_diffusion | {total:,} | {total - 6 * experts:,} |" in report

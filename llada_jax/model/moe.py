@@ -26,6 +26,7 @@ whole over the other axes (fsdp, tensor) inside the map: they are sharded over `
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import jax
@@ -134,9 +135,35 @@ def router_stats(logits: Array, chosen: Array, config: LLaDAConfig, valid: Array
 def grouped_swiglu(rows: Array, group_sizes: Array, gate: Array, up: Array, down: Array) -> Array:
     """SwiGLU experts over rows sorted by expert: rows [R, d], `group_sizes` [E] (rows of each expert, in order;
     rows past their sum are outputs of zero), gate / up [E, d, f], down [E, f, d] -> [R, d]."""
-    g = jax.lax.ragged_dot(rows, gate, group_sizes)
-    u = jax.lax.ragged_dot(rows, up, group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(g) * u, down, group_sizes)
+    matmul = _sizing_matmul if _SIZING[0] else jax.lax.ragged_dot
+    g = matmul(rows, gate, group_sizes)
+    u = matmul(rows, up, group_sizes)
+    return matmul(jax.nn.silu(g) * u, down, group_sizes)
+
+
+# Sizing (compile-check on CPU): XLA:CPU lowers ragged_dot densely, every row against every local expert
+# ([experts, rows, d] operands), where TPU / GPU run a grouped matmul whose buffers are the rows' ([R, out]). Traced
+# inside `sized_as_grouped_matmul`, the grouped matmuls are replaced by a matmul of the same operands and output
+# shapes (every row against the first expert): a program with the native op's buffers, for its memory only.
+_SIZING = [False]
+
+
+def _sizing_matmul(rows: Array, weights: Array, group_sizes: Array) -> Array:
+    del group_sizes
+    return jnp.einsum("rd,edf->rf", rows, weights[:1])
+
+
+@contextlib.contextmanager
+def sized_as_grouped_matmul():
+    """Trace (lower) programs inside this to size them as with a native grouped matmul (see `_SIZING`); their
+    outputs are not the model's. On leaving, JAX's caches are cleared, so that no function traced inside (a
+    jitted function caches its traces) ever runs a sized program."""
+    _SIZING[0] = True
+    try:
+        yield
+    finally:
+        _SIZING[0] = False
+        jax.clear_caches()
 
 
 def _sorted_by(ids: Array, n: int) -> tuple[Array, Array, Array]:

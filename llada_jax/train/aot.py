@@ -18,18 +18,23 @@ LLaDA-8B) that TPU and GPU, multiplying bf16 directly, never make: such a config
 pass off, as the sampler's (`llada_jax.sampling.aot`). With float32 masters computing in bf16 the casts exist on
 every backend and where XLA keeps them was not established, so the pass stays on there.
 
-A second one inflates the temporaries of Mixture-of-Experts models: XLA:CPU has no grouped matmul, and JAX lowers
-`ragged_dot` there densely, every row against every local expert under a mask ([local experts, rows, d] operands,
-16 GiB buffers for LLaDA2.0-mini at one 512-token row a device), where TPU and GPU run the native op. The arguments
-(parameters and optimizer state) are exact; the temporaries of a MoE model are far above what TPU / GPU need.
+A second one concerns Mixture-of-Experts models: XLA:CPU has no grouped matmul, and JAX lowers `ragged_dot` there
+densely, every row against every local expert under a mask ([local experts, rows, d] operands, 16 GiB buffers for
+LLaDA2.0-mini at one 512-token row a device), where TPU and GPU run a grouped matmul whose buffers are the rows'.
+On the CPU a MoE step is therefore lowered for sizing with each grouped matmul replaced by a matmul of the same
+operand and output shapes (`llada_jax.model.moe.sized_as_grouped_matmul`): the native op's buffers, a program
+sized and never run. The report says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
-from llada_jax.sampling.aot import NO_HOISTED_CONVERSIONS
+from llada_jax.model.moe import sized_as_grouped_matmul
+from llada_jax.sampling.aot import GROUPED_NOTE, NO_HOISTED_CONVERSIONS, on_cpu_moe
 from llada_jax.train.step import Trainer, flops_per_token
 
 
@@ -39,12 +44,17 @@ def compile_train_step(config, model_config, mesh) -> dict:
     accum, batch, length = config.gradient_accumulation_steps, config.batch_size, config.max_length
     ids = jax.ShapeDtypeStruct((accum, batch, length), jnp.int32, sharding=trainer.batch_sharding)
     batch_tree = {"input_ids": ids}
-    if config.task == "sft":
+    if config.data.pack:  # packed rows: per-position segments (and SFT's prompt mask) instead of lengths
+        batch_tree.update(segment_ids=ids, **({"prompt_mask": ids} if config.task == "sft" else {}))
+    elif config.task == "sft":
         lengths = jax.ShapeDtypeStruct((accum, batch), jnp.int32, sharding=trainer.batch_sharding)
         batch_tree.update(prompt_lengths=lengths, answer_lengths=lengths)
     no_hoisting = (mesh.devices.flat[0].platform == "cpu" and model_config.param_dtype == model_config.dtype
                    and model_config.dtype != "float32")  # 16-bit weights computing in their own dtype
-    compiled = trainer.lower(state, batch_tree).compile(NO_HOISTED_CONVERSIONS if no_hoisting else None)
+    grouped_sized = on_cpu_moe(mesh, model_config)
+    with sized_as_grouped_matmul() if grouped_sized else contextlib.nullcontext():
+        lowered = trainer.lower(state, batch_tree)
+    compiled = lowered.compile(NO_HOISTED_CONVERSIONS if no_hoisting else None)
     memory = compiled.memory_analysis()
     trained, trained_bytes = _count(state.params)
     frozen, frozen_bytes = _count(trainer.abstract_frozen)
@@ -61,6 +71,7 @@ def compile_train_step(config, model_config, mesh) -> dict:
         "param_dtype": model_config.param_dtype,
         "dtype": model_config.dtype,
         "hoisted_conversions_removed": no_hoisting,  # the CPU's bf16-matmul artefact (module docstring)
+        "grouped_matmul_sized": grouped_sized,  # MoE on CPU: ragged_dot's buffers sized as the native op's
         "argument_bytes": int(memory.argument_size_in_bytes),
         "output_bytes": int(memory.output_size_in_bytes),
         "alias_bytes": int(memory.alias_size_in_bytes),
@@ -96,4 +107,6 @@ def format_report(r: dict) -> str:
     if r["hoisted_conversions_removed"]:
         lines.append("(compiled without XLA:CPU's hoisted float32 copies of the bf16 weights, which TPU / GPU never "
                      "make: see llada_jax/train/aot.py)")
+    if r["grouped_matmul_sized"]:
+        lines.append(GROUPED_NOTE)
     return "\n".join(lines)
