@@ -44,7 +44,8 @@ setup(
         "eval": ["lm_eval>=0.4.9"],
         # The documentation site (mkdocs.yml over docs/): `mkdocs serve`, `mkdocs build --strict`.
         "docs": DOCS,
-        "test": ["pytest>=8", "torch>=2.4", "lm_eval>=0.4.9", "import-linter>=2.1",
+        # pytest-xdist: the suite runs as two worker processes, a test module per worker (`-n 2 --dist loadfile`)
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch>=2.4", "lm_eval>=0.4.9", "import-linter>=2.1",
                  # tests/test_readme.py builds the docs site with `mkdocs build --strict`
                  *DOCS,
                  # PEFT applies the exported LoRA adapters in the export tests (adapter_config.json fields)
