@@ -34,12 +34,6 @@ from llada_jax.sampling.samplers import program
 NO_HOISTED_CONVERSIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
-def on_cpu_moe(mesh: jax.sharding.Mesh, config: LLaDAConfig) -> bool:
-    """Whether a program of `config` on `mesh` is sized with its grouped matmuls as the native op's
-    (`llada_jax.model.moe.sized_as_grouped_matmul`): a Mixture-of-Experts model on CPU devices."""
-    return config.is_moe and mesh.devices.flat[0].platform == "cpu"
-
-
 def compile_sampler(config: LLaDAConfig, options: SamplerOptions, mesh: jax.sharding.Mesh, rules, *,
                     batch: int, prompt_length: int) -> dict:
     """The compiled sampler's memory per device and its shapes (see the module docstring)."""
@@ -56,11 +50,11 @@ def compile_sampler(config: LLaDAConfig, options: SamplerOptions, mesh: jax.shar
         key_type = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
         keys = jax.ShapeDtypeStruct(key_type.shape, key_type.dtype,
                                     sharding=jax.NamedSharding(mesh, sharding.batch_spec(rules, mesh, 1)))
-    grouped_sized = on_cpu_moe(mesh, config)
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    grouped_sized = on_cpu and config.is_moe  # XLA:CPU's dense ragged_dot (see sized_as_grouped_matmul)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         with sized_as_grouped_matmul() if grouped_sized else contextlib.nullcontext():
             lowered = program.lower(graphdef, state, ids, ids, keys, opts=opts, record=False)
-        on_cpu = mesh.devices.flat[0].platform == "cpu"
         compiled = lowered.compile(NO_HOISTED_CONVERSIONS if on_cpu else None)
     memory = compiled.memory_analysis()
     n_params = sum(int(x.size) for x in jax.tree.leaves(state))

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from llada_jax.model.moe import sized_as_grouped_matmul
-from llada_jax.sampling.aot import GROUPED_NOTE, NO_HOISTED_CONVERSIONS, on_cpu_moe
+from llada_jax.sampling.aot import GROUPED_NOTE, NO_HOISTED_CONVERSIONS
 from llada_jax.train.step import Trainer, flops_per_token
 
 
@@ -49,9 +49,10 @@ def compile_train_step(config, model_config, mesh) -> dict:
     elif config.task == "sft":
         lengths = jax.ShapeDtypeStruct((accum, batch), jnp.int32, sharding=trainer.batch_sharding)
         batch_tree.update(prompt_lengths=lengths, answer_lengths=lengths)
-    no_hoisting = (mesh.devices.flat[0].platform == "cpu" and model_config.param_dtype == model_config.dtype
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    no_hoisting = (on_cpu and model_config.param_dtype == model_config.dtype
                    and model_config.dtype != "float32")  # 16-bit weights computing in their own dtype
-    grouped_sized = on_cpu_moe(mesh, model_config)
+    grouped_sized = on_cpu and model_config.is_moe  # XLA:CPU's dense ragged_dot (see the module docstring)
     with sized_as_grouped_matmul() if grouped_sized else contextlib.nullcontext():
         lowered = trainer.lower(state, batch_tree)
     compiled = lowered.compile(NO_HOISTED_CONVERSIONS if no_hoisting else None)
